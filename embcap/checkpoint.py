@@ -1,0 +1,150 @@
+"""The checkpoint format: a folder with a decoder, a projector and `caption_model.json`.
+
+Layout of a checkpoint folder::
+
+    caption_model.json        # this module's CaptionModelSpec
+    projector.safetensors     # Projector state dict (see embcap.projector)
+    decoder/                  # optional: a Hugging Face Llama-family folder
+
+The decoder is either a Hugging Face folder (``decoder.path``, relative to the
+checkpoint or absolute) or a GGUF file shipped inside an installed Python package
+(``decoder.gguf_package`` + ``decoder.gguf_file``), de-quantised once into a cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SPEC_FILE = "caption_model.json"
+PREFIX_PLACEHOLDER = "{prefix}"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or its JSON is missing or invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DecoderSource(_Strict):
+    """Where the decoder weights come from."""
+
+    path: str | None = Field(None, description="HF folder, relative to the checkpoint or absolute")
+    gguf_package: str | None = Field(None, description="installed Python package holding a GGUF file")
+    gguf_file: str | None = Field(None, description="GGUF file name inside gguf_package")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DecoderSource":
+        has_path = self.path is not None
+        has_gguf = self.gguf_package is not None or self.gguf_file is not None
+        if has_path == has_gguf:
+            raise ValueError("decoder needs exactly one of 'path' or 'gguf_package'+'gguf_file'")
+        if has_gguf and not (self.gguf_package and self.gguf_file):
+            raise ValueError("decoder GGUF source needs both 'gguf_package' and 'gguf_file'")
+        return self
+
+
+class PromptTemplate(_Strict):
+    """Text around the prefix vectors; `{prefix}` marks where they go."""
+
+    template: str = "Video:\n{prefix}\nCaption the previous video.\n"
+    chat: bool = Field(False, description="wrap the template as a user turn with the tokenizer's chat template")
+    add_bos: bool = Field(False, description="prepend the tokenizer's BOS token")
+
+    @model_validator(mode="after")
+    def _one_placeholder(self) -> "PromptTemplate":
+        if self.template.count(PREFIX_PLACEHOLDER) != 1:
+            raise ValueError(f"prompt template must contain {PREFIX_PLACEHOLDER!r} exactly once")
+        return self
+
+    def split(self) -> tuple[str, str]:
+        """Return the text before and after the prefix placeholder."""
+        before, after = self.template.split(PREFIX_PLACEHOLDER)
+        return before, after
+
+
+class GenerationSettings(_Strict):
+    """Decoding settings applied to every row."""
+
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    min_new_tokens: int = Field(1, ge=0, description="EOS is suppressed before this many tokens")
+    do_sample: bool = False
+    temperature: float = Field(0.6, gt=0.0)
+    top_k: int = Field(300, ge=0)
+    stop_tokens: tuple[str, ...] = Field((), description="extra tokens that end a caption (EOS always does)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "GenerationSettings":
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("min_new_tokens must not exceed max_new_tokens")
+        return self
+
+
+class CaptionModelSpec(_Strict):
+    """Contents of `caption_model.json`."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str = "caption-model"
+    embedding_dim: int = Field(1024, ge=1)
+    prefix_length: int = Field(2, ge=1, description="number of prefix vectors P")
+    decoder: DecoderSource
+    projector: str = "projector.safetensors"
+    prompt: PromptTemplate = PromptTemplate()
+    generation: GenerationSettings = GenerationSettings()
+
+
+class Checkpoint:
+    """A checkpoint folder with its parsed spec."""
+
+    def __init__(self, root: Path, spec: CaptionModelSpec) -> None:
+        self.root = root
+        self.spec = spec
+
+    @property
+    def projector_path(self) -> Path:
+        return self.root / self.spec.projector
+
+    def local_decoder_path(self) -> Path | None:
+        """The decoder folder named by `decoder.path`, resolved; None for a GGUF source."""
+        if self.spec.decoder.path is None:
+            return None
+        path = Path(self.spec.decoder.path)
+        return path if path.is_absolute() else self.root / path
+
+
+def load_checkpoint(root: str | Path) -> Checkpoint:
+    """Parse and check `root/caption_model.json`; raise CheckpointError naming the problem."""
+    root = Path(root).resolve()
+    spec_path = root / SPEC_FILE
+    if not spec_path.is_file():
+        raise CheckpointError(f"{spec_path} not found: a checkpoint folder needs {SPEC_FILE}")
+    try:
+        raw = json.loads(spec_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{spec_path} is not valid JSON: {exc}") from exc
+    try:
+        spec = CaptionModelSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise CheckpointError(f"{spec_path} is invalid:\n{exc}") from exc
+    checkpoint = Checkpoint(root, spec)
+    if not checkpoint.projector_path.is_file():
+        raise CheckpointError(f"projector weights {checkpoint.projector_path} not found")
+    local = checkpoint.local_decoder_path()
+    if local is not None and not (local / "config.json").is_file():
+        raise CheckpointError(f"decoder folder {local} has no config.json")
+    return checkpoint
+
+
+def save_spec(root: str | Path, spec: CaptionModelSpec) -> Path:
+    """Write `spec` as `root/caption_model.json` and return its path."""
+    path = Path(root) / SPEC_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec.model_dump(mode="json", exclude_none=True), indent=2) + "\n")
+    return path

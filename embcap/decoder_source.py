@@ -1,0 +1,70 @@
+"""Find a checkpoint's decoder as a plain Hugging Face folder, de-quantising GGUF once."""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from embcap.checkpoint import Checkpoint, CheckpointError
+
+CACHE_ENV = "EMBCAP_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where de-quantised decoders go: $EMBCAP_CACHE_DIR, else ~/.cache/embcap."""
+    configured = os.environ.get(CACHE_ENV)
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "embcap"
+
+
+def gguf_path(package: str, file_name: str) -> Path:
+    """Locate `file_name` inside an installed package's folder without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"decoder package {package!r} is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / file_name
+    if not path.is_file():
+        raise CheckpointError(f"{file_name} not found in package {package!r} ({path.parent})")
+    return path
+
+
+def _dequantise(source: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    model.hf_quantizer = None  # otherwise save_pretrained refuses a "quantised" model
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def resolve_decoder(checkpoint: Checkpoint, log=print) -> Path:
+    """Return a Hugging Face folder for the checkpoint's decoder, building it if needed."""
+    local = checkpoint.local_decoder_path()
+    if local is not None:
+        return local
+    source_spec = checkpoint.spec.decoder
+    source = gguf_path(source_spec.gguf_package, source_spec.gguf_file)
+    target = cache_dir() / f"{source_spec.gguf_package}--{Path(source_spec.gguf_file).stem}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two exports at once de-quantise only once
+        if not (target / "config.json").is_file():
+            log(f"de-quantising {source.name} into {target} (once) ...")
+            _dequantise(source, target)
+    return target

@@ -1,0 +1,124 @@
+"""Batched caption generation from prefix vectors with a Llama-family decoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embcap.checkpoint import PREFIX_PLACEHOLDER, CaptionModelSpec, CheckpointError
+
+
+@dataclass(frozen=True)
+class PromptIds:
+    """Token ids of the prompt text before and after the prefix vectors."""
+
+    before: list[int]
+    after: list[int]
+
+
+def prompt_ids(tokenizer, spec: CaptionModelSpec) -> PromptIds:
+    """Tokenise the prompt template around the `{prefix}` placeholder."""
+    template = spec.prompt.template
+    if spec.prompt.chat:
+        template = tokenizer.apply_chat_template(
+            [{"role": "user", "content": template}], tokenize=False, add_generation_prompt=True
+        )
+        if template.count(PREFIX_PLACEHOLDER) != 1:
+            raise CheckpointError("the tokenizer's chat template altered the {prefix} placeholder")
+    before_text, after_text = template.split(PREFIX_PLACEHOLDER)
+    before = tokenizer(before_text, add_special_tokens=False)["input_ids"]
+    after = tokenizer(after_text, add_special_tokens=False)["input_ids"]
+    if spec.prompt.add_bos:
+        if tokenizer.bos_token_id is None:
+            raise CheckpointError("prompt.add_bos is set but the tokenizer has no BOS token")
+        before = [tokenizer.bos_token_id, *before]
+    return PromptIds(before=list(before), after=list(after))
+
+
+def stop_token_ids(tokenizer, spec: CaptionModelSpec) -> list[int]:
+    """EOS plus the checkpoint's extra stop tokens, each of which must be a single token."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    for token in spec.generation.stop_tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise CheckpointError(f"stop token {token!r} is not a single token of this tokenizer")
+        ids.append(int(token_id))
+    if not ids:
+        raise CheckpointError("the decoder has no EOS token and the checkpoint names no stop_tokens")
+    return sorted(set(ids))
+
+
+class CaptionGenerator:
+    """Turns [B, P, H] prefix vectors into B captions with one batched, KV-cached decode."""
+
+    def __init__(
+        self,
+        spec: CaptionModelSpec,
+        decoder_dir: str | Path,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.spec = spec
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.tokenizer = AutoTokenizer.from_pretrained(decoder_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=dtype).to(self.device).eval()
+        self.hidden_size = int(self.model.config.hidden_size)
+        self.stop_ids = stop_token_ids(self.tokenizer, spec)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else self.stop_ids[0]
+        ids = prompt_ids(self.tokenizer, spec)
+        embed = self.model.get_input_embeddings()
+        with torch.no_grad():
+            self._before = embed(torch.tensor([ids.before], dtype=torch.long, device=self.device))
+            self._after = embed(torch.tensor([ids.after], dtype=torch.long, device=self.device))
+
+    @property
+    def prompt_length(self) -> int:
+        """Tokens in the prompt including the P prefix vectors."""
+        return self._before.shape[1] + self.spec.prefix_length + self._after.shape[1]
+
+    def prompt_embeddings(self, prefix: torch.Tensor) -> torch.Tensor:
+        """[B, P, H] prefix -> [B, L, H] prompt embeddings (every row has the same length)."""
+        batch = prefix.shape[0]
+        prefix = prefix.to(device=self.device, dtype=self.dtype)
+        return torch.cat(
+            [self._before.expand(batch, -1, -1), prefix, self._after.expand(batch, -1, -1)], dim=1
+        )
+
+    def _check(self, prefix: np.ndarray | torch.Tensor) -> torch.Tensor:
+        tensor = torch.as_tensor(prefix)
+        expected = (self.spec.prefix_length, self.hidden_size)
+        if tensor.ndim != 3 or tuple(tensor.shape[1:]) != expected:
+            raise ValueError(f"prefix must have shape [B, {expected[0]}, {expected[1]}], got {list(tensor.shape)}")
+        return tensor
+
+    @torch.inference_mode()
+    def generate(self, prefix: np.ndarray | torch.Tensor) -> list[str]:
+        """Generate one caption per row of `prefix`."""
+        prefix = self._check(prefix)
+        if prefix.shape[0] == 0:
+            return []
+        embeds = self.prompt_embeddings(prefix)
+        settings = self.spec.generation
+        sampling = {"do_sample": False}
+        if settings.do_sample:
+            sampling = {"do_sample": True, "temperature": settings.temperature, "top_k": settings.top_k}
+        tokens = self.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device),
+            max_new_tokens=settings.max_new_tokens,
+            min_new_tokens=settings.min_new_tokens,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+            use_cache=True,
+            **sampling,
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]

@@ -1,0 +1,1 @@
+"""Turn a caption checkpoint into a Triton model repository."""
