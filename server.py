@@ -1,0 +1,179 @@
+"""What the container runs: export the checkpoint, supervise tritonserver, serve the gateway.
+
+The gateway listens at once, answering 503 "initializing" until Triton and the
+captioner are ready. Uvicorn's "running on" banner is held back until then, because
+one evaluator version takes that banner as the readiness signal. If Triton dies it
+is restarted; on SIGTERM the gateway drains, Triton stops, and no shared memory is
+left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from embcap.triton_server import TritonOptions, TritonProcess
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+
+ROOT = Path(__file__).resolve().parent
+log = logging.getLogger("embcap.server")
+BANNER_PREFIX = "Uvicorn running on"
+
+
+class HeldBanner(logging.Filter):
+    """Drops uvicorn's start-up banner until `release()` is called, then logs it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released = False
+        self.held: logging.LogRecord | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.released and str(record.msg).startswith(BANNER_PREFIX):
+            self.held = record
+            return False
+        return True
+
+    def release(self, url: str) -> None:
+        if self.released:
+            return
+        self.released = True
+        logging.getLogger("uvicorn.error").info("%s %s (Press CTRL+C to quit)", BANNER_PREFIX, url)
+
+
+class GatewayServer(uvicorn.Server):
+    """Uvicorn re-raises SIGTERM after draining, which would kill us before Triton is
+    stopped; here the signal only starts the drain and `serve()` returns normally."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
+class Supervisor:
+    """Exports the checkpoint, then keeps one tritonserver running and ready."""
+
+    def __init__(self, args: argparse.Namespace, on_ready) -> None:
+        self.args = args
+        self.on_ready = on_ready
+        self.problem: str | None = "starting: exporting the model repository"
+        self.triton: TritonProcess | None = None
+        self.export_process: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+
+    def status(self) -> str | None:
+        return self.problem
+
+    async def _export(self) -> bool:
+        if self.args.skip_export:
+            return True
+        command = [sys.executable, "-m", "export", str(self.args.checkpoint), "--out", str(self.args.model_repository),
+                   *self.args.export_arg]
+        log.info("exporting: %s", " ".join(command))
+        self.export_process = await asyncio.create_subprocess_exec(*command, cwd=ROOT, stderr=asyncio.subprocess.PIPE)
+        _, stderr = await self.export_process.communicate()
+        if self.export_process.returncode != 0:
+            message = stderr.decode(errors="replace").strip().splitlines()[-5:]
+            self.problem = "export failed: " + " | ".join(message)
+            log.error(self.problem)
+            return False
+        return True
+
+    async def run(self) -> None:
+        if not await self._export():
+            return
+        options = TritonOptions(
+            model_repository=Path(self.args.model_repository).resolve(), grpc_port=self.args.grpc_port,
+            metrics_port=self.args.metrics_port,
+        )
+        while True:
+            self.triton = TritonProcess(options)
+            self.problem = "starting: loading models in tritonserver"
+            self.triton.start()
+            try:
+                await asyncio.to_thread(self.triton.wait_ready, "captioner", self.args.ready_timeout)
+            except (RuntimeError, TimeoutError) as exc:
+                self.problem = f"tritonserver failed to start: {exc}"
+                log.error(self.problem)
+            else:
+                self.problem = None
+                log.info("tritonserver ready (restarts so far: %d)", self.restarts)
+                self.on_ready()
+                while self.triton.alive():
+                    await asyncio.sleep(0.2)
+                self.problem = f"tritonserver exited with code {self.triton.process.returncode}; restarting"
+                log.error(self.problem)
+            await asyncio.to_thread(self.triton.stop, 5)
+            self.restarts += 1
+            await asyncio.sleep(min(5.0, 0.5 * self.restarts))
+
+    async def stop(self) -> None:
+        if self.export_process is not None and self.export_process.returncode is None:
+            self.export_process.kill()
+        if self.triton is not None:
+            await asyncio.to_thread(self.triton.stop)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=Path(env("EMBCAP_CHECKPOINT", ROOT / "models" / "default")))
+    parser.add_argument("--model-repository", type=Path,
+                        default=Path(env("EMBCAP_MODEL_REPOSITORY", "/tmp/embcap/model_repository")),
+                        help="where the export writes (must be writable) or, with --skip-export, what to serve")
+    parser.add_argument("--skip-export", action="store_true", help="serve --model-repository as it is")
+    parser.add_argument("--export-arg", action="append", default=[],
+                        help="extra argument for `python -m export` (repeatable), e.g. --export-arg=--max-batch-size=32")
+    parser.add_argument("--bind", default=env("EMBCAP_BIND", "0.0.0.0"), help="gateway address")
+    parser.add_argument("--port", type=int, default=int(env("EMBCAP_PORT", "8000")))
+    parser.add_argument("--grpc-port", type=int, default=int(env("EMBCAP_GRPC_PORT", "8001")))
+    parser.add_argument("--metrics-port", type=int, default=None)
+    parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds for Triton to load the models")
+    parser.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to drain requests on SIGTERM")
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    banner = HeldBanner()
+    logging.getLogger("uvicorn.error").addFilter(banner)
+    url = f"http://{args.bind}:{args.port}"
+    supervisor = Supervisor(args, on_ready=lambda: banner.release(url))
+    settings = GatewaySettings.from_env(triton_url=f"127.0.0.1:{args.grpc_port}")
+    app = create_app(settings, status_source=supervisor.status)
+    config = uvicorn.Config(app, host=args.bind, port=args.port, log_level="info", access_log=False,
+                            timeout_graceful_shutdown=args.graceful_timeout)
+    server = GatewayServer(config)
+    task = asyncio.create_task(supervisor.run())
+    try:
+        await server.serve()  # returns after SIGTERM/SIGINT once in-flight requests are done
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await supervisor.stop()
+        log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""`python -m gateway`: run only the HTTP gateway against an already running Triton."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    parser.add_argument("--bind", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--triton-url", default=None, help="Triton gRPC address (default $EMBCAP_TRITON_URL)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(GatewaySettings.from_env(triton_url=args.triton_url))
+    uvicorn.run(app, host=args.bind, port=args.port, access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Gateway settings, read from EMBCAP_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Every knob of the HTTP gateway; the env var is EMBCAP_<FIELD NAME IN CAPITALS>."""
+
+    triton_url: str = "127.0.0.1:8001"  # Triton gRPC address
+    model: str = "captioner"
+    max_rows: int = 256  # embeddings per request
+    max_body_bytes: int = 16 * 1024 * 1024  # requests above this are refused before being read in full
+    request_timeout_s: float = 55.0  # per Triton call; the evaluator gives up at 60 s
+    health_timeout_s: float = 1.0  # per readiness probe
+    startup_wait_s: float = 30.0  # how long a request that arrives before the model is ready waits
+
+    @classmethod
+    def from_env(cls, **overrides) -> "GatewaySettings":
+        """Defaults, then EMBCAP_* variables, then explicit overrides."""
+        values = {}
+        for field in fields(cls):
+            raw = os.environ.get(f"EMBCAP_{field.name.upper()}")
+            if raw is not None:
+                values[field.name] = type(field.default)(raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,89 @@
+"""One shared asynchronous gRPC client for Triton's `captioner` model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from inference import BackendError
+
+# Reconnect quickly after Triton restarts (gRPC's default backoff grows to 120 s).
+CHANNEL_ARGS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+
+def _backend_error(exc: InferenceServerException, what: str) -> BackendError:
+    status = str(exc.status() or "")
+    if "UNAVAILABLE" in status:
+        return BackendError(503, "triton_unavailable", f"Triton is not reachable ({what}): {exc.message()}")
+    if "DEADLINE_EXCEEDED" in status:
+        return BackendError(504, "triton_timeout", f"Triton did not answer in time ({what})")
+    return BackendError(502, "triton_error", f"Triton failed ({what}): {exc.message()}")
+
+
+class TritonCaptioner:
+    """Calls the captioner ensemble; splits batches larger than the model's max_batch_size."""
+
+    def __init__(self, url: str, model: str = "captioner", timeout_s: float = 55.0, health_timeout_s: float = 1.0):
+        self.url = url
+        self.model = model
+        self.timeout_s = timeout_s
+        self.health_timeout_s = health_timeout_s
+        self.client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
+        self._max_batch: int | None = None
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def readiness(self) -> tuple[bool, str | None]:
+        """(ready, reason): the server AND the captioner model must both be ready."""
+        try:
+            if not await self.client.is_server_ready(client_timeout=self.health_timeout_s):
+                return False, "Triton server is not ready"
+            if not await self.client.is_model_ready(self.model, client_timeout=self.health_timeout_s):
+                return False, f"model '{self.model}' is not ready"
+        except InferenceServerException as exc:
+            return False, _backend_error(exc, "health").message
+        return True, None
+
+    async def max_batch_size(self) -> int:
+        """The model's max_batch_size, read once from Triton."""
+        if self._max_batch is None:
+            try:
+                config = await self.client.get_model_config(self.model, client_timeout=self.health_timeout_s * 5)
+            except InferenceServerException as exc:
+                raise _backend_error(exc, "model config") from None
+            self._max_batch = max(1, int(config.config.max_batch_size))
+        return self._max_batch
+
+    async def _infer(self, rows: np.ndarray, request_id: str) -> list[str]:
+        tensor = grpcclient.InferInput("EMBEDDING", list(rows.shape), "FP32")
+        tensor.set_data_from_numpy(rows)
+        try:
+            result = await self.client.infer(
+                self.model, [tensor], outputs=[grpcclient.InferRequestedOutput("CAPTION")],
+                request_id=request_id, client_timeout=self.timeout_s,
+            )
+        except InferenceServerException as exc:
+            raise _backend_error(exc, "inference") from None
+        captions = result.as_numpy("CAPTION")
+        return [] if captions is None else [c.decode("utf-8", "replace") for c in captions.reshape(-1)]
+
+    async def caption(self, embeddings: np.ndarray, request_id: str = "") -> list[str]:
+        """One caption per row of `embeddings` ([rows, dim] float32), in order."""
+        limit = await self.max_batch_size()
+        chunks = [embeddings[i:i + limit] for i in range(0, len(embeddings), limit)]
+        if len(chunks) == 1:
+            return await self._infer(chunks[0], request_id)
+        parts = await asyncio.gather(
+            *(self._infer(chunk, f"{request_id}.{i}" if request_id else "") for i, chunk in enumerate(chunks))
+        )
+        return [text for part in parts for text in part]

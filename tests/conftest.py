@@ -1,0 +1,148 @@
+"""Fixtures that start the real tritonserver, gateway and server.py on free ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("EMBCAP_CACHE_DIR", str(ROOT / ".cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from embcap.builders import make_tiny_checkpoint, smollm2_decoder_dir  # noqa: E402
+from embcap.triton_server import TritonOptions, TritonProcess, shm_regions  # noqa: E402
+from export.repository import ExportOptions, export_repository  # noqa: E402
+
+# A long queue delay makes concurrent test requests meet in one batch deterministically.
+TEST_QUEUE_DELAY_US = 50_000
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float, process: subprocess.Popen | None = None, status: int = 200) -> httpx.Response:
+    """Poll `url` until it answers `status`; fail early if `process` dies."""
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} while waiting for {url}")
+        try:
+            response = httpx.get(url, timeout=2)
+            if response.status_code == status:
+                return response
+            last = response.status_code
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer {status} within {timeout_s} s (last: {last})")
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 40) -> int:
+    """SIGTERM, then SIGKILL after `timeout_s`; returns the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return smollm2_decoder_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, smollm2_dir) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint", smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory, tiny_checkpoint) -> Path:
+    options = ExportOptions(max_batch_size=16, queue_delay_us=TEST_QUEUE_DELAY_US, decoder_threads=1)
+    return export_repository(tiny_checkpoint, tmp_path_factory.mktemp("repo") / "model_repository", options,
+                             log=lambda _: None)
+
+
+def start_triton(repository: Path, log_path: Path, port: int | None = None) -> TritonProcess:
+    """A real tritonserver (on a free port unless given), ready to serve."""
+    options = TritonOptions(repository, grpc_port=port or free_port())
+    triton = TritonProcess(options, log_file=open(log_path, "ab"))
+    triton.start()
+    triton.wait_ready(timeout_s=120)
+    return triton
+
+
+@pytest.fixture(scope="session")
+def tiny_triton(tiny_repository, tmp_path_factory):
+    triton = start_triton(tiny_repository, tmp_path_factory.mktemp("logs") / "triton.log")
+    yield triton
+    triton.stop()
+    assert not shm_regions(triton.options.shm_prefix), "tritonserver left shared memory behind"
+
+
+def start_gateway(triton_url: str, log_path: Path, expect_ready: bool = True,
+                  env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`python -m gateway` as a real process on a free port, waited for until it answers."""
+    port = free_port()
+    environment = {**os.environ, "EMBCAP_TRITON_URL": triton_url, **(env or {})}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--port", str(port)], cwd=ROOT, env=environment,
+        stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    wait_http(f"{base}/api/v1/health", 60, process, status=200 if expect_ready else 503)
+    return process, base
+
+
+@pytest.fixture(scope="session")
+def tiny_gateway(tiny_triton, tmp_path_factory):
+    process, base = start_gateway(tiny_triton.url, tmp_path_factory.mktemp("logs") / "gateway.log")
+    yield base
+    stop_process(process)
+
+
+def launch_server(checkpoint: Path, work: Path) -> tuple[subprocess.Popen, str]:
+    """server.py (export + Triton + gateway) as the container runs it, on free ports; no waiting."""
+    port = free_port()
+    command = [
+        sys.executable, "server.py", "--checkpoint", str(checkpoint), "--model-repository", str(work / "repo"),
+        "--bind", "127.0.0.1", "--port", str(port), "--grpc-port", str(free_port()),
+    ]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=open(work / "server.log", "ab"), stderr=subprocess.STDOUT)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def start_server(checkpoint: Path, work: Path, ready_timeout_s: float = 300) -> tuple[subprocess.Popen, str]:
+    """launch_server, then wait until health says healthy."""
+    process, base = launch_server(checkpoint, work)
+    try:
+        wait_http(f"{base}/api/v1/health", ready_timeout_s, process)
+    except BaseException:
+        stop_process(process)
+        raise
+    return process, base
+
+
+@pytest.fixture(scope="session")
+def default_stack_url(tmp_path_factory):
+    """server.py serving models/default (the embedded default model)."""
+    process, base = start_server(ROOT / "models" / "default", tmp_path_factory.mktemp("default_stack"))
+    yield base
+    assert stop_process(process) == 0

@@ -1,0 +1,107 @@
+"""server.py as the container runs it: export, Triton supervision, banner, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from conftest import launch_server, start_server, stop_process, wait_http
+
+
+def rows(count: int, seed: int = 0) -> list[float]:
+    return np.random.default_rng(seed).standard_normal(count * 1024).astype(np.float32).tolist()
+
+
+def our_shm() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("embcap_")}
+
+
+def tritonserver_of(pid: int) -> psutil.Process:
+    children = [p for p in psutil.Process(pid).children() if p.name() == "tritonserver"]
+    assert len(children) == 1, children
+    return children[0]
+
+
+@pytest.fixture
+def tiny_server(tiny_checkpoint, tmp_path):
+    shm_before = our_shm()
+    process, base = start_server(tiny_checkpoint, tmp_path, ready_timeout_s=120)
+    yield process, base, tmp_path / "server.log"
+    stop_process(process)
+    assert our_shm() <= shm_before, "shared-memory regions left behind"
+
+
+def test_banner_is_held_until_the_model_is_ready(tiny_server):
+    _, _, log_path = tiny_server
+    log = log_path.read_text()
+    assert "Uvicorn running on" in log and "Press CTRL+C to quit" in log
+    assert log.index("tritonserver ready") < log.index("Uvicorn running on")
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_cleanly(tiny_server):
+    process, base, _ = tiny_server
+    triton = tritonserver_of(process.pid)
+    result: dict = {}
+
+    def slow_request() -> None:
+        response = httpx.post(base + "/api/v1/inference", json={"embedding": rows(48)}, timeout=60)
+        result["status"], result["texts"] = response.status_code, response.json().get("texts")
+
+    sender = threading.Thread(target=slow_request)
+    sender.start()
+    time.sleep(0.3)  # the request is in flight
+    process.send_signal(signal.SIGTERM)
+    sender.join(60)
+    assert process.wait(60) == 0
+    assert result["status"] == 200 and len(result["texts"]) == 48
+    assert not triton.is_running() or triton.status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_killed_tritonserver_is_detected_and_restarted(tiny_server):
+    process, base, _ = tiny_server
+    tritonserver_of(process.pid).kill()
+    started = time.monotonic()
+    wait_http(base + "/api/v1/health", 5, process, status=503)
+    detected = time.monotonic() - started
+    body = wait_http(base + "/api/v1/health", 120, process).json()
+    assert detected < 2.5
+    assert body["status"] == "healthy"
+    response = httpx.post(base + "/api/v1/v2t", json={"embedding": rows(4)}, timeout=60)
+    assert response.status_code == 200 and len(response.json()["texts"]) == 4
+
+
+def test_an_invalid_checkpoint_is_reported_by_health(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "caption_model.json").write_text('{"decoder": {"path": "nowhere"}}')
+    process, base = launch_server(broken, tmp_path)
+    try:
+        deadline, error = time.monotonic() + 60, None
+        while time.monotonic() < deadline and not (error or "").startswith("export failed"):
+            time.sleep(0.3)
+            try:
+                response = httpx.get(base + "/api/v1/health", timeout=2)
+            except httpx.HTTPError:
+                continue
+            assert response.status_code == 503
+            assert response.json()["status"] == "initializing"
+            error = response.json()["initialization_status"]["error"]
+        assert error.startswith("export failed") and "projector weights" in error
+    finally:
+        assert stop_process(process) == 0
+
+
+@pytest.mark.e2e
+def test_default_model_end_to_end(default_stack_url):
+    health = httpx.get(default_stack_url + "/api/v1/health", timeout=5).json()
+    assert health["status"] == "healthy"
+    response = httpx.post(default_stack_url + "/api/v1/inference", json={"embedding": rows(4, seed=1)}, timeout=60)
+    assert response.status_code == 200
+    texts = response.json()["texts"]
+    assert len(texts) == 4 and all(t.strip() for t in texts)

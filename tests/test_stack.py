@@ -1,0 +1,140 @@
+"""The real gateway in front of a real tritonserver, with a tiny random Llama checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from conftest import free_port, start_gateway, start_triton, stop_process, wait_http
+
+PATHS = ("/api/v1/inference", "/api/v1/v2t")
+
+
+def embeddings(rows: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, 1024)).astype(np.float32)
+
+
+def caption(base: str, rows: np.ndarray, path: str = PATHS[0]) -> list[str]:
+    response = httpx.post(base + path, json={"embedding": rows.reshape(-1).tolist()}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["texts"]
+
+
+def decoder_stats(triton_url: str) -> tuple[int, int]:
+    """(requests, executions) the decoder has handled."""
+    client = grpcclient.InferenceServerClient(triton_url)
+    try:
+        stats = client.get_inference_statistics("decoder").model_stats[0]
+        return stats.inference_stats.success.count, stats.execution_count
+    finally:
+        client.close()
+
+
+def test_health_goes_from_initializing_to_healthy(tiny_repository, tmp_path):
+    grpc_port = free_port()
+    gateway, base = start_gateway(f"127.0.0.1:{grpc_port}", tmp_path / "gateway.log", expect_ready=False,
+                                  env={"EMBCAP_STARTUP_WAIT_S": "0.5"})
+    triton = None
+    try:
+        for path in ("/api/v1/health", "/health", "/"):
+            response = httpx.get(base + path, timeout=5)
+            assert response.status_code == 503
+            body = response.json()
+            assert body["status"] == "initializing"
+            assert body["initialization_status"]["model_loaded"] is False
+            assert "not reachable" in body["initialization_status"]["error"]
+
+        started = time.monotonic()
+        response = httpx.post(base + PATHS[0], json={"embedding": embeddings(1).reshape(-1).tolist()}, timeout=30)
+        assert response.status_code == 503 and response.json()["error"] == "initializing"
+        assert time.monotonic() - started < 5, "a request without Triton must fail fast, not hang"
+
+        triton = start_triton(tiny_repository, tmp_path / "triton.log", port=grpc_port)
+        body = wait_http(base + "/api/v1/health", 30).json()
+        assert body == {"status": "healthy", "initialization_status": {"model_loaded": True, "error": None}}
+        assert len(caption(base, embeddings(2))) == 2
+    finally:
+        stop_process(gateway)
+        if triton is not None:
+            triton.stop()
+
+
+@pytest.mark.parametrize("rows", [1, 4, 33])
+def test_batch_sizes_return_one_caption_per_row(tiny_gateway, rows):
+    texts = caption(tiny_gateway, embeddings(rows, seed=rows))
+    assert len(texts) == rows
+    assert all(isinstance(t, str) and t.strip() for t in texts)
+
+
+def test_rows_keep_their_order(tiny_gateway):
+    rows = embeddings(4, seed=11)
+    forward = caption(tiny_gateway, rows)
+    backward = caption(tiny_gateway, rows[::-1].copy())
+    assert len(set(forward)) == 4, "distinct embeddings should give distinct captions with this model"
+    assert backward == forward[::-1]
+
+
+def test_a_batch_larger_than_max_batch_size_is_split_not_truncated(tiny_gateway):
+    rows = embeddings(33, seed=5)  # the test repository has max_batch_size 16
+    texts = caption(tiny_gateway, rows)
+    assert texts[16:20] == caption(tiny_gateway, rows[16:20])
+
+
+def test_greedy_decoding_is_deterministic(tiny_gateway):
+    row = embeddings(1, seed=3)
+    assert caption(tiny_gateway, row) == caption(tiny_gateway, row)
+
+
+def test_both_endpoint_paths_answer_the_same(tiny_gateway):
+    rows = embeddings(4, seed=21)
+    assert caption(tiny_gateway, rows, PATHS[0]) == caption(tiny_gateway, rows, PATHS[1])
+
+
+def test_concurrent_requests_are_batched_by_triton(tiny_gateway, tiny_triton):
+    requests_before, executions_before = decoder_stats(tiny_triton.url)
+    batches = [embeddings(4, seed=100 + i) for i in range(16)]
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(
+                client.post(tiny_gateway + PATHS[i % 2], json={"embedding": b.reshape(-1).tolist()})
+                for i, b in enumerate(batches)
+            ))
+
+    responses = asyncio.run(send_all())
+    assert [r.status_code for r in responses] == [200] * 16
+    assert all(len(r.json()["texts"]) == 4 for r in responses)
+    requests_after, executions_after = decoder_stats(tiny_triton.url)
+    assert requests_after - requests_before == 16
+    assert executions_after - executions_before < 16, "no two requests shared a decoder execution"
+    # each request got its own rows back: compare one of them with a request on its own
+    assert responses[5].json()["texts"] == caption(tiny_gateway, batches[5])
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        ({"embedding": [0.1] * 1000}, "not a multiple of 1024"),
+        ({"embedding": []}, "empty"),
+        ({"embedding": ["x"] * 1024}, "not a number"),
+        ({"wrong": [0.1] * 1024}, "missing field"),
+        ({"embedding": [0.1] * 1024 * 257}, "exceeds the limit of 256"),
+    ],
+)
+def test_invalid_input_gets_a_422_and_the_server_stays_healthy(tiny_gateway, payload, fragment):
+    response = httpx.post(tiny_gateway + PATHS[0], json=payload, timeout=30)
+    assert response.status_code == 422
+    assert fragment in response.json()["detail"]
+    assert httpx.get(tiny_gateway + "/api/v1/health", timeout=5).status_code == 200
+
+
+def test_non_finite_numbers_and_broken_json_are_rejected(tiny_gateway):
+    for raw, status in ((b'{"embedding": [NaN]}', 422), (b'{"embedding": [1,', 400)):
+        response = httpx.post(tiny_gateway + PATHS[1], content=raw, headers={"content-type": "application/json"})
+        assert response.status_code == status
+        assert response.json()["detail"]

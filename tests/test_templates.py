@@ -1,0 +1,70 @@
+"""Config templating: strict variables, Triton-schema validation, export options."""
+
+from pathlib import Path
+
+import pytest
+
+from export.repository import TEMPLATES, ExportOptions, export_repository
+from export.templates import TemplateError, fill_template, parse_model_config, render_config, template_variables
+
+
+def test_fill_requires_exactly_the_used_variables():
+    text = "max_batch_size: ${n}\nname: \"${name}\""
+    assert template_variables(text) == {"n", "name"}
+    assert fill_template(text, {"n": 4, "name": "m"}) == 'max_batch_size: 4\nname: "m"'
+    with pytest.raises(TemplateError, match="no value for name"):
+        fill_template(text, {"n": 4})
+    with pytest.raises(TemplateError, match="unknown variables extra"):
+        fill_template(text, {"n": 4, "name": "m", "extra": 1})
+
+
+def test_malformed_variable_is_an_error():
+    with pytest.raises(TemplateError, match="malformed"):
+        template_variables("max_batch_size: ${n")
+
+
+def test_schema_rejects_invalid_configs():
+    assert parse_model_config('name: "x" max_batch_size: 4').max_batch_size == 4
+    with pytest.raises(TemplateError, match="not a valid Triton model config"):
+        parse_model_config('name: "x" max_batch_size: "four"')
+    with pytest.raises(TemplateError, match="not a valid Triton model config"):
+        parse_model_config('name: "x" no_such_field: 1')
+
+
+def test_every_shipped_template_documents_its_variables():
+    table = (TEMPLATES / "VARIABLES.md").read_text()
+    for template in TEMPLATES.glob("*/config.pbtxt.tmpl"):
+        for name in template_variables(template.read_text()):
+            assert f"`{name}`" in table, f"{name} of {template} is not documented in VARIABLES.md"
+
+
+def test_a_bad_value_fails_at_render_time():
+    values = {"max_batch_size": "not-a-number", "embedding_dim": 1024}
+    with pytest.raises(TemplateError, match="captioner"):
+        render_config(TEMPLATES / "captioner" / "config.pbtxt.tmpl", values)
+
+
+def test_export_writes_valid_configs_with_the_options(tiny_checkpoint, tmp_path):
+    options = ExportOptions(max_batch_size=8, queue_delay_us=250, decoder_instances=2)
+    out = export_repository(tiny_checkpoint, tmp_path / "repo", options, log=lambda _: None)
+    configs = {name: parse_model_config((out / name / "config.pbtxt").read_text()) for name in
+               ("projector", "decoder", "captioner")}
+    assert all(config.max_batch_size == 8 for config in configs.values())
+    assert configs["decoder"].instance_group[0].count == 2
+    assert configs["decoder"].dynamic_batching.max_queue_delay_microseconds == 250
+    assert configs["captioner"].platform == "ensemble"
+    assert (out / "projector" / "1" / "projector.onnx").is_file()
+    assert "${" not in "".join((out / n / "config.pbtxt").read_text() for n in configs)
+
+
+def test_export_without_dynamic_batching(tiny_checkpoint, tmp_path):
+    out = export_repository(tiny_checkpoint, tmp_path / "repo", ExportOptions(dynamic_batching=False),
+                            log=lambda _: None)
+    assert not parse_model_config((out / "decoder" / "config.pbtxt").read_text()).HasField("dynamic_batching")
+
+
+def test_bad_options_fail_at_export_and_leave_nothing(tiny_checkpoint, tmp_path):
+    with pytest.raises(TemplateError, match="max_batch_size must be >= 1"):
+        export_repository(tiny_checkpoint, tmp_path / "repo", ExportOptions(max_batch_size=0), log=lambda _: None)
+    assert not (tmp_path / "repo").exists()
+    assert list(Path(tmp_path).iterdir()) == []
