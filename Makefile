@@ -47,4 +47,4 @@ test-slow: setup  ## slow and soak tests only
 clean:  ## remove generated artefacts (keeps the venv and the decoder cache)
 	rm -rf build reports .pytest_cache
 
--include training.mk
+-include training.mk container.mk bench.mk
