@@ -18,10 +18,12 @@ import signal
 import sys
 from pathlib import Path
 
+import psutil
 import uvicorn
 
 from embcap.triton_server import TritonOptions, TritonProcess
 from gateway.app import create_app
+from gateway.logs import configure_logging
 from gateway.settings import GatewaySettings
 
 ROOT = Path(__file__).resolve().parent
@@ -48,6 +50,25 @@ class HeldBanner(logging.Filter):
             return
         self.released = True
         logging.getLogger("uvicorn.error").info("%s %s (Press CTRL+C to quit)", BANNER_PREFIX, url)
+
+
+def python_stubs(triton_pid: int) -> dict[int, str]:
+    """Python-backend stub processes of a tritonserver: pid -> model name."""
+    stubs = {}
+    for child in psutil.Process(triton_pid).children():
+        try:
+            if child.name() == "triton_python_backend_stub":
+                stubs[child.pid] = Path(child.cmdline()[1]).parent.parent.name
+        except (psutil.NoSuchProcess, IndexError):
+            continue
+    return stubs
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 class GatewayServer(uvicorn.Server):
@@ -112,16 +133,29 @@ class Supervisor:
                 self.problem = f"tritonserver failed to start: {exc}"
                 log.error(self.problem)
             else:
+                stubs = python_stubs(self.triton.process.pid)
                 self.problem = None
-                log.info("tritonserver ready (restarts so far: %d)", self.restarts)
+                log.info("tritonserver ready (restarts so far: %d)", self.restarts,
+                         extra={"stubs": sorted(stubs.values())})
                 self.on_ready()
-                while self.triton.alive():
-                    await asyncio.sleep(0.2)
-                self.problem = f"tritonserver exited with code {self.triton.process.returncode}; restarting"
+                self.problem = await self._watch(stubs)
                 log.error(self.problem)
             await asyncio.to_thread(self.triton.stop, 5)
             self.restarts += 1
             await asyncio.sleep(min(5.0, 0.5 * self.restarts))
+
+    async def _watch(self, stubs: dict[int, str]) -> str:
+        """Return once tritonserver or one of its Python-backend stubs has died.
+
+        Triton keeps reporting a model ready after its stub died, while every request
+        to it fails, so the stubs are watched here as processes."""
+        while True:
+            await asyncio.sleep(0.2)
+            if not self.triton.alive():
+                return f"tritonserver exited with code {self.triton.process.returncode}; restarting"
+            for pid, model in stubs.items():
+                if not _running(pid):
+                    return f"the Python-backend stub of model '{model}' died; restarting tritonserver"
 
     async def stop(self) -> None:
         if self.export_process is not None and self.export_process.returncode is None:
@@ -155,7 +189,8 @@ async def serve(args: argparse.Namespace) -> None:
     url = f"http://{args.bind}:{args.port}"
     supervisor = Supervisor(args, on_ready=lambda: banner.release(url))
     settings = GatewaySettings.from_env(triton_url=f"127.0.0.1:{args.grpc_port}")
-    app = create_app(settings, status_source=supervisor.status)
+    triton_metrics = f"http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else None
+    app = create_app(settings, status_source=supervisor.status, triton_metrics_url=triton_metrics)
     config = uvicorn.Config(app, host=args.bind, port=args.port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=args.graceful_timeout)
     server = GatewayServer(config)
@@ -170,7 +205,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     asyncio.run(serve(parse_args(argv)))
     return 0
 

@@ -105,7 +105,8 @@ class TritonOptions:
         if self.metrics_port is None:
             args.append("--allow-metrics=false")
         else:
-            args += ["--allow-metrics=true", "--allow-gpu-metrics=false", f"--metrics-port={self.metrics_port}"]
+            args += ["--allow-metrics=true", "--allow-gpu-metrics=false", "--metrics-address=127.0.0.1",
+                     f"--metrics-port={self.metrics_port}"]
         return args
 
 

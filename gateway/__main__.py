@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
-
 import uvicorn
 
 from gateway.app import create_app
+from gateway.logs import configure_logging
 from gateway.settings import GatewaySettings
 
 
@@ -17,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--triton-url", default=None, help="Triton gRPC address (default $EMBCAP_TRITON_URL)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     app = create_app(GatewaySettings.from_env(triton_url=args.triton_url))
     uvicorn.run(app, host=args.bind, port=args.port, access_log=False)
 

@@ -11,17 +11,22 @@ from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 from gateway.triton_client import TritonCaptioner
-from inference import Limits, RequestError, caption_embeddings, encode_texts, parse_embeddings
+from inference import BackendError, Limits, RequestError, caption_embeddings, encode_texts, parse_embeddings
 
 log = logging.getLogger("embcap.gateway")
 
 # curl -d sends form-urlencoded by default; the body is still read as JSON.
 ACCEPTED_CONTENT_TYPES = ("application/json", "application/x-www-form-urlencoded", "text/json")
+HEALTH_PATHS = ("/api/v1/health", "/health", "/")
+INFERENCE_PATHS = ("/api/v1/inference", "/api/v1/v2t")
 
-StatusSource = Callable[[], str | None]  # returns a start-up error, or None when all is well
+StatusSource = Callable[[], str | None]  # returns what keeps the model from serving, or None
 
 
 def _error(status: int, code: str, message: str, request_id: str = "") -> JSONResponse:
@@ -29,7 +34,7 @@ def _error(status: int, code: str, message: str, request_id: str = "") -> JSONRe
     return JSONResponse({"error": code, "detail": message}, status_code=status, headers=headers)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -37,11 +42,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise RequestError(413, "body_too_large", f"body of {declared} bytes exceeds the limit of {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, "body_too_large", f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(413, "body_too_large", f"body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestError(408, "body_timeout", f"body not received within {timeout_s:g} s") from None
+    except ClientDisconnect:
+        raise RequestError(400, "client_disconnected", "the client closed the connection mid-body") from None
     return b"".join(chunks)
 
 
@@ -55,12 +66,13 @@ def _check_content_type(request: Request) -> None:
 
 
 class Readiness:
-    """Answers 'can the model serve?' from Triton, caching the answer briefly."""
+    """'Can the model serve?': the supervisor's view (processes) and Triton's (server + model)."""
 
     def __init__(self, captioner: TritonCaptioner, status_source: StatusSource | None, ttl_s: float = 0.25):
         self.captioner = captioner
         self.status_source = status_source
         self.ttl_s = ttl_s
+        self.ever_ready = False
         self._checked_at = -1.0
         self._state: tuple[bool, str | None] = (False, "not checked yet")
 
@@ -71,21 +83,30 @@ class Readiness:
         if fresh or time.monotonic() - self._checked_at > self.ttl_s:
             self._state = await self.captioner.readiness()
             self._checked_at = time.monotonic()
+            self.ever_ready = self.ever_ready or self._state[0]
         return self._state
 
-    async def wait(self, timeout_s: float) -> tuple[bool, str | None]:
-        deadline = time.monotonic() + timeout_s
+    async def wait(self, startup_wait_s: float) -> tuple[bool, str | None]:
+        """Before the first ready moment, wait up to `startup_wait_s`; after it, answer at once."""
         state = await self.check()
+        if state[0] or self.ever_ready:
+            return state
+        deadline = time.monotonic() + startup_wait_s
         while not state[0] and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
             state = await self.check(fresh=True)
         return state
 
 
-def create_app(settings: GatewaySettings | None = None, status_source: StatusSource | None = None) -> FastAPI:
-    """Build the gateway app; `status_source` lets a supervisor report start-up errors."""
+def create_app(
+    settings: GatewaySettings | None = None,
+    status_source: StatusSource | None = None,
+    triton_metrics_url: str | None = None,
+) -> FastAPI:
+    """Build the gateway app; `status_source` lets a supervisor report what keeps the model down."""
     settings = settings or GatewaySettings.from_env()
     limits = Limits(max_rows=settings.max_rows)
+    metrics = GatewayMetrics(triton_metrics_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -100,6 +121,11 @@ def create_app(settings: GatewaySettings | None = None, status_source: StatusSou
 
     app = FastAPI(title="embcap gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
+    app.state.metrics = metrics
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, f"http_{exc.status_code}", str(exc.detail))
 
     async def health(request: Request) -> JSONResponse:
         ready, problem = await request.app.state.readiness.check(fresh=True)
@@ -111,22 +137,40 @@ def create_app(settings: GatewaySettings | None = None, status_source: StatusSou
 
     async def infer(request: Request) -> Response:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        route = request.url.path
         started = time.perf_counter()
+        metrics.in_flight.inc()
         try:
             _check_content_type(request)
-            embeddings = parse_embeddings(await _read_body(request, settings.max_body_bytes), limits)
+            body = await _read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+            embeddings = parse_embeddings(body, limits)
+            metrics.rows.observe(len(embeddings))
             ready, problem = await request.app.state.readiness.wait(settings.startup_wait_s)
             if not ready:
-                raise RequestError(503, "initializing", f"model is not ready: {problem}")
+                raise BackendError(503, "not_ready", f"model is not ready: {problem}")
             texts = await caption_embeddings(embeddings, request.app.state.captioner, request_id)
         except RequestError as exc:
-            log.warning("request %s failed: %s %s: %s", request_id, exc.status, exc.code, exc.message)
+            if isinstance(exc, BackendError):
+                metrics.triton_errors.labels(exc.code).inc()
+            metrics.requests.labels(route, str(exc.status)).inc()
+            log.warning("request failed: %s", exc.message, extra={
+                "request_id": request_id, "route": route, "status": exc.status, "error": exc.code})
             return _error(exc.status, exc.code, exc.message, request_id)
-        log.info("request %s: %d captions in %.1f ms", request_id, len(texts), 1000 * (time.perf_counter() - started))
+        finally:
+            metrics.in_flight.dec()
+            metrics.latency.labels(route).observe(time.perf_counter() - started)
+        metrics.requests.labels(route, "200").inc()
+        log.info("request served", extra={
+            "request_id": request_id, "route": route, "rows": len(texts),
+            "ms": round(1000 * (time.perf_counter() - started), 1)})
         return Response(encode_texts(texts), media_type="application/json", headers={"X-Request-ID": request_id})
 
-    for path in ("/api/v1/health", "/health", "/"):
-        app.add_api_route(path, health, methods=["GET"], include_in_schema=path == "/api/v1/health")
-    for path in ("/api/v1/inference", "/api/v1/v2t"):
+    async def prometheus(request: Request) -> Response:
+        return Response(await metrics.render(), media_type="text/plain; version=0.0.4")
+
+    for path in HEALTH_PATHS:
+        app.add_api_route(path, health, methods=["GET"], include_in_schema=path == HEALTH_PATHS[0])
+    for path in INFERENCE_PATHS:
         app.add_api_route(path, infer, methods=["POST"])
+    app.add_api_route("/metrics", prometheus, methods=["GET"], include_in_schema=False)
     return app

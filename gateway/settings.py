@@ -14,6 +14,7 @@ class GatewaySettings:
     model: str = "captioner"
     max_rows: int = 256  # embeddings per request
     max_body_bytes: int = 16 * 1024 * 1024  # requests above this are refused before being read in full
+    body_timeout_s: float = 10.0  # a body not fully received by then gets 408 (slow uploads)
     request_timeout_s: float = 55.0  # per Triton call; the evaluator gives up at 60 s
     health_timeout_s: float = 1.0  # per readiness probe
     startup_wait_s: float = 30.0  # how long a request that arrives before the model is ready waits

@@ -113,25 +113,29 @@ def start_gateway(triton_url: str, log_path: Path, expect_ready: bool = True,
 
 @pytest.fixture(scope="session")
 def tiny_gateway(tiny_triton, tmp_path_factory):
-    process, base = start_gateway(tiny_triton.url, tmp_path_factory.mktemp("logs") / "gateway.log")
+    process, base = start_gateway(tiny_triton.url, tmp_path_factory.mktemp("logs") / "gateway.log",
+                                  env={"EMBCAP_BODY_TIMEOUT_S": "2"})
     yield base
     stop_process(process)
 
 
-def launch_server(checkpoint: Path, work: Path) -> tuple[subprocess.Popen, str]:
+def launch_server(checkpoint: Path, work: Path, extra_args: tuple[str, ...] = (),
+                  env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """server.py (export + Triton + gateway) as the container runs it, on free ports; no waiting."""
     port = free_port()
     command = [
         sys.executable, "server.py", "--checkpoint", str(checkpoint), "--model-repository", str(work / "repo"),
-        "--bind", "127.0.0.1", "--port", str(port), "--grpc-port", str(free_port()),
+        "--bind", "127.0.0.1", "--port", str(port), "--grpc-port", str(free_port()), *extra_args,
     ]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=open(work / "server.log", "ab"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=open(work / "server.log", "ab"), stderr=subprocess.STDOUT,
+                               env={**os.environ, **(env or {})})
     return process, f"http://127.0.0.1:{port}"
 
 
-def start_server(checkpoint: Path, work: Path, ready_timeout_s: float = 300) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: Path, work: Path, ready_timeout_s: float = 300, extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """launch_server, then wait until health says healthy."""
-    process, base = launch_server(checkpoint, work)
+    process, base = launch_server(checkpoint, work, extra_args, env)
     try:
         wait_http(f"{base}/api/v1/health", ready_timeout_s, process)
     except BaseException:
@@ -146,3 +150,19 @@ def default_stack_url(tmp_path_factory):
     process, base = start_server(ROOT / "models" / "default", tmp_path_factory.mktemp("default_stack"))
     yield base
     assert stop_process(process) == 0
+
+
+def our_shm() -> set[str]:
+    """Shared-memory regions of this project's servers."""
+    return {name for name in os.listdir("/dev/shm") if name.startswith("embcap_")}
+
+
+@pytest.fixture
+def tiny_server(tiny_checkpoint, tmp_path):
+    """A fresh server.py on the tiny checkpoint, with Triton metrics on; yields (process, base url, log path)."""
+    shm_before = our_shm()
+    process, base = start_server(tiny_checkpoint, tmp_path, ready_timeout_s=120,
+                                 extra_args=("--metrics-port", str(free_port())))
+    yield process, base, tmp_path / "server.log"
+    stop_process(process)
+    assert our_shm() <= shm_before, "shared-memory regions left behind"

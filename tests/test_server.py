@@ -2,39 +2,26 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
+
 import httpx
 import numpy as np
 import psutil
 import pytest
 
-from conftest import launch_server, start_server, stop_process, wait_http
+from conftest import launch_server, stop_process, wait_http
 
 
 def rows(count: int, seed: int = 0) -> list[float]:
     return np.random.default_rng(seed).standard_normal(count * 1024).astype(np.float32).tolist()
 
 
-def our_shm() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith("embcap_")}
-
-
 def tritonserver_of(pid: int) -> psutil.Process:
     children = [p for p in psutil.Process(pid).children() if p.name() == "tritonserver"]
     assert len(children) == 1, children
     return children[0]
-
-
-@pytest.fixture
-def tiny_server(tiny_checkpoint, tmp_path):
-    shm_before = our_shm()
-    process, base = start_server(tiny_checkpoint, tmp_path, ready_timeout_s=120)
-    yield process, base, tmp_path / "server.log"
-    stop_process(process)
-    assert our_shm() <= shm_before, "shared-memory regions left behind"
 
 
 def test_banner_is_held_until_the_model_is_ready(tiny_server):

@@ -1,0 +1,40 @@
+"""Prometheus metrics of the gateway; Triton's own metrics are appended when it exposes them."""
+
+from __future__ import annotations
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class GatewayMetrics:
+    """One registry per app, so several apps in one process do not collide."""
+
+    def __init__(self, triton_metrics_url: str | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("embcap_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=self.registry)
+        self.latency = Histogram("embcap_request_seconds", "Request latency by route", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.rows = Histogram("embcap_rows_per_request", "Embeddings per valid request",
+                              buckets=ROW_BUCKETS, registry=self.registry)
+        self.triton_errors = Counter("embcap_triton_errors", "Failed Triton calls by error code",
+                                     ["code"], registry=self.registry)
+        self.in_flight = Gauge("embcap_in_flight_requests", "Inference requests being served",
+                               registry=self.registry)
+        self.triton_metrics_url = triton_metrics_url
+
+    async def render(self) -> bytes:
+        """Gateway metrics, followed by Triton's if its metrics endpoint answers."""
+        text = generate_latest(self.registry)
+        if self.triton_metrics_url:
+            try:
+                async with httpx.AsyncClient(timeout=1.0) as client:
+                    response = await client.get(self.triton_metrics_url)
+                if response.status_code == 200:
+                    text += b"\n# Triton Inference Server metrics\n" + response.content
+            except httpx.HTTPError:
+                text += b"\n# Triton metrics unavailable\n"
+        return text

@@ -1,0 +1,139 @@
+"""Malformed requests against the live gateway: each gets a 4xx JSON error, never a 500,
+and the server stays healthy."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+
+ROW = [0.25] * 1024
+URL = "/api/v1/inference"
+
+
+def as_json(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def raw_number(text: str) -> bytes:
+    return b'{"embedding": [' + b"0.5, " * 1023 + text.encode() + b"]}"
+
+
+# (case, body, content type, status, fragment of the detail)
+CASES = [
+    ("empty body", b"", "application/json", 400, "empty"),
+    ("not JSON", b"hello", "application/json", 400, "not valid JSON"),
+    ("truncated JSON", b'{"embedding": [1, 2', "application/json", 400, "not valid JSON"),
+    ("invalid UTF-8", b'{"embedding": ["\xff\xfe"]}', "application/json", 400, "not valid JSON"),
+    ("deeply nested", b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "not valid JSON"),
+    ("JSON array", as_json([ROW]), "application/json", 422, "JSON object"),
+    ("JSON string", as_json("embedding"), "application/json", 422, "JSON object"),
+    ("JSON null", b"null", "application/json", 422, "JSON object"),
+    ("JSON number", b"42", "application/json", 422, "JSON object"),
+    ("no fields", as_json({}), "application/json", 422, "missing field 'embedding'"),
+    ("wrong field name", as_json({"embeddings": ROW}), "application/json", 422, "missing field 'embedding'"),
+    ("extra field", as_json({"embedding": ROW, "model": "x"}), "application/json", 422, "unknown field(s) 'model'"),
+    ("embedding is a string", as_json({"embedding": "0.1,0.2"}), "application/json", 422, "flat list"),
+    ("embedding is a number", as_json({"embedding": 0.5}), "application/json", 422, "flat list"),
+    ("embedding is an object", as_json({"embedding": {"a": 1}}), "application/json", 422, "flat list"),
+    ("embedding is null", as_json({"embedding": None}), "application/json", 422, "flat list"),
+    ("empty list", as_json({"embedding": []}), "application/json", 422, "is empty"),
+    ("1000 numbers", as_json({"embedding": ROW[:1000]}), "application/json", 422, "not a multiple of 1024"),
+    ("1025 numbers", as_json({"embedding": ROW + [0.1]}), "application/json", 422, "not a multiple of 1024"),
+    ("NaN", raw_number("NaN"), "application/json", 422, "NaN"),
+    ("Infinity", raw_number("Infinity"), "application/json", 422, "Infinity"),
+    ("-Infinity", raw_number("-Infinity"), "application/json", 422, "Infinity"),
+    ("string element", as_json({"embedding": ROW[:-1] + ["0.5"]}), "application/json", 422, "[1023] is str"),
+    ("null element", as_json({"embedding": [None] + ROW[1:]}), "application/json", 422, "[0] is NoneType"),
+    ("bool element", as_json({"embedding": [False] + ROW[1:]}), "application/json", 422, "[0] is bool"),
+    ("nested lists", as_json({"embedding": [ROW, ROW]}), "application/json", 422, "[0] is list"),
+    ("beyond float32", raw_number("1e39"), "application/json", 422, "not a finite float32"),
+    ("beyond float64", raw_number("1e400"), "application/json", 422, "not a finite float32"),
+    ("huge integer", raw_number("1" + "0" * 400), "application/json", 422, "too large"),
+    ("batch above the limit", as_json({"embedding": ROW * 257}), "application/json", 422, "limit of 256"),
+    ("text/plain", as_json({"embedding": ROW}), "text/plain", 415, "not JSON"),
+    ("multipart", as_json({"embedding": ROW}), "multipart/form-data; boundary=x", 415, "not JSON"),
+    ("XML", b"<embedding/>", "application/xml", 415, "not JSON"),
+]
+
+
+def raw_post(base: str, content_length: int, body_start: bytes, timeout_s: float = 30) -> str:
+    """Send headers and only the start of a body over a raw socket; return the full reply."""
+    address = urlparse(base)
+    with socket.create_connection((address.hostname, address.port), timeout=timeout_s) as sock:
+        sock.sendall(f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {content_length}\r\n\r\n".encode() + body_start)
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < _length(reply):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return reply.decode()
+
+
+def _length(reply: bytes) -> int:
+    for line in reply.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 0
+
+
+def assert_healthy(base: str) -> None:
+    response = httpx.get(base + "/api/v1/health", timeout=5)
+    assert response.status_code == 200 and response.json()["status"] == "healthy"
+
+
+@pytest.mark.parametrize(("case", "body", "content_type", "status", "fragment"), CASES, ids=[c[0] for c in CASES])
+def test_malformed_request(tiny_gateway, case, body, content_type, status, fragment):
+    response = httpx.post(tiny_gateway + URL, content=body, headers={"content-type": content_type}, timeout=30)
+    assert response.status_code == status, response.text
+    payload = response.json()
+    assert fragment in payload["detail"], payload
+    assert payload["error"] and response.headers["x-request-id"]
+    assert_healthy(tiny_gateway)
+
+
+def test_wrong_method_is_a_json_405(tiny_gateway):
+    response = httpx.get(tiny_gateway + URL, timeout=5)
+    assert response.status_code == 405 and response.json()["error"] == "http_405"
+
+
+def test_oversized_body_is_refused_from_its_content_length(tiny_gateway):
+    reply = raw_post(tiny_gateway, 10**9, b'{"embedding": [')  # answered without the remaining gigabyte
+    assert reply.startswith("HTTP/1.1 413") and "body_too_large" in reply
+    assert_healthy(tiny_gateway)
+
+
+def test_oversized_chunked_body_is_cut_off(tiny_gateway):
+    def chunks():
+        yield b'{"embedding": ['
+        for _ in range(300):
+            yield b"0.123456789, " * 5000  # ~65 KB a chunk, ~19 MB in all
+    response = httpx.post(tiny_gateway + URL, content=chunks(), headers={"content-type": "application/json"},
+                          timeout=60)
+    assert response.status_code == 413
+    assert_healthy(tiny_gateway)
+
+
+def test_slow_upload_times_out_with_408(tiny_gateway):
+    started = time.monotonic()
+    reply = raw_post(tiny_gateway, 50_000, b'{"embedding": [0.1, ')  # the rest never comes
+    assert reply.startswith("HTTP/1.1 408") and "body_timeout" in reply
+    assert time.monotonic() - started < 15  # the test gateway's body timeout is 2 s
+    assert_healthy(tiny_gateway)
+
+
+def test_aborted_upload_leaves_the_server_healthy(tiny_gateway):
+    address = urlparse(tiny_gateway)
+    for _ in range(5):
+        with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+            sock.sendall(f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: 50000\r\n\r\n".encode() + b'{"embedding": [0.1, 0.2')
+    assert_healthy(tiny_gateway)
+    ok = httpx.post(tiny_gateway + URL, json={"embedding": ROW}, timeout=30)
+    assert ok.status_code == 200 and len(ok.json()["texts"]) == 1

@@ -1,0 +1,123 @@
+"""Faults inside the stack: dead stubs and Triton under load, timeouts; metrics and request ids."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import psutil
+
+from conftest import start_gateway, stop_process, wait_http
+
+URL = "/api/v1/inference"
+
+
+def payload(rows: int, seed: int = 0) -> dict:
+    return {"embedding": np.random.default_rng(seed).standard_normal(rows * 1024).astype(np.float32).tolist()}
+
+
+def triton_children(server_pid: int, name: str) -> list[psutil.Process]:
+    triton = [p for p in psutil.Process(server_pid).children() if p.name() == "tritonserver"]
+    assert len(triton) == 1
+    return triton if name == "tritonserver" else [p for p in triton[0].children() if p.name() == name]
+
+
+def decoder_stub(server_pid: int) -> psutil.Process:
+    stubs = triton_children(server_pid, "triton_python_backend_stub")
+    return next(p for p in stubs if "/decoder/" in p.cmdline()[1])
+
+
+class LoadLoop:
+    """Sends requests from a few threads until stopped; records status and duration of each."""
+
+    def __init__(self, base: str, workers: int = 4) -> None:
+        self.base = base
+        self.results: list[tuple[int, float]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(workers)]
+
+    def _run(self, seed: int) -> None:
+        with httpx.Client(timeout=70) as client:
+            deadline = time.monotonic() + 180  # bounded even if stop() is never called
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                started = time.monotonic()
+                try:
+                    status = client.post(self.base + URL, json=payload(4, seed)).status_code
+                except httpx.HTTPError:
+                    status = -1
+                self.results.append((status, time.monotonic() - started))
+
+    def __enter__(self) -> "LoadLoop":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(90)
+
+
+def assert_recovers(base: str, process, kill) -> dict:
+    """Kill something under load; health must turn 503 fast and come back; requests never hang."""
+    with LoadLoop(base) as load:
+        time.sleep(1.0)
+        kill()
+        killed = time.monotonic()
+        wait_http(base + "/api/v1/health", 10, process, status=503)
+        detected = time.monotonic() - killed
+        wait_http(base + "/api/v1/health", 120, process)
+        recovered = time.monotonic() - killed
+        time.sleep(1.0)
+    statuses = {status for status, _ in load.results}
+    assert statuses <= {200, 502, 503}, statuses
+    assert max(duration for _, duration in load.results) < 20, "a request hung during the fault"
+    assert load.results[-1][0] == 200
+    assert detected < 2.0
+    return {"detected_s": detected, "recovered_s": recovered}
+
+
+def test_killed_decoder_stub_is_detected_and_recovered(tiny_server):
+    process, base, log_path = tiny_server
+    timings = assert_recovers(base, process, lambda: decoder_stub(process.pid).kill())
+    assert "stub of model 'decoder' died" in log_path.read_text()
+    print(f"stub kill: {timings}")
+
+
+def test_killed_tritonserver_under_load_is_restarted(tiny_server):
+    process, base, _ = tiny_server
+    timings = assert_recovers(base, process, lambda: triton_children(process.pid, "tritonserver")[0].kill())
+    print(f"tritonserver kill: {timings}")
+
+
+def test_triton_request_timeout_is_enforced(tiny_triton, tmp_path):
+    gateway, base = start_gateway(tiny_triton.url, tmp_path / "gateway.log",
+                                  env={"EMBCAP_REQUEST_TIMEOUT_S": "0.001"})
+    try:
+        response = httpx.post(base + URL, json=payload(4), timeout=30)
+        assert response.status_code == 504 and response.json()["error"] == "triton_timeout"
+    finally:
+        stop_process(gateway)
+
+
+def test_metrics_and_request_ids(tiny_server):
+    process, base, log_path = tiny_server
+    ok = httpx.post(base + URL, json=payload(2), headers={"X-Request-ID": "req-ok-1"}, timeout=30)
+    bad = httpx.post(base + "/api/v1/v2t", json={"embedding": [1.0]}, headers={"X-Request-ID": "req-bad-1"})
+    assert ok.headers["x-request-id"] == "req-ok-1" and bad.status_code == 422
+
+    text = httpx.get(base + "/metrics", timeout=10).text
+    assert 'embcap_requests_total{route="/api/v1/inference",status="200"} 1.0' in text
+    assert 'embcap_requests_total{route="/api/v1/v2t",status="422"} 1.0' in text
+    assert 'embcap_rows_per_request_sum 2.0' in text
+    assert "embcap_request_seconds_bucket" in text
+    assert 'nv_inference_request_success{model="captioner"' in text  # Triton's own metrics, appended
+
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    served = [e for e in lines if e.get("request_id") == "req-ok-1"]
+    failed = [e for e in lines if e.get("request_id") == "req-bad-1"]
+    assert served and served[0]["rows"] == 2
+    assert failed and failed[0]["status"] == 422 and "not a multiple of 1024" in failed[0]["msg"]
