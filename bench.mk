@@ -1,0 +1,17 @@
+# Benchmarks (bench/): `make bench` (full, ~15 min) and `make bench-quick` (~3 min).
+# Included by the Makefile; results go to bench/results/<utc time>-<mode>/.
+BENCH_ARGS ?=
+BENCH_CHECKPOINT ?= $(CHECKPOINT)
+
+.PHONY: bench bench-quick bench-tools
+
+$(EMBCAP_CACHE_DIR)/perf_analyzer/bin/perf_analyzer: | setup
+	$(PY) -m bench fetch-perf-analyzer
+
+bench-tools: setup $(EMBCAP_CACHE_DIR)/perf_analyzer/bin/perf_analyzer  ## perf_analyzer from the tritonclient 2.48 wheel (not installed)
+
+bench: bench-tools  ## full benchmark: ours vs naive baseline vs offline limit (report in bench/results/)
+	$(PY) -m bench run --mode full --checkpoint $(BENCH_CHECKPOINT) $(BENCH_ARGS)
+
+bench-quick: bench-tools  ## quick benchmark (fewer levels and requests)
+	$(PY) -m bench run --mode quick --checkpoint $(BENCH_CHECKPOINT) $(BENCH_ARGS)

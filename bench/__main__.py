@@ -1,0 +1,71 @@
+"""`python -m bench`: run the benchmark, fetch perf_analyzer, re-render a report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from bench.common import ROOT
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("EMBCAP_CACHE_DIR", str(ROOT / ".cache"))
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="one benchmark run (see bench/run.py)")
+    run.add_argument("--mode", choices=("quick", "full"), default="quick")
+    run.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "default")
+    run.add_argument("--levels", type=_ints, help="concurrency levels, e.g. 1,4,8,16,32")
+    run.add_argument("--rows-per-request", type=int, help="embeddings per request (evaluator: 4)")
+    run.add_argument("--waves", type=int, help="requests per level = waves x concurrency (ours)")
+    run.add_argument("--min-requests", type=int)
+    run.add_argument("--baseline-waves", type=int)
+    run.add_argument("--baseline-min-requests", type=int)
+    run.add_argument("--level-duration-s", type=float, help="stop issuing requests after this long per level")
+    run.add_argument("--timeout-s", type=float, help="per-request timeout (evaluator: 60)")
+    run.add_argument("--offline-batches", type=_ints)
+    run.add_argument("--offline-min-seconds", type=float)
+    run.add_argument("--offline-max-repeats", type=int)
+    run.add_argument("--pa-levels", type=_ints, help="perf_analyzer concurrency levels")
+    run.add_argument("--pa-requests-per-level", type=int)
+    run.add_argument("--pool-requests", type=int, help="distinct request bodies")
+    run.add_argument("--decoder-threads", type=int)
+    run.add_argument("--export-arg", dest="export_args", action="append",
+                     help="passed to server.py as --export-arg (repeatable), e.g. --export-arg=--max-batch-size=32")
+    run.add_argument("--skip", action="append", default=[], choices=("perf_analyzer", "gateway", "baseline", "offline"))
+    run.add_argument("--gateway-url", help="benchmark an already running gateway instead of starting server.py")
+    run.add_argument("--grpc-url", help="its Triton gRPC address (for perf_analyzer and statistics)")
+    run.add_argument("--out", type=Path, help="results folder (default bench/results/<utc time>-<mode>)")
+    commands.add_parser("fetch-perf-analyzer", help="download and unpack the perf_analyzer binary once")
+    render = commands.add_parser("report", help="re-render report.md and plot.png from a run's results.json")
+    render.add_argument("run_dir", type=Path)
+    args = parser.parse_args(argv)
+
+    if args.command == "fetch-perf-analyzer":
+        from bench.perf_analyzer import ensure_binary
+
+        binary, _ = ensure_binary()
+        print(binary)
+        return 0
+    if args.command == "report":
+        from bench.report import main as report_main
+
+        report_main([str(args.run_dir)])
+        return 0
+    from bench.run import Plan, run as run_bench
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "mode", "skip")}
+    plan = Plan.preset(args.mode, skip=set(args.skip), **options)
+    results = run_bench(plan)
+    failures = [r for r in results["gateway"] + results["baseline"] if r["ok"] == 0]
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Closed-loop load generator for the gateway and the baseline.
+
+Each of `concurrency` workers keeps one keep-alive HTTP/1.1 connection and sends
+evaluator-shaped requests (`{"embedding": [rows*1024 floats]}`) back to back until
+the level's request count is issued or its duration is up; then in-flight requests
+finish. Bodies are encoded before the clock starts and the client is a few lines of
+asyncio streams, so the generator itself costs little CPU on the shared cores.
+
+Traffic goes to 127.0.0.1 only; every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit
+
+import numpy as np
+import orjson
+
+
+class HttpError(Exception):
+    pass
+
+
+def encode_bodies(pool: np.ndarray) -> list[bytes]:
+    """One JSON body per request of the [requests, rows, 1024] pool."""
+    return [orjson.dumps({"embedding": request.reshape(-1).tolist()}) for request in pool]
+
+
+class Connection:
+    """A minimal keep-alive HTTP/1.1 client for POSTing JSON to one local server."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except OSError:
+                pass
+        self.reader = self.writer = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        self.writer.write(head + body)
+        await self.writer.drain()
+        status_line = await self.reader.readline()
+        if not status_line:
+            raise HttpError("connection closed by the server")
+        status = int(status_line.split()[1])
+        length, close = None, False
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            name = name.strip().lower()
+            if name == "content-length":
+                length = int(value.strip())
+            elif name == "connection" and value.strip().lower() == "close":
+                close = True
+            elif name == "transfer-encoding":
+                raise HttpError("chunked responses are not supported by this client")
+        if length is None:
+            raise HttpError("response without Content-Length")
+        payload = await self.reader.readexactly(length)
+        if close:
+            await self.close()
+        return status, payload
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    requests: int  # completed (ok or not)
+    ok: int
+    errors: int
+    timeouts: int
+    captions: int
+    wall_s: float
+    captions_per_s: float
+    requests_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    ramp_requests: int = 0  # each worker's first request: counted for throughput, not for latency
+    error_samples: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+async def run_level(base_url: str, bodies: list[bytes], rows_per_request: int, concurrency: int, requests: int,
+                    duration_s: float, timeout_s: float = 60.0, path: str = "/api/v1/inference") -> LevelResult:
+    """Closed loop at `concurrency` until `requests` are issued or `duration_s` passes."""
+    url = urlsplit(base_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError("the load generator only talks to local servers")
+    issued = 0
+    latencies: list[float] = []
+    ramp: list[float] = []
+    errors: list[str] = []
+    timeouts = 0
+    captions = 0
+    started = time.perf_counter()
+    deadline = started + duration_s
+
+    async def worker(index: int) -> None:
+        nonlocal issued, timeouts, captions
+        connection = Connection(host, port)
+        done = 0
+        try:
+            while issued < requests and time.perf_counter() < deadline:
+                body = bodies[issued % len(bodies)]
+                issued += 1
+                sent = time.perf_counter()
+                try:
+                    status, payload = await asyncio.wait_for(connection.post(path, body), timeout_s)
+                except asyncio.TimeoutError:
+                    timeouts += 1
+                    errors.append(f"timeout after {timeout_s:.0f} s")
+                    await connection.close()
+                    continue
+                except (OSError, HttpError, asyncio.IncompleteReadError, ValueError) as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    await connection.close()
+                    continue
+                elapsed = time.perf_counter() - sent
+                if status != 200:
+                    errors.append(f"HTTP {status}: {payload[:200]!r}")
+                    continue
+                texts = orjson.loads(payload).get("texts", [])
+                if len(texts) != rows_per_request:
+                    errors.append(f"{len(texts)} captions for {rows_per_request} rows")
+                    continue
+                (latencies if done else ramp).append(elapsed)
+                done += 1
+                captions += len(texts)
+        finally:
+            await connection.close()
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    wall = time.perf_counter() - started
+    if not latencies:  # each worker made one request only: use them all
+        latencies, ramp = ramp, []
+    ms = [1000 * v for v in latencies]
+    ok = len(latencies) + len(ramp)
+    return LevelResult(
+        concurrency=concurrency, requests=ok + len(errors), ok=ok, errors=len(errors),
+        timeouts=timeouts, captions=captions, wall_s=wall, captions_per_s=captions / wall if wall else 0.0,
+        requests_per_s=ok / wall if wall else 0.0, p50_ms=percentile(ms, 50), p95_ms=percentile(ms, 95),
+        p99_ms=percentile(ms, 99), mean_ms=float(np.mean(ms)) if ms else float("nan"), ramp_requests=len(ramp),
+        error_samples=errors[:5],
+    )
+
+
+def warm_up(base_url: str, bodies: list[bytes], rows_per_request: int, requests: int, concurrency: int = 1,
+            timeout_s: float = 120.0) -> LevelResult:
+    return asyncio.run(run_level(base_url, bodies, rows_per_request, concurrency, requests, 600.0, timeout_s))
+
+
+def sweep(base_url: str, bodies: list[bytes], rows_per_request: int, levels: list[int], requests_for,
+          duration_s: float, timeout_s: float = 60.0, before_level=None, after_level=None) -> list[LevelResult]:
+    """Run every concurrency level; `requests_for(c)` is the request count at level c.
+    `before_level`/`after_level` hooks (e.g. Triton statistics) may add to `result.extra`."""
+    results = []
+    for concurrency in levels:
+        state = before_level(concurrency) if before_level else None
+        result = asyncio.run(run_level(base_url, bodies, rows_per_request, concurrency, requests_for(concurrency),
+                                       duration_s, timeout_s))
+        if after_level:
+            result.extra.update(after_level(concurrency, state) or {})
+        results.append(result)
+    return results

@@ -1,0 +1,230 @@
+"""results.json -> report.md (tables, targets, machine) and plot.png."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+TARGETS = {
+    "throughput_c16": "captions/s at concurrency 16 >= 4x the naive baseline",
+    "latency_c1": "p50 latency at concurrency 1 <= 1.1x the baseline",
+    "gateway_overhead": "gateway p50 - Triton-direct (perf_analyzer) p50 at concurrency 1 < 2 ms",
+    "offline_c32": "captions/s at concurrency 32 >= 80% of offline throughput at the same batch size",
+    "cold_start": "cold start (process start to healthy) < 30 s",
+}
+
+
+def _level(rows: list[dict], concurrency: int) -> dict | None:
+    return next((r for r in rows if r["concurrency"] == concurrency), None)
+
+
+def _fmt(value, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _offline_at(offline: dict | None, batch: float) -> dict | None:
+    """The offline result at `batch`, or the nearest measured batch size."""
+    if not offline or not offline.get("results"):
+        return None
+    return min(offline["results"], key=lambda r: (abs(r["batch"] - batch), -r["batch"]))
+
+
+def targets(results: dict) -> list[dict]:
+    """Each target with its measured value, threshold and verdict (None: not measurable in this run)."""
+    ours, base = results.get("gateway", []), results.get("baseline", [])
+    out = []
+
+    def add(key: str, value, threshold, met, detail: str) -> None:
+        out.append({"key": key, "target": TARGETS[key], "value": value, "threshold": threshold, "met": met,
+                    "detail": detail})
+
+    o16, b16 = _level(ours, 16), _level(base, 16)
+    if o16 and b16 and b16["captions_per_s"] > 0:
+        ratio = o16["captions_per_s"] / b16["captions_per_s"]
+        add("throughput_c16", ratio, 4.0, ratio >= 4.0,
+            f"{o16['captions_per_s']:.2f} vs {b16['captions_per_s']:.2f} captions/s = {ratio:.2f}x")
+    else:
+        add("throughput_c16", None, 4.0, None, "concurrency 16 not run for both")
+
+    o1, b1 = _level(ours, 1), _level(base, 1)
+    if o1 and b1 and b1["p50_ms"] > 0:
+        ratio = o1["p50_ms"] / b1["p50_ms"]
+        add("latency_c1", ratio, 1.1, ratio <= 1.1, f"{o1['p50_ms']:.1f} vs {b1['p50_ms']:.1f} ms = {ratio:.3f}x")
+    else:
+        add("latency_c1", None, 1.1, None, "concurrency 1 not run for both")
+
+    pa1 = _level(results.get("perf_analyzer", []), 1)
+    if o1 and pa1:
+        overhead = o1["p50_ms"] - pa1["p50_ms"]
+        add("gateway_overhead", overhead, 2.0, overhead < 2.0,
+            f"{o1['p50_ms']:.1f} - {pa1['p50_ms']:.1f} ms = {overhead:.2f} ms")
+    else:
+        add("gateway_overhead", None, 2.0, None, "gateway or perf_analyzer at concurrency 1 missing")
+
+    o32 = _level(ours, 32)
+    triton = (o32 or {}).get("extra", {}).get("triton", {})
+    mean_batch = triton.get("decoder", {}).get("mean_batch_rows")
+    offline = results.get("offline")
+    if o32 and mean_batch:
+        same = _offline_at(offline, mean_batch)
+        if same:
+            share = o32["captions_per_s"] / same["captions_per_s"]
+            add("offline_c32", share, 0.8, share >= 0.8,
+                f"{o32['captions_per_s']:.2f} captions/s vs offline {same['captions_per_s']:.2f} at batch "
+                f"{same['batch']} (the decoder's mean batch at c=32 was {mean_batch:.1f} rows) = {share:.0%}")
+        else:
+            add("offline_c32", None, 0.8, None, "offline loop not run")
+    else:
+        add("offline_c32", None, 0.8, None, "concurrency 32 not run (or no Triton statistics)")
+
+    cold = results.get("cold_start_s")
+    if cold is not None:
+        add("cold_start", cold, 30.0, cold < 30.0, f"{cold:.1f} s (server.py start -> /api/v1/health 200)")
+    else:
+        add("cold_start", None, 30.0, None, "external stack: not measured")
+    return out
+
+
+def markdown(results: dict) -> str:
+    ours, base = results.get("gateway", []), results.get("baseline", [])
+    rows = results["plan"]["rows_per_request"]
+    lines = [f"# embcap benchmark ({results['mode']} run, {results['machine']['started_utc']} UTC)", ""]
+    ck = results["checkpoint"]
+    gen = ck["generation"]
+    lines += [
+        f"Checkpoint `{ck['name']}` ({ck['path']}): max_new_tokens {gen['max_new_tokens']}, "
+        f"min_new_tokens {gen['min_new_tokens']}, do_sample {gen['do_sample']}. "
+        f"Requests: {rows} embeddings each (evaluator-shaped), closed loop, one keep-alive connection per client.",
+        "",
+        "## Load: our stack (gateway -> Triton) vs the naive baseline",
+        "",
+        "| concurrency | ours captions/s | ours p50 ms | ours p95 ms | ours p99 ms | ours errors | decoder batch (mean rows) "
+        "| baseline captions/s | baseline p50 ms | baseline p95 ms | baseline p99 ms | baseline errors | speed-up |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in sorted({r["concurrency"] for r in ours + base}):
+        o, b = _level(ours, c) or {}, _level(base, c) or {}
+        batch = o.get("extra", {}).get("triton", {}).get("decoder", {}).get("mean_batch_rows")
+        speed = o["captions_per_s"] / b["captions_per_s"] if o and b and b["captions_per_s"] else None
+        lines.append(
+            f"| {c} | {_fmt(o.get('captions_per_s'), 2)} | {_fmt(o.get('p50_ms'))} | {_fmt(o.get('p95_ms'))} "
+            f"| {_fmt(o.get('p99_ms'))} | {o.get('errors', '-')} | {_fmt(batch)} | {_fmt(b.get('captions_per_s'), 2)} "
+            f"| {_fmt(b.get('p50_ms'))} | {_fmt(b.get('p95_ms'))} | {_fmt(b.get('p99_ms'))} | {b.get('errors', '-')} "
+            f"| {_fmt(speed, 2)}{'x' if speed else ''} |")
+    lines.append("")
+    lines.append("Requests per level (ours / baseline): " + ", ".join(
+        f"c={c}: {(_level(ours, c) or {}).get('requests', '-')}/{(_level(base, c) or {}).get('requests', '-')}"
+        for c in sorted({r["concurrency"] for r in ours + base}))
+        + ". Latency percentiles leave out each client's first request (ramp-up); throughput counts all.")
+    pa = results.get("perf_analyzer", [])
+    if pa:
+        lines += ["", "## Triton direct (perf_analyzer, gRPC, no gateway)", "",
+                  "| concurrency | requests | captions/s | p50 ms | p95 ms | p99 ms | server queue ms | server compute ms |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in pa:
+            lines.append(f"| {r['concurrency']} | {r['requests']} | {_fmt(r['captions_per_s'], 2)} | {_fmt(r['p50_ms'])} "
+                         f"| {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} | {_fmt(r['server_queue_ms'])} "
+                         f"| {_fmt(r['server_compute_ms'])} |")
+    offline = results.get("offline")
+    if offline:
+        lines += ["", f"## Offline limit (decoder only, plain loop, `{offline.get('generator', 'hf')}` generate)", "",
+                  "| batch | captions/s | s per batch | repeats | mean caption tokens |", "|---:|---:|---:|---:|---:|"]
+        for r in offline["results"]:
+            lines.append(f"| {r['batch']} | {_fmt(r['captions_per_s'], 2)} | {_fmt(r['seconds_per_batch_mean'], 3)} "
+                         f"| {r['repeats']} | {_fmt(r['mean_caption_tokens'])} |")
+    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for t in targets(results):
+        verdict = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
+        lines.append(f"| {t['target']} | {t['detail']} | {verdict} |")
+    m = results["machine"]
+    opts = results.get("export_options", {})
+    lines += [
+        "", "## Machine and settings", "",
+        f"- CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs, {m['cpus_usable']} usable; {', '.join(m['cpu_flags'])}), "
+        f"{m['memory_gib']} GiB RAM, {m['platform']}",
+        f"- Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, numpy {m['numpy']}",
+        f"- Threads (decoder, baseline and offline alike): {results['thread_settings']['env']}, "
+        f"decoder_threads={results['thread_settings']['decoder_threads']}; projector in Triton: ONNX Runtime, "
+        f"{opts.get('projector_threads', '-')} thread",
+        f"- Triton export: max_batch_size {opts.get('max_batch_size', '-')}, queue delay "
+        f"{opts.get('queue_delay_us', '-')} us, dynamic batching {opts.get('dynamic_batching', '-')}, "
+        f"decoder instances {opts.get('decoder_instances', '-')}",
+        f"- Load average at start: {m['load_average_at_start']}; other busy processes at start: "
+        f"{'; '.join(m['busy_processes_at_start']) or 'none'}",
+        f"- Run wall time: {results.get('wall_s', 0):.0f} s",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def ratios_text(results: dict) -> str:
+    lines = ["Targets:"]
+    for t in targets(results):
+        verdict = {True: "MET", False: "MISSED", None: "n/a"}[t["met"]]
+        lines.append(f"  [{verdict:6}] {t['target']}: {t['detail']}")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["plan"]["rows_per_request"]
+    ours, base = results.get("gateway", []), results.get("baseline", [])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for series, label, style in ((ours, "ours (gateway -> Triton)", "o-"), (base, "naive baseline", "s-")):
+        if series:
+            xs = [r["concurrency"] for r in series]
+            left.plot(xs, [r["captions_per_s"] for r in series], style, label=label)
+            right.plot(xs, [r["p95_ms"] / 1000 for r in series], style, label=label)
+    offline = results.get("offline")
+    if offline:
+        pts = sorted(offline["results"], key=lambda r: r["batch"])
+        left.plot([r["batch"] / rows for r in pts], [r["captions_per_s"] for r in pts], "k--", marker="^",
+                  label=f"offline limit (batch = concurrency x {rows} rows)")
+    pa = results.get("perf_analyzer", [])
+    if pa:
+        left.plot([r["concurrency"] for r in pa], [r["captions_per_s"] for r in pa], "D", label="Triton direct")
+        right.plot([r["concurrency"] for r in pa], [r["p95_ms"] / 1000 for r in pa], "D", label="Triton direct")
+    for axis in (left, right):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent requests")
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    left.set_ylabel("captions / s")
+    left.set_title("throughput")
+    right.set_ylabel("p95 latency (s)")
+    right.set_yscale("log")
+    right.set_title("p95 latency")
+    m = results["machine"]
+    fig.suptitle(f"{results['checkpoint']['name']} on {m['cpu']} ({m['cpus_usable']} CPUs), {results['mode']} run",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(results: dict, out: Path) -> str:
+    """Write report.md and plot.png into `out`; return the text to print (report + ratios)."""
+    text = markdown(results)
+    (out / "report.md").write_text(text + "\n![plot](plot.png)\n")
+    plot(results, out / "plot.png")
+    return text + "\n" + ratios_text(results) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description="re-render a run's report")
+    parser.add_argument("run_dir", type=Path)
+    args = parser.parse_args(argv)
+    print(write(json.loads((args.run_dir / "results.json").read_text()), args.run_dir))
+
+
+if __name__ == "__main__":
+    main()

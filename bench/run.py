@@ -1,0 +1,241 @@
+"""One benchmark run: our stack, the naive baseline and the offline limit, side by side.
+
+Phases run one after the other on the same CPU (never overlapping):
+  1. server.py (export + Triton + gateway) started cold: process start -> healthy
+  2. perf_analyzer straight at Triton's captioner over gRPC
+  3. the load generator against the gateway at each concurrency (Triton statistics per level)
+  4. the naive baseline server (bench.baseline), same load
+  5. the offline loop (bench.offline) at each batch size
+then the report (report.md, plot.png, results.json) in the run's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import loadgen, machine, perf_analyzer, report, triton_stats
+from bench.common import (
+    RESULTS,
+    ROOT,
+    THREAD_SETTINGS_NOTE,
+    Child,
+    embedding_pool,
+    free_port,
+    python,
+    spawn,
+    thread_env,
+)
+
+
+@dataclass
+class Plan:
+    """What to run; `quick` and `full` are presets (python -m bench run --help)."""
+
+    mode: str = "full"
+    checkpoint: Path = ROOT / "models" / "default"
+    levels: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32])
+    rows_per_request: int = 4
+    waves: int = 3  # requests per level = waves * concurrency (each worker sends `waves` requests) ...
+    min_requests: int = 8  # ... but at least this many
+    level_duration_s: float = 120.0  # stop issuing new requests after this (in-flight ones finish)
+    timeout_s: float = 60.0  # per request, as the evaluator
+    baseline_waves: int = 2
+    baseline_min_requests: int = 6
+    offline_batches: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
+    offline_min_seconds: float = 8.0
+    offline_max_repeats: int = 20
+    pa_levels: list[int] = field(default_factory=lambda: [1, 16])
+    pa_requests_per_level: int = 12  # at concurrency c: max(this, 2c)
+    pool_requests: int = 64
+    seed: int = 0
+    decoder_threads: int = 2
+    export_args: list[str] = field(default_factory=list)
+    skip: set[str] = field(default_factory=set)  # of: perf_analyzer, gateway, baseline, offline
+    gateway_url: str | None = None  # an already running stack: no cold start measured
+    grpc_url: str | None = None
+    out: Path | None = None
+    ready_timeout_s: float = 300.0
+
+    @classmethod
+    def preset(cls, mode: str, **overrides) -> "Plan":
+        if mode == "quick":
+            base = dict(mode="quick", levels=[1, 4, 16], waves=2, min_requests=4, level_duration_s=45.0,
+                        baseline_waves=1, baseline_min_requests=3, offline_batches=[1, 4, 16],
+                        offline_min_seconds=0.0, offline_max_repeats=1, pa_levels=[1], pa_requests_per_level=6,
+                        pool_requests=16)
+        elif mode == "full":
+            base = dict(mode="full")
+        else:
+            raise ValueError(f"unknown mode {mode!r} (quick or full)")
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+    def requests_for(self, concurrency: int) -> int:
+        return max(self.min_requests, self.waves * concurrency)
+
+    def baseline_requests_for(self, concurrency: int) -> int:
+        return max(self.baseline_min_requests, self.baseline_waves * concurrency)
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def start_stack(plan: Plan, out: Path) -> tuple[Child, str, float]:
+    """server.py as the container runs it, on free ports; returns (child, grpc url, cold start s)."""
+    port, grpc_port = free_port(), free_port()
+    command = [python(), "server.py", "--checkpoint", str(plan.checkpoint), "--model-repository",
+               str(out / "model_repository"), "--bind", "127.0.0.1", "--port", str(port),
+               "--grpc-port", str(grpc_port), *[f"--export-arg={a}" for a in plan.export_args]]
+    child = spawn("server.py", command, out / "logs" / "server.log", f"http://127.0.0.1:{port}")
+    cold = child.wait_healthy(plan.ready_timeout_s)
+    return child, f"127.0.0.1:{grpc_port}", cold
+
+
+def start_baseline(plan: Plan, out: Path) -> tuple[Child, float]:
+    port = free_port()
+    command = [python(), "-m", "bench.baseline", "--checkpoint", str(plan.checkpoint), "--port", str(port),
+               "--threads", str(plan.decoder_threads)]
+    child = spawn("baseline", command, out / "logs" / "baseline.log", f"http://127.0.0.1:{port}")
+    return child, child.wait_healthy(plan.ready_timeout_s)
+
+
+def run_offline(plan: Plan, out: Path, batches: list[int]) -> dict:
+    json_path = out / "offline.json"
+    command = [python(), "-m", "bench.offline", "--checkpoint", str(plan.checkpoint),
+               "--batches", ",".join(map(str, batches)), "--threads", str(plan.decoder_threads),
+               "--pool-requests", str(plan.pool_requests), "--rows-per-request", str(plan.rows_per_request),
+               "--seed", str(plan.seed), "--min-seconds", str(plan.offline_min_seconds),
+               "--min-repeats", "1" if plan.mode == "quick" else "2", "--max-repeats", str(plan.offline_max_repeats),
+               "--out", str(json_path)]
+    with open(out / "logs" / "offline.log", "ab") as log_file:
+        subprocess.run(command, cwd=ROOT, env=thread_env(), stdout=log_file, stderr=subprocess.STDOUT, check=True,
+                       timeout=1800)
+    return json.loads(json_path.read_text())
+
+
+def checkpoint_info(checkpoint: Path) -> dict:
+    from embcap.checkpoint import load_checkpoint
+
+    spec = load_checkpoint(checkpoint).spec
+    return {"path": str(checkpoint), "name": spec.name, "prefix_length": spec.prefix_length,
+            "generation": spec.generation.model_dump(mode="json")}
+
+
+def export_options(plan: Plan, out: Path) -> dict:
+    """The options the stack was exported with (from export.json), else the defaults."""
+    exported = out / "model_repository" / "export.json"
+    if exported.is_file():
+        return json.loads(exported.read_text()).get("options", {})
+    from dataclasses import asdict
+
+    from export.repository import ExportOptions
+
+    return asdict(ExportOptions())
+
+
+def warm(base_url: str, bodies: list[bytes], plan: Plan, burst: int = 1) -> None:
+    """A few sequential requests, then one burst as large as the biggest level (fills the largest batch).
+    Raises if a warm-up request fails: the numbers after it would be meaningless."""
+    runs = [loadgen.warm_up(base_url, bodies, plan.rows_per_request, 2)]
+    if burst > 1:
+        runs.append(loadgen.warm_up(base_url, bodies, plan.rows_per_request, burst, concurrency=burst))
+    for result in runs:
+        if result.errors:
+            raise RuntimeError(f"warm-up against {base_url} failed: {result.error_samples}")
+
+
+def run(plan: Plan) -> dict:
+    started = time.perf_counter()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    out = (plan.out or RESULTS / f"{stamp}-{plan.mode}").resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    log(f"results -> {out}")
+    results: dict = {
+        "mode": plan.mode, "machine": machine.describe(), "checkpoint": checkpoint_info(plan.checkpoint),
+        "thread_settings": {"env": THREAD_SETTINGS_NOTE, "decoder_threads": plan.decoder_threads},
+        "plan": {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
+                 for k, v in plan.__dict__.items()},
+        "gateway": [], "baseline": [], "offline": None, "perf_analyzer": [], "cold_start_s": None,
+    }
+    if results["machine"]["busy_processes_at_start"]:
+        log("WARNING: other busy processes, timings will be skewed: "
+            + "; ".join(results["machine"]["busy_processes_at_start"]))
+    pool = embedding_pool(plan.pool_requests, plan.rows_per_request, plan.seed)
+    bodies = loadgen.encode_bodies(pool)
+    burst = max(plan.levels)
+
+    # 1-3: our stack
+    if not {"gateway", "perf_analyzer"} <= plan.skip:
+        stack = None
+        if plan.gateway_url:
+            base, grpc_url = plan.gateway_url, plan.grpc_url
+        else:
+            log("starting server.py (cold)")
+            stack, grpc_url, cold = start_stack(plan, out)
+            base = stack.base_url
+            results["cold_start_s"] = cold
+            log(f"healthy after {cold:.1f} s")
+        results["export_options"] = export_options(plan, out)
+        try:
+            warm(base, bodies, plan, burst)
+            if "perf_analyzer" not in plan.skip and grpc_url:
+                input_data = perf_analyzer.write_input_data(pool, out / "perf_analyzer_input.json")
+                for c in plan.pa_levels:
+                    count = max(plan.pa_requests_per_level, 2 * c)
+                    log(f"perf_analyzer -> Triton {grpc_url}, concurrency {c}, {count} requests")
+                    results["perf_analyzer"].append(perf_analyzer.run(
+                        grpc_url, c, count, plan.rows_per_request, input_data, out / "perf_analyzer", log=log))
+            if "gateway" not in plan.skip:
+                def before(c):
+                    log(f"gateway: concurrency {c}, {plan.requests_for(c)} requests")
+                    return triton_stats.snapshot(grpc_url) if grpc_url else None
+
+                def after(c, snap):
+                    return {"triton": triton_stats.delta(snap, triton_stats.snapshot(grpc_url))} if snap else {}
+
+                levels = loadgen.sweep(base, bodies, plan.rows_per_request, plan.levels, plan.requests_for,
+                                       plan.level_duration_s, plan.timeout_s, before, after)
+                results["gateway"] = [r.to_dict() for r in levels]
+        finally:
+            if stack is not None:
+                results["stack_exit_code"] = stack.stop()
+
+    # 4: the naive baseline
+    if "baseline" not in plan.skip:
+        log("starting the naive baseline")
+        baseline, ready = start_baseline(plan, out)
+        results["baseline_start_s"] = ready
+        try:
+            warm(baseline.base_url, bodies, plan)
+
+            def announce(c):
+                log(f"baseline: concurrency {c}, {plan.baseline_requests_for(c)} requests")
+
+            levels = loadgen.sweep(baseline.base_url, bodies, plan.rows_per_request, plan.levels,
+                                   plan.baseline_requests_for, plan.level_duration_s, plan.timeout_s, announce)
+            results["baseline"] = [r.to_dict() for r in levels]
+        finally:
+            baseline.stop()
+
+    # 5: the offline limit, at the listed batch sizes plus the batch the decoder really ran at top load
+    if "offline" not in plan.skip:
+        batches = list(plan.offline_batches)
+        top = next((r for r in results["gateway"] if r["concurrency"] == max(plan.levels)), None)
+        if top and "triton" in top.get("extra", {}):
+            mean_batch = round(top["extra"]["triton"]["decoder"]["mean_batch_rows"])
+            if mean_batch > 0 and mean_batch not in batches:
+                batches.append(mean_batch)
+        log(f"offline loop at batch sizes {batches}")
+        results["offline"] = run_offline(plan, out, sorted(batches))
+
+    results["wall_s"] = time.perf_counter() - started
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    text = report.write(results, out)
+    print(text, flush=True)
+    log(f"done in {results['wall_s']:.0f} s: {out / 'report.md'}, {out / 'plot.png'}")
+    return results
