@@ -400,10 +400,13 @@ def build_corpus(
     seed: int = 0,
     heldout_size: int = 1000,
     scene_fraction: float = 0.75,
-    max_train: int | None = None,
+    max_train: int | None = 80_000,
     root: Path = WORDNET_DIR,
 ) -> Corpus:
     """Mix scene captions and example sentences (``scene_fraction`` scenes) and hold out a test split.
+
+    The defaults are the default model's corpus: 60,000 scene + 20,000 sentence training captions
+    and 750 + 250 held-out ones.
 
     Sentences are split by synset; scenes are unique strings. Both splits keep the same mix.
     """

@@ -1,0 +1,6 @@
+"""`python -m evaluate`."""
+
+from evaluate.cli import main
+
+if __name__ == "__main__":
+    main()

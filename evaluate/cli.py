@@ -1,0 +1,139 @@
+"""`python -m evaluate`: score a running endpoint (or a checkpoint in-process) like the real evaluator."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from evaluate.client import ENDPOINTS, HEALTH, BatchResult, RunResult, run_requests, wait_ready
+from evaluate.datasets import load_dataset
+from evaluate.judges import load_judge
+from evaluate.report import build_report, markdown, retrieval_baseline, score_rows, write_report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m evaluate", description=__doc__)
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of a running stack")
+    target.add_argument("--checkpoint", type=Path, help="generate in-process from a checkpoint (no HTTP)")
+    parser.add_argument("--dataset", default="heldout",
+                        help="'heldout' (built-in split), a captions file, or parquet file/folder")
+    parser.add_argument("--limit", type=int, default=None, help="score a seeded random subset of N rows")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=4, help="rows per request (the evaluator sends 4)")
+    parser.add_argument("--endpoint", default="inference", help=f"{' or '.join(ENDPOINTS)} or a path")
+    parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, s (30 in the earliest)")
+    parser.add_argument("--health", choices=[*HEALTH, "none"], default="o1", help="readiness rules to apply")
+    parser.add_argument("--health-timeout", type=float, default=None, help="override the overall health deadline")
+    parser.add_argument("--judge", default="minilm", help="minilm, mpnet, a sentence-transformers folder, or mod:fn")
+    parser.add_argument("--also-judge", action="append", default=[], help="extra judges reported alongside")
+    parser.add_argument("--baseline-train", type=Path, help="training captions file for the retrieval baseline")
+    parser.add_argument("--baseline-corpus", action="store_true",
+                        help="rebuild the default training corpus from WordNet for the retrieval baseline")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="where the JSON and markdown go")
+    parser.add_argument("--name", default=None, help="report file stem (default: evaluate-<time>)")
+    parser.add_argument("--min-score", type=float, default=None, help="exit 1 if the mean similarity is lower")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def in_process_run(checkpoint: Path, embeddings: np.ndarray, batch_size: int, progress: bool) -> RunResult:
+    """Caption rows with the checkpoint directly, with serving's generate(); latencies are per batch."""
+    import torch
+    from tqdm import tqdm
+
+    from embcap.checkpoint import load_checkpoint
+    from embcap.decoder_source import resolve_decoder
+    from embcap.generation import CaptionGenerator
+    from embcap.projector import load_projector
+
+    ckpt = load_checkpoint(checkpoint)
+    generator = CaptionGenerator(ckpt.spec, resolve_decoder(ckpt))
+    projector = load_projector(ckpt.projector_path, ckpt.spec.embedding_dim, generator.hidden_size,
+                               ckpt.spec.prefix_length)
+    result = RunResult()
+    for start in tqdm(range(0, len(embeddings), batch_size), desc="generate", disable=not progress):
+        rows = list(range(start, min(start + batch_size, len(embeddings))))
+        started = time.monotonic()
+        with torch.inference_mode():
+            texts = generator.generate(projector(torch.from_numpy(embeddings[rows])))
+        result.batches.append(BatchResult(rows, texts, time.monotonic() - started))
+    return result
+
+
+def training_captions(args: argparse.Namespace) -> list[str] | None:
+    """Captions for the retrieval baseline, if asked for."""
+    if args.baseline_train:
+        from evaluate.datasets import read_caption_lines
+
+        return read_caption_lines(args.baseline_train)[0]
+    if args.baseline_corpus:
+        from training.corpus import build_corpus
+
+        return [c.text for c in build_corpus().train]
+    return None
+
+
+def cached_encoding(captions: list[str]) -> np.ndarray:
+    """encode_captions() of many captions, cached under the embcap cache by content hash."""
+    from embcap.decoder_source import cache_dir
+    from embcap.text_encoder import encode_captions
+
+    digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
+    path = cache_dir() / "embeddings" / f"{digest}.npy"
+    if path.is_file():
+        return np.load(path)
+    vectors = encode_captions(captions, batch_size=128, progress=True).astype(np.float16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, vectors)
+    return vectors
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    progress = not args.quiet
+    dataset = load_dataset(args.dataset).sample(args.limit, args.seed)
+    print(f"dataset {dataset.name}: {len(dataset)} rows, embeddings {list(dataset.embeddings.shape)}")
+    if args.checkpoint:
+        target = f"checkpoint {args.checkpoint} (in-process)"
+        run = in_process_run(args.checkpoint, dataset.embeddings, args.batch_size, progress)
+    else:
+        target = args.url
+        waited = wait_ready(args.url, args.health, args.health_timeout)
+        print(f"{args.url} ready after {waited:.1f} s ({args.health} health rules)")
+        run = run_requests(args.url, dataset.embeddings, args.batch_size, args.endpoint, args.timeout, progress)
+    judge_name, judge = load_judge(args.judge)
+    captions = run.captions(len(dataset))
+    scores = score_rows(judge, captions, dataset.references)
+    extra = {}
+    for spec in args.also_judge:
+        try:
+            name, other = load_judge(spec)
+            extra[name] = score_rows(other, captions, dataset.references)
+        except (FileNotFoundError, ValueError, ImportError) as exc:
+            print(f"judge {spec!r} skipped: {exc}", file=sys.stderr)
+    baseline = None
+    train = training_captions(args)
+    if train:
+        baseline = retrieval_baseline(judge, dataset.embeddings, dataset.references, train,
+                                      cached_encoding(train).astype(np.float32))
+    settings = {"batch_size": args.batch_size, "endpoint": ENDPOINTS.get(args.endpoint, args.endpoint),
+                "timeout_s": args.timeout, "health": args.health, "limit": args.limit, "seed": args.seed,
+                "baseline_train_captions": len(train) if train else None}
+    report = build_report(dataset_name=dataset.name, references=dataset.references, sources=dataset.sources,
+                          run=run, scores=scores, judge_name=judge_name, target=target, settings=settings,
+                          extra_judges=extra, baseline=baseline)
+    stem = args.name or time.strftime("evaluate-%Y%m%d-%H%M%S")
+    json_path, md_path = write_report(report, args.out, stem)
+    print(markdown(report))
+    print(f"report: {json_path} and {md_path}")
+    if args.min_score is not None and report["mean_similarity"] < args.min_score:
+        print(f"mean similarity {report['mean_similarity']:.4f} is below --min-score {args.min_score}", file=sys.stderr)
+        raise SystemExit(1)
+    return report
