@@ -1,0 +1,189 @@
+"""`python -m doctor`: passes on this repository, fails with the right reason on broken copies."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from doctor import PLACEHOLDER_HOTKEY, dockerfile, dockerignore, ss58
+from doctor.checks import _tool
+
+ROW = re.compile(r"^(\S+)\s+(PASS|FAIL|WARN|SKIP)\s+(.*)$")
+# A valid hotkey that is not the placeholder (Substrate's well-known development key "Alice").
+ALICE = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"
+NEEDS_TOOLS = pytest.mark.skipif(not (_tool("hadolint") and _tool("docker-compose")),
+                                 reason="hadolint / docker-compose not installed: make container-tools")
+
+
+def doctor(repo: Path, *args: str) -> tuple[int, dict[str, tuple[str, str]], str]:
+    """Run the CLI; return (exit code, {check: (status, reason)}, output)."""
+    run = subprocess.run([sys.executable, "-m", "doctor", "--repo", str(repo), *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    rows = {m[1]: (m[2], m[3]) for line in run.stdout.splitlines() if (m := ROW.match(line))}
+    return run.returncode, rows, run.stdout + run.stderr
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def good_copy(tmp_path_factory) -> Path:
+    """The files the evaluator looks at, copied into a fresh git repository that passes."""
+    repo = tmp_path_factory.mktemp("good") / "repo"
+    repo.mkdir()
+    for name in ("Dockerfile", ".dockerignore", "docker-compose.yml", "requirements.txt"):
+        shutil.copy2(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "models" / "default", repo / "models" / "default")
+    for path in (repo / "models").rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    (repo / "hotkey.txt").write_text(ALICE)
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "miner")
+    return repo
+
+
+@pytest.fixture
+def broken(good_copy, tmp_path) -> Path:
+    repo = tmp_path / "repo"
+    shutil.copytree(good_copy, repo, symlinks=True)
+    return repo
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_ss58_round_trip_and_known_address():
+    alice = bytes.fromhex("d43593c715fdd31c61141abd04a99fd6822c8558854ccde39a5684e7a56da27d")
+    assert ss58.encode(alice) == ALICE
+    assert ss58.validate_hotkey(ALICE) == alice
+    placeholder_key = hashlib.sha256(b"embcap placeholder hotkey: replace with your own").digest()
+    assert ss58.encode(placeholder_key) == PLACEHOLDER_HOTKEY
+    assert ss58.decode(ss58.encode(b"\x07" * 32, prefix=1234)) == (1234, b"\x07" * 32)
+    for bad, reason in [(ALICE[:-1] + "Z", "checksum"), (ALICE[:-2], "length"), (ALICE + "\n", "whitespace"),
+                        ("0" + ALICE[1:], "base58"), (ss58.encode(alice, prefix=0), "prefix 0")]:
+        with pytest.raises(ss58.SS58Error, match=reason):
+            ss58.validate_hotkey(bad)
+
+
+def test_dockerignore_rules_follow_docker():
+    rules = ["models/", "*.pyc", "**/__pycache__", "!keep.pyc", "/.git"]
+    assert dockerignore.is_excluded("models/default/w.safetensors", rules)
+    assert dockerignore.is_excluded("x.pyc", rules) and not dockerignore.is_excluded("a/x.pyc", rules)
+    assert dockerignore.is_excluded("a/b/__pycache__/m.pyc", rules)
+    assert not dockerignore.is_excluded("keep.pyc", rules)
+    assert dockerignore.is_excluded(".git/HEAD", rules) and not dockerignore.is_excluded("server.py", rules)
+
+
+def test_dockerfile_parser_and_word_check():
+    text = "FROM x\n# a comment about localhost\nENV A=1 \\\n    B=\"two words\"\nWORKDIR /app\nCMD [\"run\"]\n"
+    assert [(i.keyword, i.line) for i in dockerfile.parse(text)] == [("FROM", 1), ("ENV", 3), ("WORKDIR", 5),
+                                                                      ("CMD", 6)]
+    assert dockerfile.env(dockerfile.parse(text)) == {"A": "1", "B": "two words"}
+    assert dockerfile.forbidden_words(text) == [(2, "host")]
+
+
+@NEEDS_TOOLS
+def test_doctor_passes_on_this_repository():
+    code, rows, output = doctor(ROOT)
+    assert code == 0, output
+    failed = {name: row for name, row in rows.items() if row[0] == "FAIL"}
+    assert not failed, output
+    for check in ("dockerfile-words", "dockerfile-workdir", "dockerfile-port", "dockerignore", "models",
+                  "hadolint", "compose", "compose-sandbox", "export"):
+        assert rows[check][0] == "PASS", output
+
+
+@NEEDS_TOOLS
+def test_doctor_passes_on_a_clean_miner_copy(good_copy):
+    code, rows, output = doctor(good_copy, "--skip-export", "--hotkey", ALICE)
+    assert code == 0, output
+    assert {status for status, _ in rows.values()} <= {"PASS", "SKIP"}, output
+
+
+def _append(name: str, text: str):
+    return lambda repo: (repo / name).write_text((repo / name).read_text() + text)
+
+
+BREAKAGES = {
+    "localhost-in-a-comment": (_append("Dockerfile", "# health: curl localhost:8000\n"), "dockerfile-words", "'host'"),
+    "host-flag": (lambda r: edit(r / "Dockerfile", '"--port"', '"--host", "0.0.0.0", "--port"'),
+                  "dockerfile-words", "'host'"),
+    "sudo": (_append("Dockerfile", "RUN sudo true\n"), "dockerfile-words", "'sudo'"),
+    "chmod-777": (_append("Dockerfile", "RUN chmod 777 /tmp\n"), "dockerfile-words", "'chmod 777'"),
+    "workdir": (lambda r: edit(r / "Dockerfile", "WORKDIR /app", "WORKDIR /srv"), "dockerfile-workdir", "/srv"),
+    "port": (lambda r: edit(r / "Dockerfile", '"--port", "8000"', '"--port", "9000"'), "dockerfile-port", "9000"),
+    "no-expose": (lambda r: edit(r / "Dockerfile", "EXPOSE 8000\n", ""), "dockerfile-port", "EXPOSE 8000 missing"),
+    "copies-models": (lambda r: edit(r / "Dockerfile", "COPY . .", "COPY . .\nCOPY models/ /app/models/"),
+                      "dockerfile-models", "excludes models/"),
+    "online": (lambda r: edit(r / "Dockerfile", "HF_HUB_OFFLINE=1", "HF_HUB_OFFLINE=0"), "dockerfile-offline",
+               "HF_HUB_OFFLINE=1"),
+    "hadolint": (lambda r: edit(r / "Dockerfile", "COPY . .", "COPY . .\nRUN cd /app && ls"), "hadolint", "DL3003"),
+    "dockerignore-models": (lambda r: edit(r / ".dockerignore", "models/\n", ""), "dockerignore", "models/"),
+    "dockerignore-newline": (lambda r: (r / ".dockerignore").write_text((r / ".dockerignore").read_text().rstrip()),
+                             "dockerignore", "newline"),
+    "hotkey-newline": (lambda r: (r / "hotkey.txt").write_text(ALICE + "\n"), "hotkey", "trailing newline"),
+    "hotkey-typo": (lambda r: (r / "hotkey.txt").write_text(ALICE[:-1] + "Z"), "hotkey", "checksum"),
+    "hotkey-missing": (lambda r: (r / "hotkey.txt").unlink(), "hotkey", "no hotkey.txt"),
+    "missing-weights": (lambda r: (r / "models/default/projector.safetensors").unlink(), "models",
+                        "projector weights"),
+    "no-models": (lambda r: shutil.rmtree(r / "models"), "models", "no models/"),
+    "uncommitted-weights": (lambda r: git(r, "rm", "-q", "--cached", "models/default/projector.safetensors"),
+                            "models-committed", "not committed"),
+    "lfs-pointer": (lambda r: (r / "models/default/projector.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 10045912\n"), "weights-size", "LFS"),
+    "compose-invalid": (lambda r: edit(r / "docker-compose.yml", "pids_limit: 100", "pids_limit: lots"),
+                        "compose", "does not validate"),
+    "compose-writable-root": (lambda r: edit(r / "docker-compose.yml", "    read_only: true\n    cap_drop", "    cap_drop"),
+                              "compose-sandbox", "root is not read-only"),
+    "compose-exec-tmp": (lambda r: edit(r / "docker-compose.yml", "/tmp:rw,noexec,nosuid", "/tmp:rw,nosuid"),
+                         "compose-sandbox", "/tmp is not a noexec tmpfs"),
+}
+
+
+@NEEDS_TOOLS
+@pytest.mark.parametrize("name", list(BREAKAGES))
+def test_doctor_fails_with_the_reason(broken, name):
+    mutate, check, reason = BREAKAGES[name]
+    mutate(broken)
+    code, rows, output = doctor(broken, "--skip-export", "--hotkey", ALICE) if name != "hotkey-newline" else \
+        doctor(broken, "--skip-export")
+    assert code == 1, output
+    assert rows[check][0] == "FAIL" and reason in rows[check][1], output
+    others = {n for n, (status, _) in rows.items() if status == "FAIL"} - {check}
+    assert others <= {"models-committed", "weights-size", "models", "hadolint"}, f"unrelated failures {others}:\n{output}"
+
+
+def test_export_failure_is_reported(broken):
+    for package in ("embcap", "export", "model_repository"):  # the export runs the repository's own code
+        shutil.copytree(ROOT / package, broken / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (broken / "models/default/projector.safetensors").write_bytes(b"\0" * 64)
+    code, rows, output = doctor(broken, "--hotkey", ALICE)
+    assert code == 1
+    assert rows["export"][0] == "FAIL", output
+
+
+def test_hotkey_command_writes_exactly_and_refuses_bad_input(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "doctor", "--repo", str(tmp_path), "hotkey", *a],
+                                    cwd=ROOT, capture_output=True, text=True)
+    assert run(ALICE + "\n").returncode == 0  # a pasted newline is dropped
+    assert (tmp_path / "hotkey.txt").read_bytes() == ALICE.encode()
+    shown = run()
+    assert shown.returncode == 0 and ALICE in shown.stdout
+    refused = run(ALICE[:-1] + "Z")
+    assert refused.returncode == 2 and "checksum" in refused.stderr
+    assert (tmp_path / "hotkey.txt").read_bytes() == ALICE.encode(), "a refused hotkey must not be written"
+    make = subprocess.run(["make", "-s", "-C", str(ROOT), "-n", "hotkey", "HOTKEY=" + ALICE], capture_output=True,
+                          text=True)
+    assert f"-m doctor hotkey {ALICE}" in make.stdout
