@@ -12,7 +12,7 @@ export EMBCAP_CACHE_DIR ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup serve export test test-slow test-all clean help
+.PHONY: setup serve export test test-slow soak clean help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -43,6 +43,9 @@ test: setup  ## the default suite (unit, integration on a real Triton, one end-t
 
 test-slow: setup  ## slow and soak tests only
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+soak: setup  ## sustained load at concurrency 32 (SOAK_SECONDS=180); report in reports/soak.md
+	$(PY) -m pytest -m slow tests/test_soak.py -s $(PYTEST_ARGS)
 
 clean:  ## remove generated artefacts (keeps the venv and the decoder cache)
 	rm -rf build reports .pytest_cache

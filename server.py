@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -162,6 +163,8 @@ class Supervisor:
             self.export_process.kill()
         if self.triton is not None:
             await asyncio.to_thread(self.triton.stop)
+        if not self.args.skip_export and not self.args.keep_repository:
+            shutil.rmtree(self.args.model_repository, ignore_errors=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -172,6 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=Path(env("EMBCAP_MODEL_REPOSITORY", "/tmp/embcap/model_repository")),
                         help="where the export writes (must be writable) or, with --skip-export, what to serve")
     parser.add_argument("--skip-export", action="store_true", help="serve --model-repository as it is")
+    parser.add_argument("--keep-repository", action="store_true", help="keep the exported repository on exit")
     parser.add_argument("--export-arg", action="append", default=[],
                         help="extra argument for `python -m export` (repeatable), e.g. --export-arg=--max-batch-size=32")
     parser.add_argument("--bind", default=env("EMBCAP_BIND", "0.0.0.0"), help="gateway address")

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from pathlib import Path
 HOME_ENV = "TRITONSERVER_HOME"
 NGC_HOME = Path("/opt/tritonserver")
 SHM_DIR = Path("/dev/shm")
+PYTHON_ENV_GLOB = "/tmp/python_env_*"  # the Python backend's own temp folders (hard-coded /tmp)
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,9 @@ class TritonProcess:
         self.install = install or find_triton()
         self.log_file = log_file
         self.process: subprocess.Popen | None = None
+        self.temp_dir: Path | None = None
+        self._env_dirs_before: set[str] = set()
+        self._env_dirs: set[str] | None = None
 
     @property
     def url(self) -> str:
@@ -159,9 +164,13 @@ class TritonProcess:
     def start(self) -> None:
         """Launch tritonserver (does not wait for readiness)."""
         ensure_python_stub(self.install)
+        self.temp_dir = Path(tempfile.mkdtemp(prefix=f"{self.options.shm_prefix}tmp_"))
+        env = triton_environment(self.install)
+        env["TMPDIR"] = str(self.temp_dir)  # the stubs' temp files go where stop() removes them
+        self._env_dirs_before = set(glob.glob(PYTHON_ENV_GLOB))
         self.process = subprocess.Popen(
             self.options.command(self.install),
-            env=triton_environment(self.install),
+            env=env,
             stdout=self.log_file or None,
             stderr=subprocess.STDOUT if self.log_file else None,
             start_new_session=True,  # a Ctrl-C to the parent reaches Triton through us, in order
@@ -183,6 +192,7 @@ class TritonProcess:
                     raise RuntimeError(f"tritonserver exited with code {self.process.returncode}")
                 try:
                     if client.is_server_ready(client_timeout=1) and client.is_model_ready(model, client_timeout=1):
+                        self._env_dirs = set(glob.glob(PYTHON_ENV_GLOB)) - self._env_dirs_before
                         return
                 except Exception:
                     pass
@@ -202,7 +212,18 @@ class TritonProcess:
                 self.process.wait()
         self._kill_orphans()
         self.remove_shared_memory()
+        self.remove_temp_dirs()
         return None if self.process is None else self.process.returncode
+
+    def remove_temp_dirs(self) -> None:
+        """Delete this server's temp folder and the backend's python_env_* folders (left after a kill)."""
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        created = self._env_dirs
+        if created is None:  # never became ready: whatever appeared since the start
+            created = set(glob.glob(PYTHON_ENV_GLOB)) - self._env_dirs_before
+        for path in created:
+            shutil.rmtree(path, ignore_errors=True)
 
     def _kill_orphans(self) -> None:
         # Stubs are in Triton's process group; after a SIGKILL of Triton they may linger.

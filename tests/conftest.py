@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,17 +154,28 @@ def default_stack_url(tmp_path_factory):
     assert stop_process(process) == 0
 
 
-def our_shm() -> set[str]:
-    """Shared-memory regions of this project's servers."""
-    return {name for name in os.listdir("/dev/shm") if name.startswith("embcap_")}
+def triton_shm_prefix(server_pid: int) -> str:
+    """The shared-memory prefix server.py gave its tritonserver (read from its command line)."""
+    for child in psutil.Process(server_pid).children():
+        if child.name() == "tritonserver":
+            for arg in child.cmdline():
+                if "shm-region-prefix-name=" in arg:
+                    return arg.split("shm-region-prefix-name=")[1]
+    raise AssertionError("no tritonserver child found")
+
+
+def leftovers(prefix: str) -> list[str]:
+    """Shared memory and temp folders of the server with this prefix that still exist."""
+    return glob.glob(f"/dev/shm/{prefix}*") + glob.glob(f"/tmp/{prefix}*")
 
 
 @pytest.fixture
 def tiny_server(tiny_checkpoint, tmp_path):
     """A fresh server.py on the tiny checkpoint, with Triton metrics on; yields (process, base url, log path)."""
-    shm_before = our_shm()
     process, base = start_server(tiny_checkpoint, tmp_path, ready_timeout_s=120,
                                  extra_args=("--metrics-port", str(free_port())))
+    prefix = triton_shm_prefix(process.pid)
     yield process, base, tmp_path / "server.log"
     stop_process(process)
-    assert our_shm() <= shm_before, "shared-memory regions left behind"
+    assert not leftovers(prefix), f"left behind: {leftovers(prefix)}"
+    assert not (tmp_path / "repo").exists(), "the exported model repository was left behind"

@@ -51,7 +51,7 @@ def test_health_goes_from_initializing_to_healthy(tiny_repository, tmp_path):
 
         started = time.monotonic()
         response = httpx.post(base + PATHS[0], json={"embedding": embeddings(1).reshape(-1).tolist()}, timeout=30)
-        assert response.status_code == 503 and response.json()["error"] == "initializing"
+        assert response.status_code == 503 and response.json()["error"] == "not_ready"
         assert time.monotonic() - started < 5, "a request without Triton must fail fast, not hang"
 
         triton = start_triton(tiny_repository, tmp_path / "triton.log", port=grpc_port)
