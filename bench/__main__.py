@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--skip", action="append", default=[], choices=("perf_analyzer", "gateway", "baseline", "offline"))
     run.add_argument("--gateway-url", help="benchmark an already running gateway instead of starting server.py")
     run.add_argument("--grpc-url", help="its Triton gRPC address (for perf_analyzer and statistics)")
+    run.add_argument("--decoder-model", type=Path,
+                     help="serve this prototype model.py as the decoder (e.g. bench/prototypes/continuous_model.py)")
     run.add_argument("--out", type=Path, help="results folder (default bench/results/<utc time>-<mode>)")
     commands.add_parser("fetch-perf-analyzer", help="download and unpack the perf_analyzer binary once")
     render = commands.add_parser("report", help="re-render report.md and plot.png from a run's results.json")

@@ -151,7 +151,8 @@ def markdown(results: dict) -> str:
         f"{opts.get('projector_threads', '-')} thread",
         f"- Triton export: max_batch_size {opts.get('max_batch_size', '-')}, queue delay "
         f"{opts.get('queue_delay_us', '-')} us, dynamic batching {opts.get('dynamic_batching', '-')}, "
-        f"decoder instances {opts.get('decoder_instances', '-')}",
+        f"decoder instances {opts.get('decoder_instances', '-')}; decoder model: "
+        f"{results['plan'].get('decoder_model') or 'model_repository/decoder/1/model.py (request-level batching)'}",
         f"- Load average at start: {m['load_average_at_start']}; other busy processes at start: "
         f"{'; '.join(m['busy_processes_at_start']) or 'none'}",
         f"- Run wall time: {results.get('wall_s', 0):.0f} s",

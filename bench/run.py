@@ -59,6 +59,7 @@ class Plan:
     grpc_url: str | None = None
     out: Path | None = None
     ready_timeout_s: float = 300.0
+    decoder_model: Path | None = None  # a prototype model.py to serve as the decoder (bench/prototypes/)
 
     @classmethod
     def preset(cls, mode: str, **overrides) -> "Plan":
@@ -85,14 +86,32 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def export_with_prototype(plan: Plan, repository: Path) -> float:
+    """Export like server.py does, then serve `plan.decoder_model` as the decoder; returns seconds taken."""
+    started = time.perf_counter()
+    command = [python(), "-m", "export", str(plan.checkpoint), "--out", str(repository), *plan.export_args]
+    with open(repository.parent / "logs" / "export.log", "ab") as log_file:
+        subprocess.run(command, cwd=ROOT, env=thread_env(), stdout=log_file, stderr=subprocess.STDOUT, check=True)
+    source = Path(plan.decoder_model).read_text().replace("__BENCH_ROOT__", str(ROOT))
+    (repository / "decoder" / "1" / "model.py").write_text(source)
+    return time.perf_counter() - started
+
+
 def start_stack(plan: Plan, out: Path) -> tuple[Child, str, float]:
-    """server.py as the container runs it, on free ports; returns (child, grpc url, cold start s)."""
+    """server.py as the container runs it, on free ports; returns (child, grpc url, cold start s).
+    With a prototype decoder the export runs first (timed into the cold start), then server.py --skip-export."""
     port, grpc_port = free_port(), free_port()
-    command = [python(), "server.py", "--checkpoint", str(plan.checkpoint), "--model-repository",
-               str(out / "model_repository"), "--bind", "127.0.0.1", "--port", str(port),
-               "--grpc-port", str(grpc_port), *[f"--export-arg={a}" for a in plan.export_args]]
+    repository = out / "model_repository"
+    command = [python(), "server.py", "--checkpoint", str(plan.checkpoint), "--model-repository", str(repository),
+               "--bind", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port)]
+    export_s = 0.0
+    if plan.decoder_model:
+        export_s = export_with_prototype(plan, repository)
+        command.append("--skip-export")
+    else:
+        command += [f"--export-arg={a}" for a in plan.export_args]
     child = spawn("server.py", command, out / "logs" / "server.log", f"http://127.0.0.1:{port}")
-    cold = child.wait_healthy(plan.ready_timeout_s)
+    cold = export_s + child.wait_healthy(plan.ready_timeout_s)
     return child, f"127.0.0.1:{grpc_port}", cold
 
 

@@ -112,3 +112,29 @@ def test_request_bodies_are_evaluator_shaped():
     values = json.loads(bodies[2])["embedding"]
     assert len(values) == 4 * 1024
     assert np.allclose(values, pool[2].reshape(-1))
+
+
+def test_prototype_decoder_matches_hf_generate_and_rows_may_join_mid_batch(tiny_checkpoint):
+    from bench.model import load_local_model
+    from bench.prototypes.continuous import ContinuousDecoder, FastCaptionGenerator
+
+    reference = load_local_model(tiny_checkpoint, threads=1)
+    fast = load_local_model(tiny_checkpoint, threads=1, generator_factory=FastCaptionGenerator)
+    rows = embedding_pool(2, 4, seed=7).reshape(-1, 1024)
+    prefix = reference.prefix(rows)
+    expected = reference.generator.generate(prefix)
+    assert fast.generator.generate(prefix) == expected
+
+    decoder = ContinuousDecoder(fast.generator)  # rows arrive at three different steps
+    texts = {}
+    decoder.add(prefix[:2], [0, 1])
+    decoder.step()
+    decoder.add(prefix[2:3], [2])
+    decoder.step()
+    decoder.step()
+    decoder.add(prefix[3:], list(range(3, 8)))
+    while decoder.active:
+        for row in decoder.take_finished():
+            texts[row.key] = decoder.text(row)
+        decoder.step()
+    assert [texts[i] for i in range(8)] == expected
