@@ -5,6 +5,9 @@ Runtime and asyncio size their pools from the CPU count, so the tree is measured
 twice: on this machine, and with an LD_PRELOAD shim (tests/sandbox/fake_cpus.c)
 that makes every process believe the host has 64 CPUs. Threads are sampled from
 launch (export, Triton start-up) through 32 concurrent requests to shutdown.
+The server gets the thread settings the Dockerfile's ENV gives the container
+(without OPENBLAS_NUM_THREADS=1 numpy alone starts one thread per CPU in each
+Python process: 151 threads at start-up on 64 CPUs).
 """
 
 from __future__ import annotations
@@ -25,12 +28,19 @@ import psutil
 import pytest
 
 from conftest import ROOT, launch_server, stop_process, wait_http
+from doctor import dockerfile
 
 THREAD_BUDGET = 90  # the evaluator's pids_limit is 100; keep headroom for health-check and exec'd tools
 CONCURRENCY = 32
 ROUNDS = 3
 SHIM_SOURCE = Path(__file__).resolve().parent / "sandbox" / "fake_cpus.c"
 REPORT = ROOT / "reports" / "threads.json"
+
+
+def container_thread_env() -> dict[str, str]:
+    """The thread-pool variables the Dockerfile sets for the container."""
+    values = dockerfile.env(dockerfile.final_stage(dockerfile.load(ROOT / "Dockerfile")))
+    return {k: v for k, v in values.items() if k.endswith("_NUM_THREADS") or k.startswith(("OMP_", "GRPC_"))}
 
 
 @pytest.fixture(scope="session")
@@ -155,13 +165,13 @@ def record(label: str, sampler: PeakSampler) -> None:
 
 
 def test_thread_peak_on_this_machine(tiny_checkpoint, tmp_path):
-    sampler = measure(tiny_checkpoint, tmp_path, {})
+    sampler = measure(tiny_checkpoint, tmp_path, container_thread_env())
     record(f"real-{os.cpu_count()}-cpu", sampler)
     assert sampler.peak < THREAD_BUDGET, sampler.peak_breakdown
 
 
 def test_thread_peak_on_a_simulated_64_cpu_host(tiny_checkpoint, tmp_path, fake_cpus_library):
-    env = {"LD_PRELOAD": str(fake_cpus_library), "EMBCAP_FAKE_CPUS": "64"}
+    env = {**container_thread_env(), "LD_PRELOAD": str(fake_cpus_library), "EMBCAP_FAKE_CPUS": "64"}
     probe = subprocess.run([sys.executable, "-c", "import os; print(os.cpu_count())"], env={**os.environ, **env},
                            capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "64", "the shim does not take effect"

@@ -1,0 +1,133 @@
+"""server.py under the evaluator's runtime rules, without Docker.
+
+tests/sandbox/sandbox.sh starts it as uid 65534 with no capabilities and
+no-new-privileges, everything read-only (the code, the venv, the interpreter),
+the checkpoint mounted read-only as models/, fresh noexec tmpfs at /tmp and /run,
+a 64 MiB /dev/shm, no HOME, a clean environment and a network namespace with only
+the loopback interface. Probes run as nobody inside the same namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import ROOT
+
+SANDBOX = ROOT / "tests" / "sandbox" / "sandbox.sh"
+PROBE = ROOT / "tests" / "sandbox" / "probe.py"
+BASE = "http://127.0.0.1:8000"  # the container's port: the sandbox has its own network namespace
+NOBODY = 65534
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create mount and network namespaces"),
+    pytest.mark.skipif(not all(shutil.which(t) for t in ("unshare", "nsenter", "setpriv", "ip")),
+                       reason="needs util-linux unshare/nsenter/setpriv and iproute2"),
+]
+
+
+def readable_copy(source: Path, target: Path) -> Path:
+    """Copy with the modes a git checkout gives (files 0644, folders 0755)."""
+    shutil.copytree(source, target)
+    for path in [target, *target.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return target
+
+
+def probe(pid: int, *args: str, timeout_s: float = 240) -> dict:
+    """Run tests/sandbox/probe.py as nobody inside the sandbox of process `pid`."""
+    command = ["nsenter", f"--target={pid}", "--mount", "--net", f"--wd={ROOT}", "--",
+               str(SANDBOX), "--join", "--", sys.executable, str(PROBE), *args]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+class Sandboxed:
+    def __init__(self, process: subprocess.Popen, log: Path) -> None:
+        self.process, self.log = process, log
+
+    def tree(self) -> list[psutil.Process]:
+        root = psutil.Process(self.process.pid)
+        return [root, *root.children(recursive=True)]
+
+
+@pytest.fixture(scope="module")
+def sandboxed(tiny_checkpoint, tmp_path_factory):
+    work = tmp_path_factory.mktemp("sandbox")
+    models = work / "models"
+    models.mkdir()
+    readable_copy(tiny_checkpoint, models / "tiny")
+    models.chmod(0o755)
+    log = work / "server.log"
+    command = [str(SANDBOX), str(models), "--", "env", "PYTHONDONTWRITEBYTECODE=1", sys.executable, "server.py",
+               "--checkpoint", str(ROOT / "models" / "tiny"), "--model-repository", "/tmp/embcap/model_repository",
+               "--bind", "127.0.0.1", "--port", "8000", "--grpc-port", "8001"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    sandbox = Sandboxed(process, log)
+    try:
+        deadline = time.monotonic() + 30  # the namespaces are ready once the process runs as nobody
+        while psutil.Process(process.pid).uids().real != NOBODY:
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        ready = probe(process.pid, "wait", BASE, "180", timeout_s=200)
+        assert ready["healthy"], f"{ready}\n{log.read_text()[-3000:]}"
+        yield sandbox
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def test_the_rules_hold_inside_the_sandbox(sandboxed):
+    env = probe(sandboxed.process.pid, "environment", str(ROOT))
+    assert (env["uid"], env["gid"], env["groups"]) == (NOBODY, NOBODY, [])
+    assert int(env["cap_effective"], 16) == 0 and int(env["cap_bounding"], 16) == 0
+    assert env["no_new_privs"] == "1" and env["home"] is None
+    assert env["interfaces"] == ["lo"]
+    assert env["writable"] == {str(ROOT): False, str(ROOT / "models"): False, str(ROOT / ".venv"): False,
+                               "/": False, "/usr": False, "/root": False,
+                               "/tmp": True, "/run": True, "/dev/shm": True}
+    assert env["executable"] == {"/tmp": False, "/run": False, "/dev/shm": False}
+    assert "embcap" in env["tmp_entries"], env["tmp_entries"]  # the exported model repository
+    assert any(name.startswith("embcap_") for name in env["shm_entries"]), env["shm_entries"]
+
+
+def test_every_process_runs_as_nobody(sandboxed):
+    tree = sandboxed.tree()
+    names = {p.name() for p in tree}
+    assert {"tritonserver", "triton_python_backend_stub"} <= names, names
+    assert {(p.name(), p.uids().real, p.uids().effective) for p in tree} == \
+        {(p.name(), NOBODY, NOBODY) for p in tree}
+
+
+def test_the_api_answers_inside_the_sandbox(sandboxed):
+    result = probe(sandboxed.process.pid, "api", BASE)
+    assert result["health"] == {"/api/v1/health": 200, "/health": 200, "/": 200}
+    for key, (status, count, strings) in result["captions"].items():
+        rows = int(key.rsplit(":", 1)[1])
+        assert (status, count, strings) == (200, rows, True), key
+    assert result["concurrent"] == [[200, 4]] * 16
+    assert result["invalid"] == 422
+
+
+def test_sigterm_stops_the_sandboxed_server_cleanly(sandboxed):
+    process = sandboxed.process
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0, sandboxed.log.read_text()[-3000:]
+    log = sandboxed.log.read_text()
+    assert "Uvicorn running on" in log and "tritonserver ready" in log
+    assert "Traceback" not in log, log[-3000:]
