@@ -131,3 +131,48 @@ def test_sigterm_stops_the_sandboxed_server_cleanly(sandboxed):
     log = sandboxed.log.read_text()
     assert "Uvicorn running on" in log and "tritonserver ready" in log
     assert "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_path_in_the_sandbox(tmp_path):
+    """On a GPU: TensorRT engine built into /tmp at start-up, decoder on CUDA in bf16, throughput."""
+    import httpx  # noqa: F401  (the probe uses it inside the sandbox)
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    from embcap.builders import smollm2_decoder_dir
+
+    models = tmp_path / "models"
+    models.mkdir()
+    readable_copy(ROOT / "models" / "default", models / "default")
+    decoder = smollm2_decoder_dir()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    readable_copy(decoder, cache / decoder.name)  # readable by nobody, as the image holds it
+    for folder in (models, cache):
+        folder.chmod(0o755)
+    log = tmp_path / "server.log"
+    command = [str(SANDBOX), str(models), "--", "env", "PYTHONDONTWRITEBYTECODE=1", f"EMBCAP_CACHE_DIR={cache}",
+               "CUDA_VISIBLE_DEVICES=0", sys.executable, "server.py", "--checkpoint", str(ROOT / "models" / "default"),
+               "--model-repository", "/tmp/embcap/model_repository", "--bind", "127.0.0.1", "--port", "8000",
+               "--export-arg=--accelerator=tensorrt"]
+    started = time.monotonic()
+    process = subprocess.Popen(command, cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    try:
+        while psutil.Process(process.pid).uids().real != NOBODY:
+            assert process.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.05)
+        assert probe(process.pid, "wait", BASE, "600", timeout_s=620)["healthy"], log.read_text()[-3000:]
+        startup_s = time.monotonic() - started
+        text = log.read_text()
+        assert "TensorrtExecutionProvider" in text.split("projector: running on", 1)[1].splitlines()[0], text[-3000:]
+        assert "on cuda/torch.bfloat16" in text
+        env = probe(process.pid, "environment", str(ROOT))
+        assert "embcap-trt-engines" in env["tmp_entries"]
+        rates = probe(process.pid, "throughput", BASE)
+        print(f"\n[gpu] start-up {startup_s:.1f} s; captions/s {rates}")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)

@@ -3,6 +3,7 @@
 `probe.py environment REPO`: who we are and what can be written or executed where.
 `probe.py wait BASE SECONDS`: poll /api/v1/health until it says healthy.
 `probe.py api BASE`: the evaluator's calls against the server in the sandbox.
+`probe.py throughput BASE`: captions per second at batch 4 and 64.
 """
 
 from __future__ import annotations
@@ -95,8 +96,22 @@ def api(base: str) -> dict:
     return out
 
 
+def throughput(base: str) -> dict:
+    """Captions per second at batch 4 and 64 (8 requests each, after one warm-up)."""
+    rng = np.random.default_rng(1)
+    rates = {}
+    for rows in (4, 64):
+        body = {"embedding": rng.standard_normal(rows * 1024).astype(np.float32).tolist()}
+        httpx.post(base + "/api/v1/inference", json=body, timeout=120).raise_for_status()
+        started = time.perf_counter()
+        for _ in range(8):
+            httpx.post(base + "/api/v1/inference", json=body, timeout=120).raise_for_status()
+        rates[f"batch{rows}"] = round(8 * rows / (time.perf_counter() - started), 1)
+    return rates
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     result = {"environment": lambda: environment(args[0]), "wait": lambda: wait(args[0], float(args[1])),
-              "api": lambda: api(args[0])}[command]()
+              "api": lambda: api(args[0]), "throughput": lambda: throughput(args[0])}[command]()
     print(json.dumps(result))
