@@ -10,6 +10,8 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from embcap.batching import split_rows
+
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -36,15 +38,14 @@ class TritonPythonModel:
 
     def execute(self, requests):
         arrays = [pb_utils.get_input_tensor_by_name(r, "PREFIX").as_numpy() for r in requests]
+        pb_utils.Logger.log_verbose(f"decoder batch: {[r.request_id() for r in requests]}, {sum(map(len, arrays))} rows")
         try:
             captions = self.generator.generate(np.concatenate(arrays))
         except Exception as exc:
             error = pb_utils.TritonError(f"decoder failed: {exc}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
-        responses, start = [], 0
-        for array in arrays:
-            rows = captions[start:start + len(array)]
-            start += len(array)
+        responses = []
+        for rows in split_rows(captions, [len(a) for a in arrays]):
             out = np.array([text.encode("utf-8") for text in rows], dtype=np.object_).reshape(-1, 1)
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("CAPTION", out)]))
         return responses

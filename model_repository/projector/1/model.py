@@ -11,6 +11,8 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from embcap.batching import split_rows
+
 
 def _providers(accelerator: str, cache_dir: str) -> list:
     import onnxruntime as ort
@@ -59,9 +61,7 @@ class TritonPythonModel:
         except Exception as exc:
             error = pb_utils.TritonError(f"projector failed: {exc}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
-        responses, start = [], 0
-        for array in arrays:
-            rows = prefix[start:start + len(array)]
-            start += len(array)
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("PREFIX", np.ascontiguousarray(rows))]))
-        return responses
+        return [
+            pb_utils.InferenceResponse([pb_utils.Tensor("PREFIX", np.ascontiguousarray(rows))])
+            for rows in split_rows(prefix, [len(a) for a in arrays])
+        ]
