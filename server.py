@@ -19,6 +19,11 @@ import signal
 import sys
 from pathlib import Path
 
+# Before numpy loads: OpenBLAS otherwise starts one thread per CPU here and in the export
+# (151 threads on a 64-CPU host; the evaluator's pids_limit is 100).
+for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
+
 import psutil
 import uvicorn
 

@@ -45,6 +45,7 @@ def _dequantise(source: Path, target: Path) -> None:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        staging.chmod(0o755)  # mkdtemp makes it 0700: unreadable for the container's user
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -43,6 +43,11 @@ class TritonPythonModel:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         cache_dir = params["engine_cache_dir"]
+        if params["accelerator"] != "cpu" and hasattr(ort, "preload_dlls"):
+            try:  # CUDA/cuDNN from the pip nvidia-* wheels are found only when preloaded
+                ort.preload_dlls()
+            except Exception as exc:
+                pb_utils.Logger.log_warn(f"projector: preloading CUDA libraries failed ({exc})")
         providers = _providers(params["accelerator"], cache_dir)
         if any(isinstance(p, tuple) for p in providers):
             os.makedirs(cache_dir, exist_ok=True)
