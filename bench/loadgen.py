@@ -94,6 +94,7 @@ class LevelResult:
     p99_ms: float
     mean_ms: float
     ramp_requests: int = 0  # each worker's first request: counted for throughput, not for latency
+    over_deadline: int = 0  # answered, but later than the evaluator's deadline (60 s)
     error_samples: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
@@ -105,8 +106,11 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+EVALUATOR_DEADLINE_S = 60.0
+
+
 async def run_level(base_url: str, bodies: list[bytes], rows_per_request: int, concurrency: int, requests: int,
-                    duration_s: float, timeout_s: float = 60.0, path: str = "/api/v1/inference") -> LevelResult:
+                    duration_s: float, timeout_s: float = 300.0, path: str = "/api/v1/inference") -> LevelResult:
     """Closed loop at `concurrency` until `requests` are issued or `duration_s` passes."""
     url = urlsplit(base_url)
     host, port = url.hostname or "127.0.0.1", url.port or 80
@@ -166,6 +170,7 @@ async def run_level(base_url: str, bodies: list[bytes], rows_per_request: int, c
         timeouts=timeouts, captions=captions, wall_s=wall, captions_per_s=captions / wall if wall else 0.0,
         requests_per_s=ok / wall if wall else 0.0, p50_ms=percentile(ms, 50), p95_ms=percentile(ms, 95),
         p99_ms=percentile(ms, 99), mean_ms=float(np.mean(ms)) if ms else float("nan"), ramp_requests=len(ramp),
+        over_deadline=sum(v > EVALUATOR_DEADLINE_S for v in latencies + ramp),
         error_samples=errors[:5],
     )
 
@@ -176,7 +181,7 @@ def warm_up(base_url: str, bodies: list[bytes], rows_per_request: int, requests:
 
 
 def sweep(base_url: str, bodies: list[bytes], rows_per_request: int, levels: list[int], requests_for,
-          duration_s: float, timeout_s: float = 60.0, before_level=None, after_level=None) -> list[LevelResult]:
+          duration_s: float, timeout_s: float = 300.0, before_level=None, after_level=None) -> list[LevelResult]:
     """Run every concurrency level; `requests_for(c)` is the request count at level c.
     `before_level`/`after_level` hooks (e.g. Triton statistics) may add to `result.extra`."""
     results = []

@@ -54,6 +54,17 @@ class ContinuousDecoder:
         self.positions: torch.Tensor | None = None  # [B] next position id per row
         self.next_tokens: torch.Tensor | None = None  # [B] token to feed at the next step
         self.generator = torch.Generator().manual_seed(self.settings.seed)
+        self.shared = self._shared_prompt_cache()
+
+    @torch.inference_mode()
+    def _shared_prompt_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """KV of the prompt text before the prefix: the same for every row, computed once."""
+        before = self.g._before
+        if before.shape[1] == 0:
+            return None
+        cache = self._cache_cls(config=self.model.config)
+        self.model(inputs_embeds=before, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return [(layer.keys, layer.values) for layer in cache.layers]
 
     @property
     def active(self) -> int:
@@ -81,6 +92,11 @@ class ContinuousDecoder:
         embeds = self.g.prompt_embeddings(torch.as_tensor(prefix))
         count, length = embeds.shape[:2]
         cache = self._cache_cls(config=self.model.config)
+        if self.shared is not None:  # prefill only what follows the shared prompt start
+            for index, (shared_k, shared_v) in enumerate(self.shared):
+                cache.update(shared_k.expand(count, -1, -1, -1).contiguous(),
+                             shared_v.expand(count, -1, -1, -1).contiguous(), index)
+            embeds = embeds[:, self.g._before.shape[1]:]
         out = self.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
         first = self._choose(out.logits[:, -1], torch.zeros(count, dtype=torch.long))
         new_mask = torch.ones(count, length, dtype=torch.long)
