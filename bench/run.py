@@ -207,8 +207,11 @@ def run(plan: Plan) -> dict:
                 for c in plan.pa_levels:
                     count = max(plan.pa_requests_per_level, 2 * c)
                     log(f"perf_analyzer -> Triton {grpc_url}, concurrency {c}, {count} requests")
-                    results["perf_analyzer"].append(perf_analyzer.run(
-                        grpc_url, c, count, plan.rows_per_request, input_data, out / "perf_analyzer", log=log))
+                    snap = triton_stats.snapshot(grpc_url)
+                    measured = perf_analyzer.run(grpc_url, c, count, plan.rows_per_request, input_data,
+                                                 out / "perf_analyzer", log=log)
+                    measured["extra"] = {"triton": triton_stats.delta(snap, triton_stats.snapshot(grpc_url))}
+                    results["perf_analyzer"].append(measured)
             if "gateway" not in plan.skip:
                 def before(c):
                     log(f"gateway: concurrency {c}, {plan.requests_for(c)} requests")

@@ -19,6 +19,7 @@ def snapshot(grpc_url: str, models=MODELS) -> dict[str, dict[str, float]]:
                 "executions": stats.execution_count,
                 "inferences": stats.inference_count,  # rows
                 "queue_ns": infer.queue.ns,
+                "success_ns": infer.success.ns,  # whole request inside Triton
                 "compute_infer_ns": infer.compute_infer.ns,
                 "compute_input_ns": infer.compute_input.ns,
                 "compute_output_ns": infer.compute_output.ns,
@@ -45,6 +46,7 @@ def delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
             "rows": d["inferences"],
             "mean_batch_rows": d["inferences"] / executions if d["executions"] else 0.0,
             "queue_ms_per_request": d["queue_ns"] / requests / 1e6,
+            "server_ms_per_request": d["success_ns"] / requests / 1e6,
             # Triton adds a batch's compute time once per request in it: per request ~ per execution
             "compute_ms_per_request": (d["compute_infer_ns"] + d["compute_input_ns"] + d["compute_output_ns"])
             / requests / 1e6,
