@@ -48,6 +48,10 @@ def paired_overhead(gateway_c1: dict, pa_c1: dict) -> tuple[float, float] | None
     return None if ours is None or direct is None else (ours, direct)
 
 
+def _offline_exact(offline: dict | None, batch: int) -> dict | None:
+    return next((r for r in (offline or {}).get("results", []) if r["batch"] == batch), None)
+
+
 def targets(results: dict) -> list[dict]:
     """Each target with its measured value, threshold and verdict (None: not measurable in this run)."""
     ours, base = results.get("gateway", []), results.get("baseline", [])
@@ -60,8 +64,13 @@ def targets(results: dict) -> list[dict]:
     o16, b16 = _level(ours, 16), _level(base, 16)
     if o16 and b16 and b16["captions_per_s"] > 0:
         ratio = o16["captions_per_s"] / b16["captions_per_s"]
-        add("throughput_c16", ratio, 4.0, ratio >= 4.0,
-            f"{o16['captions_per_s']:.2f} vs {b16['captions_per_s']:.2f} captions/s = {ratio:.2f}x")
+        detail = f"{o16['captions_per_s']:.2f} vs {b16['captions_per_s']:.2f} captions/s = {ratio:.2f}x"
+        rows = results.get("plan", {}).get("rows_per_request", 4)
+        small, large = (_offline_exact(results.get("offline"), b) for b in (rows, 16 * rows))
+        if small and large:
+            detail += (f" (ceiling from the offline loop: batch {16 * rows} / batch {rows} = "
+                       f"{large['captions_per_s'] / small['captions_per_s']:.2f}x)")
+        add("throughput_c16", ratio, 4.0, ratio >= 4.0, detail)
     else:
         add("throughput_c16", None, 4.0, None, "concurrency 16 not run for both")
 

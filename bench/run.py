@@ -247,6 +247,8 @@ def run(plan: Plan) -> dict:
     # 5: the offline limit, at the listed batch sizes plus the batch the decoder really ran at top load
     if "offline" not in plan.skip:
         batches = list(plan.offline_batches)
+        if 16 in plan.levels and 16 * plan.rows_per_request not in batches:  # the c=16 speed-up's ceiling
+            batches.append(16 * plan.rows_per_request)
         top = next((r for r in results["gateway"] if r["concurrency"] == max(plan.levels)), None)
         if top and "triton" in top.get("extra", {}):
             mean_batch = round(top["extra"]["triton"]["decoder"]["mean_batch_rows"])
