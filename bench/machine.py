@@ -84,3 +84,62 @@ def describe() -> dict:
         "busy_processes_at_start": busy_processes(),
         "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
+
+
+class ContentionMonitor:
+    """Samples, every `interval_s`, how much CPU processes outside this benchmark use (in cores):
+    the machine's busy time minus that of this process and its children. Per phase means go
+    into the report, so a run disturbed by other work says so."""
+
+    def __init__(self, interval_s: float = 2.0) -> None:
+        import threading
+
+        self.interval_s = interval_s
+        self.phase = "start"
+        self.samples: dict[str, list[float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="contention-monitor", daemon=True)
+
+    @staticmethod
+    def _busy_and_ours() -> tuple[float, float]:
+        import psutil
+
+        times = psutil.cpu_times()
+        busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
+        me = psutil.Process()
+        ours = 0.0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                ours += t.user + t.system + t.children_user + t.children_system
+            except psutil.Error:
+                pass
+        return busy, ours
+
+    def _run(self) -> None:
+        try:
+            last = self._busy_and_ours()
+        except Exception:
+            return
+        last_time = time.monotonic()
+        while not self._stop.wait(self.interval_s):
+            try:
+                now = self._busy_and_ours()
+            except Exception:
+                continue
+            elapsed = time.monotonic() - last_time
+            others = max(0.0, (now[0] - last[0]) - max(0.0, now[1] - last[1])) / elapsed if elapsed > 0 else 0.0
+            self.samples.setdefault(self.phase, []).append(others)
+            last, last_time = now, time.monotonic()
+
+    def start(self) -> "ContentionMonitor":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def summary(self) -> dict[str, float]:
+        """Phase -> mean CPU cores used by other processes."""
+        return {phase: round(sum(v) / len(v), 2) for phase, v in self.samples.items() if v}

@@ -190,8 +190,11 @@ def markdown(results: dict) -> str:
         f"{opts.get('queue_delay_us', '-')} us, dynamic batching {opts.get('dynamic_batching', '-')}, "
         f"decoder instances {opts.get('decoder_instances', '-')}; decoder model: "
         f"{results['plan'].get('decoder_model') or 'model_repository/decoder/1/model.py (request-level batching)'}",
-        f"- Load average at start: {m['load_average_at_start']}; other busy processes at start: "
-        f"{'; '.join(m['busy_processes_at_start']) or 'none'}",
+        f"- Load average at start: {m['load_average_at_start']}, at end: {m.get('load_average_at_end', '-')}; "
+        f"other busy processes at start: {'; '.join(m['busy_processes_at_start']) or 'none'}",
+        "- CPU used by processes outside this benchmark, mean cores per phase (of "
+        f"{m['cpus_usable']}): " + (", ".join(f"{k} {v:.2f}" for k, v in m.get("other_cpu_cores_by_phase", {}).items())
+                                      or "not measured"),
         f"- Run wall time: {results.get('wall_s', 0):.0f} s",
     ]
     return "\n".join(lines) + "\n"

@@ -184,6 +184,14 @@ def run(plan: Plan) -> dict:
     if results["machine"]["busy_processes_at_start"]:
         log("WARNING: other busy processes, timings will be skewed: "
             + "; ".join(results["machine"]["busy_processes_at_start"]))
+    monitor = machine.ContentionMonitor().start()
+    try:
+        return _run_phases(plan, out, results, monitor, started)
+    finally:
+        monitor.stop()
+
+
+def _run_phases(plan: Plan, out: Path, results: dict, monitor, started: float) -> dict:
     pool = embedding_pool(plan.pool_requests, plan.rows_per_request, plan.seed)
     bodies = loadgen.encode_bodies(pool)
     burst = max(plan.levels)
@@ -194,6 +202,7 @@ def run(plan: Plan) -> dict:
         if plan.gateway_url:
             base, grpc_url = plan.gateway_url, plan.grpc_url
         else:
+            monitor.phase = "ours"
             log("starting server.py (cold)")
             stack, grpc_url, cold = start_stack(plan, out)
             base = stack.base_url
@@ -229,6 +238,7 @@ def run(plan: Plan) -> dict:
 
     # 4: the naive baseline
     if "baseline" not in plan.skip:
+        monitor.phase = "baseline"
         log("starting the naive baseline")
         baseline, ready = start_baseline(plan, out)
         results["baseline_start_s"] = ready
@@ -254,10 +264,13 @@ def run(plan: Plan) -> dict:
             mean_batch = round(top["extra"]["triton"]["decoder"]["mean_batch_rows"])
             if mean_batch > 0 and mean_batch not in batches:
                 batches.append(mean_batch)
+        monitor.phase = "offline"
         log(f"offline loop at batch sizes {batches}")
         results["offline"] = run_offline(plan, out, sorted(batches))
 
     results["wall_s"] = time.perf_counter() - started
+    results["machine"]["other_cpu_cores_by_phase"] = monitor.summary()
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     text = report.write(results, out)
     print(text, flush=True)
