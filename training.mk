@@ -1,6 +1,6 @@
 # Training and local evaluation of the default model. Included from the Makefile ($(PY), setup, PORT, CHECKPOINT).
 TRAIN_RUN ?= $(EMBCAP_CACHE_DIR)/train_run
-TRAIN_ARGS ?= --steps 2000
+TRAIN_ARGS ?= --steps 2000 --max-minutes 64
 EVAL_URL ?= http://127.0.0.1:$(PORT)
 EVAL_ARGS ?=
 

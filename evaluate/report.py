@@ -80,6 +80,7 @@ def build_report(
         "settings": settings,
         "mean_similarity": float(np.mean(scores)) if len(scores) else 0.0,
         "mean_similarity_answered": float(np.mean(scores[answered])) if answered else None,
+        "std_similarity": float(np.std(scores)) if len(scores) else None,
         "batches": len(run.batches),
         "batches_lost": sum(reasons.values()),
         "rows_lost": len(references) - len(answered),
@@ -90,6 +91,7 @@ def build_report(
         "by_source": by_source,
         "examples": examples,
     }
+    report["row_scores"] = [round(float(x), 4) for x in scores]
     if extra_judges:
         report["other_judges"] = {name: float(np.mean(s)) for name, s in extra_judges.items()}
     if baseline is not None:

@@ -139,10 +139,12 @@ def test_builtin_heldout_split_ships():
     assert {line.split("\t")[0] for line in lines} == {"scene", "sentence"}
 
 
-# Full held-out score of the shipped model and its spread are in models/default/MODEL_CARD.md;
-# a 32-row sample's mean has a standard error of about 0.04, so 0.45 sits several errors below it.
+# The shipped model scores 0.72 on all 1000 held-out rows (models/default/MODEL_CARD.md); per-row
+# similarities spread with a standard deviation near 0.2, so a 32-row sample's mean has a standard
+# error near 0.035 and the bar of 0.55 sits about 5 errors below the full score. The sample is
+# fixed (seed 0) and decoding greedy, so the test is deterministic up to float noise.
 E2E_ROWS = 32
-E2E_MIN_SCORE = 0.45
+E2E_MIN_SCORE = 0.55
 
 
 @pytest.mark.e2e
