@@ -28,6 +28,11 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 
 $(EMBCAP_CACHE_DIR)/.prepared: $(VENV)/.installed
 	$(PY) -m embcap prepare
+	# WordNet (Debian) feeds the training corpus and its tests; serving does not need it.
+	test -f /usr/share/wordnet/data.noun || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  { apt-get install -y -q --no-install-recommends wordnet-base || \
+	    { apt-get update -q && apt-get install -y -q --no-install-recommends wordnet-base; }; } } || \
+	  echo "WordNet not installed: corpus tests will skip (apt-get install wordnet-base)"
 	touch $@
 
 setup: $(EMBCAP_CACHE_DIR)/.prepared  ## venv, packages, Triton stub, de-quantised SmolLM2
