@@ -87,7 +87,8 @@ def write_input_data(pool: np.ndarray, path: Path, input_name: str = "EMBEDDING"
 def profile_stats(path: Path, rows_per_request: int) -> tuple[float | None, float | None]:
     """(captions per second, mean latency ms) from perf_analyzer's --profile-export-file timestamps (ns)."""
     try:
-        requests = json.loads(path.read_text())["experiments"][0]["requests"]
+        # captions come back as raw BYTES tensors (length prefixes included): not always valid UTF-8
+        requests = json.loads(path.read_bytes().decode("utf-8", "replace"))["experiments"][0]["requests"]
     except (OSError, ValueError, KeyError, IndexError):
         return None, None
     done = [r for r in requests if r.get("response_timestamps")]
