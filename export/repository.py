@@ -28,7 +28,7 @@ class ExportOptions:
     """Serving knobs written into the generated configs (see model_repository/VARIABLES.md)."""
 
     max_batch_size: int = 64
-    queue_delay_us: int = 1000
+    queue_delay_us: int = 20_000  # fills decoder batches at c=16 (bench/RESULTS.md)
     dynamic_batching: bool = True
     projector_instances: int = 1
     decoder_instances: int = 1

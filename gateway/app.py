@@ -87,7 +87,14 @@ class Readiness:
         return self._state
 
     async def wait(self, startup_wait_s: float) -> tuple[bool, str | None]:
-        """Before the first ready moment, wait up to `startup_wait_s`; after it, answer at once."""
+        """Before the first ready moment, wait up to `startup_wait_s`; after it, answer at once.
+
+        Once seen ready, Triton is not asked again per request (two gRPC round trips); a
+        dead server then fails the inference call itself with 503, and the supervisor's
+        process watch reports through `status_source`."""
+        problem = self.status_source() if self.status_source else None
+        if self._state[0] and not problem:
+            return self._state
         state = await self.check()
         if state[0] or self.ever_ready:
             return state
