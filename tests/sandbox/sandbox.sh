@@ -39,7 +39,16 @@ mount --bind "$models" "$repo/models"
 
 # The interpreter lives under /root (mode 0700 here): show nobody only a read-only
 # /root/.pyenv, under a tmpfs /root, keeping its path so the venv still works.
+# A checkout under /tmp (a clone made there) would vanish under the new tmpfs: hold it aside.
+case "$repo/" in
+    /tmp/*) mkdir -p /run/.repo-hold; mount --rbind "$repo" /run/.repo-hold; repo_held=1 ;;
+esac
 mount -t tmpfs -o mode=1777 tmpfs /tmp
+if [ -n "${repo_held:-}" ]; then
+    mkdir -p "$repo"
+    mount --move /run/.repo-hold "$repo"
+    rmdir /run/.repo-hold
+fi
 if [ -d /root/.pyenv ]; then
     mkdir /tmp/.pyenv-hold
     mount --bind /root/.pyenv /tmp/.pyenv-hold
