@@ -59,6 +59,7 @@ def check_dockerfile(options: Options) -> list[Result]:
         results.append(Result("dockerfile-words", FAIL, f"forbidden words (lower-cased substring check): {where}"))
     else:
         results.append(Result("dockerfile-words", PASS, "none of " + ", ".join(dockerfile.FORBIDDEN_WORDS)))
+    results.append(_check_legacy_builder(text))
 
     stage = dockerfile.final_stage(dockerfile.parse(text))
     workdirs = [ins for ins in stage if ins.keyword == "WORKDIR"]
@@ -89,6 +90,15 @@ def check_dockerfile(options: Options) -> list[Result]:
     else:
         results.append(Result("dockerfile-offline", PASS, " ".join(f"{n}=1" for n in OFFLINE_ENV)))
     return results
+
+
+def _check_legacy_builder(text: str) -> Result:
+    hits = dockerfile.buildkit_only(text)
+    if hits:
+        where = "; ".join(f"line {line}: {what}" for line, what in hits[:6])
+        return Result("dockerfile-legacy-builder", FAIL,
+                      f"BuildKit-only syntax; the evaluator builds with docker-py's legacy builder: {where}")
+    return Result("dockerfile-legacy-builder", PASS, "no BuildKit-only syntax (RUN flags, heredocs, # syntax=)")
 
 
 def _check_port(stage: list[dockerfile.Instruction]) -> Result:

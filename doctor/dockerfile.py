@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,15 @@ from pathlib import Path
 # The evaluator lower-cases the whole file and rejects it if any of these occurs anywhere
 # (comments included). `host` is a plain substring: localhost, --host, HOSTNAME all fail.
 FORBIDDEN_WORDS = ("privileged", "host", "sudo", "chmod 777", "/var/run/docker.sock")
+
+# The evaluator builds with docker-py, which uses the legacy builder, not BuildKit. That
+# builder refuses every RUN flag (--mount, --network, --security, --device) and
+# COPY/ADD --chmod ("the --X option requires BuildKit"); Docker < 23 also refuses the
+# COPY/ADD flags of Dockerfile 1.4+ as unknown (newer ones silently ignore them).
+# --from, --chown and FROM --platform are legacy-builder syntax and fine.
+LEGACY_COPY_FLAGS = ("from", "chown")
+_DIRECTIVE = re.compile(r"^#\s*([a-zA-Z][a-zA-Z0-9]*)\s*=\s*(.+?)\s*$")
+_HEREDOC = re.compile(r"^\d*<<-?\s*([^<]+)$")  # BuildKit's heredoc word, with a name
 
 
 @dataclass(frozen=True)
@@ -24,6 +34,46 @@ def forbidden_words(text: str) -> list[tuple[int, str]]:
     for number, line in enumerate(text.lower().splitlines(), 1):
         hits += [(number, word) for word in FORBIDDEN_WORDS if word in line]
     return hits
+
+
+def buildkit_only(text: str) -> list[tuple[int, str]]:
+    """(line, what) for each piece of BuildKit-only syntax the legacy builder cannot build."""
+    hits = []
+    for number, raw in enumerate(text.splitlines(), 1):  # parser directives: only the leading comments
+        match = _DIRECTIVE.match(raw.strip())
+        if not match:
+            break
+        if match[1].lower() == "syntax":
+            hits.append((number, f"'# syntax={match[2]}' directive (a BuildKit frontend; the legacy builder "
+                                 "ignores it and whatever needs it fails)"))
+    for ins in parse(text):
+        if ins.keyword not in ("RUN", "COPY", "ADD"):
+            continue
+        words = _words(ins.arguments)
+        flags = [word[2:].split("=")[0] for word in _leading_flags(words)]
+        if ins.keyword == "RUN":
+            hits += [(ins.line, f"RUN --{flag}") for flag in flags]
+        else:
+            hits += [(ins.line, f"{ins.keyword} --{flag}") for flag in flags if flag not in LEGACY_COPY_FLAGS]
+        if any(_HEREDOC.match(w) for w in words):
+            hits.append((ins.line, f"heredoc in {ins.keyword} ('<<')"))
+    return sorted(hits)
+
+
+def _words(arguments: str) -> list[str]:
+    try:
+        return shlex.split(arguments, posix=False)  # keeps quotes: a quoted "<<EOF" is no heredoc
+    except ValueError:
+        return arguments.split()
+
+
+def _leading_flags(words: list[str]) -> list[str]:
+    flags = []
+    for word in words:
+        if not word.startswith("--"):
+            break
+        flags.append(word)
+    return flags
 
 
 def parse(text: str) -> list[Instruction]:

@@ -94,13 +94,30 @@ def test_dockerfile_parser_and_word_check():
     assert dockerfile.forbidden_words(text) == [(2, "host")]
 
 
+def test_buildkit_only_syntax_is_found_with_its_line():
+    text = ("# syntax=docker/dockerfile:1.7\n# escape=\\\\\nFROM --platform=linux/amd64 x AS a\n"
+            "RUN --mount=type=cache,target=/root/.cache \\\n    pip install x\n"
+            "COPY --from=a --chown=1:1 a b\nCOPY --chmod=755 --link a b\nADD --checksum=sha256:00 u /f\n"
+            "RUN echo \"<<EOF\" && echo '<<X' && cat <<<here && echo 1 << 2\n"
+            "RUN --network=none true\nRUN <<EOF\necho hi\nEOF\nCOPY <<-END /f\nx\nEND\n")
+    assert dockerfile.buildkit_only(text) == [
+        (1, "'# syntax=docker/dockerfile:1.7' directive (a BuildKit frontend; the legacy builder ignores it and "
+            "whatever needs it fails)"),
+        (4, "RUN --mount"), (7, "COPY --chmod"), (7, "COPY --link"), (8, "ADD --checksum"), (10, "RUN --network"),
+        (11, "heredoc in RUN ('<<')"), (14, "heredoc in COPY ('<<')")]
+    # A syntax comment after the first instruction is no directive; FROM --platform, --from, --chown are legacy.
+    assert dockerfile.buildkit_only("FROM --platform=$BUILDPLATFORM x\n# syntax=docker/dockerfile:1\n"
+                                    "COPY --from=x --chown=1 a b\nRUN [\"sh\", \"-c\", \"true\"]\n") == []
+    assert dockerfile.buildkit_only((ROOT / "Dockerfile").read_text()) == []
+
+
 @NEEDS_TOOLS
 def test_doctor_passes_on_this_repository():
     code, rows, output = doctor(ROOT)
     assert code == 0, output
     failed = {name: row for name, row in rows.items() if row[0] == "FAIL"}
     assert not failed, output
-    for check in ("dockerfile-words", "dockerfile-workdir", "dockerfile-port", "dockerignore", "models",
+    for check in ("dockerfile-words", "dockerfile-legacy-builder", "dockerfile-workdir", "dockerfile-port", "dockerignore", "models",
                   "hadolint", "compose", "compose-sandbox", "export"):
         assert rows[check][0] == "PASS", output
 
@@ -122,6 +139,16 @@ BREAKAGES = {
                   "dockerfile-words", "'host'"),
     "sudo": (_append("Dockerfile", "RUN sudo true\n"), "dockerfile-words", "'sudo'"),
     "chmod-777": (_append("Dockerfile", "RUN chmod 777 /tmp\n"), "dockerfile-words", "'chmod 777'"),
+    "run-mount": (lambda r: edit(r / "Dockerfile", "RUN python3 -m pip install",
+                                 "RUN --mount=type=cache,target=/root/.cache python3 -m pip install"),
+                  "dockerfile-legacy-builder", "RUN --mount"),
+    "heredoc": (_append("Dockerfile", "RUN <<EOF\necho built > /tmp/built\nEOF\n"), "dockerfile-legacy-builder",
+                "heredoc in RUN"),
+    "syntax-directive": (lambda r: (r / "Dockerfile").write_text("# syntax=docker/dockerfile:1\n"
+                                                                 + (r / "Dockerfile").read_text()),
+                         "dockerfile-legacy-builder", "line 1: '# syntax=docker/dockerfile:1'"),
+    "copy-chmod": (lambda r: edit(r / "Dockerfile", "COPY . .", "COPY --chmod=755 . ."), "dockerfile-legacy-builder",
+                   "COPY --chmod"),
     "workdir": (lambda r: edit(r / "Dockerfile", "WORKDIR /app", "WORKDIR /srv"), "dockerfile-workdir", "/srv"),
     "port": (lambda r: edit(r / "Dockerfile", '"--port", "8000"', '"--port", "9000"'), "dockerfile-port", "9000"),
     "no-expose": (lambda r: edit(r / "Dockerfile", "EXPOSE 8000\n", ""), "dockerfile-port", "EXPOSE 8000 missing"),
