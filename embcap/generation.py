@@ -10,6 +10,15 @@ import torch
 
 from embcap.checkpoint import PREFIX_PLACEHOLDER, CaptionModelSpec, CheckpointError
 
+# What a row gets when it reaches max_new_tokens with no visible text: an empty caption
+# would make the evaluator drop the request's whole batch.
+BLANK_FALLBACK = "A short video."
+
+
+def is_visible(text: str) -> bool:
+    """True when `text` has a character other than whitespace."""
+    return bool(text.strip())
+
 
 @dataclass(frozen=True)
 class PromptIds:
@@ -53,8 +62,34 @@ def stop_token_ids(tokenizer, spec: CaptionModelSpec) -> list[int]:
     return sorted(set(ids))
 
 
+class BlankGuard:
+    """Logits processor: bans the stop tokens in every row whose text so far is still blank."""
+
+    def __init__(self, decode, stop_ids: list[int]) -> None:
+        self.decode = decode
+        self.stop_ids = stop_ids
+        self.visible: list[bool] | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.visible is None:
+            self.visible = [False] * input_ids.shape[0]
+        blank = []
+        for row, tokens in enumerate(input_ids.tolist()):
+            if not self.visible[row]:
+                self.visible[row] = is_visible(self.decode(tokens))
+                if not self.visible[row]:
+                    blank.append(row)
+        if blank:
+            scores[torch.tensor(blank)[:, None], torch.tensor(self.stop_ids)[None, :]] = float("-inf")
+        return scores
+
+
 class CaptionGenerator:
-    """Turns [B, P, H] prefix vectors into B captions with one batched, KV-cached decode."""
+    """Turns [B, P, H] prefix vectors into B captions with one batched, KV-cached decode.
+
+    This is the reference path (Hugging Face `generate()`); the loaded model,
+    tokenizer and prompt embeddings are shared with the continuous engine.
+    """
 
     def __init__(
         self,
@@ -77,35 +112,43 @@ class CaptionGenerator:
         ids = prompt_ids(self.tokenizer, spec)
         embed = self.model.get_input_embeddings()
         with torch.no_grad():
-            self._before = embed(torch.tensor([ids.before], dtype=torch.long, device=self.device))
-            self._after = embed(torch.tensor([ids.after], dtype=torch.long, device=self.device))
+            self.prompt_start = embed(torch.tensor([ids.before], dtype=torch.long, device=self.device))
+            self.prompt_end = embed(torch.tensor([ids.after], dtype=torch.long, device=self.device))
 
     @property
     def prompt_length(self) -> int:
         """Tokens in the prompt including the P prefix vectors."""
-        return self._before.shape[1] + self.spec.prefix_length + self._after.shape[1]
+        return self.prompt_start.shape[1] + self.spec.prefix_length + self.prompt_end.shape[1]
 
     def prompt_embeddings(self, prefix: torch.Tensor) -> torch.Tensor:
         """[B, P, H] prefix -> [B, L, H] prompt embeddings (every row has the same length)."""
         batch = prefix.shape[0]
         prefix = prefix.to(device=self.device, dtype=self.dtype)
         return torch.cat(
-            [self._before.expand(batch, -1, -1), prefix, self._after.expand(batch, -1, -1)], dim=1
+            [self.prompt_start.expand(batch, -1, -1), prefix, self.prompt_end.expand(batch, -1, -1)], dim=1
         )
 
-    def _check(self, prefix: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: list[int]) -> str:
+        """Caption text of generated token ids (special tokens dropped, whitespace stripped)."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    def check_prefix(self, prefix: np.ndarray | torch.Tensor) -> torch.Tensor:
         tensor = torch.as_tensor(prefix)
         expected = (self.spec.prefix_length, self.hidden_size)
         if tensor.ndim != 3 or tuple(tensor.shape[1:]) != expected:
             raise ValueError(f"prefix must have shape [B, {expected[0]}, {expected[1]}], got {list(tensor.shape)}")
         return tensor
 
-    @torch.inference_mode()
     def generate(self, prefix: np.ndarray | torch.Tensor) -> list[str]:
-        """Generate one caption per row of `prefix`."""
-        prefix = self._check(prefix)
+        """Generate one caption per row of `prefix` (never blank: see BlankGuard and BLANK_FALLBACK)."""
+        return self.generate_counting_fallbacks(prefix)[0]
+
+    @torch.inference_mode()
+    def generate_counting_fallbacks(self, prefix: np.ndarray | torch.Tensor) -> tuple[list[str], int]:
+        """`generate()`, plus how many rows stayed blank up to max_new_tokens and got BLANK_FALLBACK."""
+        prefix = self.check_prefix(prefix)
         if prefix.shape[0] == 0:
-            return []
+            return [], 0
         embeds = self.prompt_embeddings(prefix)
         settings = self.spec.generation
         sampling = {"do_sample": False}
@@ -119,6 +162,9 @@ class CaptionGenerator:
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
             use_cache=True,
+            logits_processor=[BlankGuard(self.decode, self.stop_ids)],
             **sampling,
         )
-        return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        texts = [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        blank = sum(not is_visible(text) for text in texts)
+        return [text if is_visible(text) else BLANK_FALLBACK for text in texts], blank

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from embcap.checkpoint import CheckpointError
+from embcap.engines import ENGINES
 from export.repository import ACCELERATORS, DEVICES, DTYPES, ExportOptions, export_repository
 from export.templates import TemplateError
 
@@ -16,7 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="checkpoint folder holding caption_model.json")
     parser.add_argument("--out", default="build/model_repository", help="model repository to write (replaced)")
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
-    parser.add_argument("--queue-delay-us", type=int, default=defaults.queue_delay_us)
+    parser.add_argument("--engine", choices=ENGINES, default=defaults.engine,
+                        help="decoding engine: continuous batching (default) or Hugging Face generate()")
+    parser.add_argument("--queue-delay-us", type=int, default=defaults.queue_delay_us,
+                        help="Triton dynamic-batching delay (default: 0 for continuous, 20000 for hf)")
     parser.add_argument("--no-dynamic-batching", action="store_true")
     parser.add_argument("--projector-instances", type=int, default=defaults.projector_instances)
     parser.add_argument("--decoder-instances", type=int, default=defaults.decoder_instances)
@@ -29,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-cache-dir", default=defaults.engine_cache_dir)
     args = parser.parse_args(argv)
     options = ExportOptions(
-        max_batch_size=args.max_batch_size, queue_delay_us=args.queue_delay_us,
+        max_batch_size=args.max_batch_size, engine=args.engine, queue_delay_us=args.queue_delay_us,
         dynamic_batching=not args.no_dynamic_batching, projector_instances=args.projector_instances,
         decoder_instances=args.decoder_instances, device=args.device, dtype=args.dtype,
         accelerator=args.accelerator, decoder_threads=args.decoder_threads,

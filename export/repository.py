@@ -12,6 +12,7 @@ from typing import Callable
 
 from embcap.checkpoint import load_checkpoint
 from embcap.decoder_source import resolve_decoder
+from embcap.engines import DEFAULT_ENGINE, ENGINES, QUEUE_DELAY_US
 from embcap.projector import load_projector
 from export.onnx_projector import PARITY_TOLERANCE, export_projector_onnx, onnx_parity_error
 from export.templates import TemplateError, render_config
@@ -27,8 +28,9 @@ DTYPES = ("float32", "float16", "bfloat16")
 class ExportOptions:
     """Serving knobs written into the generated configs (see model_repository/VARIABLES.md)."""
 
-    max_batch_size: int = 64
-    queue_delay_us: int = 20_000  # fills decoder batches at c=16 (bench/RESULTS.md)
+    max_batch_size: int = 64  # also the rows the continuous engine decodes at once
+    engine: str = DEFAULT_ENGINE
+    queue_delay_us: int | None = None  # None: the engine's own (embcap.engines.QUEUE_DELAY_US)
     dynamic_batching: bool = True
     projector_instances: int = 1
     decoder_instances: int = 1
@@ -43,7 +45,8 @@ class ExportOptions:
         """Raise TemplateError for out-of-range options."""
         checks = [
             (self.max_batch_size >= 1, "max_batch_size must be >= 1"),
-            (self.queue_delay_us >= 0, "queue_delay_us must be >= 0"),
+            (self.engine in ENGINES, f"engine must be one of {ENGINES}"),
+            (self.queue_delay_us is None or self.queue_delay_us >= 0, "queue_delay_us must be >= 0"),
             (self.projector_instances >= 1, "projector_instances must be >= 1"),
             (self.decoder_instances >= 1, "decoder_instances must be >= 1"),
             (self.decoder_threads >= 1 and self.projector_threads >= 1, "thread counts must be >= 1"),
@@ -54,6 +57,11 @@ class ExportOptions:
         problems = [message for ok, message in checks if not ok]
         if problems:
             raise TemplateError("invalid export options: " + "; ".join(problems))
+
+    @property
+    def effective_queue_delay_us(self) -> int:
+        """The dynamic-batching queue delay: the one asked for, else the engine's."""
+        return QUEUE_DELAY_US[self.engine] if self.queue_delay_us is None else self.queue_delay_us
 
 
 def _resolve_device(device: str) -> str:
@@ -99,7 +107,7 @@ def export_repository(
         common = {"max_batch_size": options.max_batch_size, "embedding_dim": spec.embedding_dim}
         shape = {"prefix_length": spec.prefix_length, "hidden_size": hidden_size}
         batching = {"dynamic_batching": (
-            f"dynamic_batching {{ max_queue_delay_microseconds: {options.queue_delay_us} }}"
+            f"dynamic_batching {{ max_queue_delay_microseconds: {options.effective_queue_delay_us} }}"
             if options.dynamic_batching else "")}
         values = {
             "projector": {
@@ -113,6 +121,7 @@ def export_repository(
                 "instance_count": options.decoder_instances, "instance_kind": kind,
                 "checkpoint_dir": checkpoint.root, "decoder_dir": decoder_dir,
                 "device": device, "dtype": options.dtype, "threads": options.decoder_threads,
+                "engine": options.engine,
             },
             "captioner": common,
         }
@@ -134,5 +143,5 @@ def export_repository(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log(f"[4/4] wrote {', '.join(MODELS)} to {out_dir} in {time.perf_counter() - started:.1f} s "
-        f"(device {device}, max batch {options.max_batch_size})")
+        f"(device {device}, engine {options.engine}, max batch {options.max_batch_size})")
     return out_dir

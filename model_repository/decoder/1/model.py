@@ -1,8 +1,11 @@
-"""Triton Python-backend model: prefix vectors -> captions.
+"""Triton Python-backend model: prefix vectors -> captions, through a decoding engine.
 
-Under dynamic batching `execute()` receives several requests: their rows are
-stacked into one batch, decoded together (KV cache, each row stops at its own
-stop token) and split back so each request gets its own rows in order.
+`execute()` turns each request into an engine job answered through the request's
+response sender, hands the jobs to the engine and returns (one final response per
+request: the model is not decoupled, so the ensemble in front of it is unchanged).
+The `continuous` engine answers from its own loop thread as each request's rows
+finish; the `hf` engine answers before `submit()` returns. The engine is chosen at
+export time (`--engine`, the `engine` parameter below).
 """
 
 import json
@@ -10,7 +13,13 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from embcap.batching import split_rows
+
+def _counter(name, description):
+    """A Triton custom metric (shown on Triton's /metrics), or None where the stub lacks the API."""
+    try:
+        return pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
+    except Exception:  # older stubs: metrics are a convenience, not a reason to fail loading
+        return None
 
 
 class TritonPythonModel:
@@ -18,9 +27,12 @@ class TritonPythonModel:
         import torch
 
         from embcap.checkpoint import load_checkpoint
+        from embcap.engines import Cancelled, Job, create_engine
         from embcap.generation import CaptionGenerator
 
-        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        self.job, self.cancelled_error = Job, Cancelled
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config["parameters"].items()}
         torch.set_num_threads(int(params["threads"]))
         checkpoint = load_checkpoint(params["checkpoint_dir"])
         torch.manual_seed(checkpoint.spec.generation.seed)
@@ -31,21 +43,52 @@ class TritonPythonModel:
             pb_utils.Logger.log_warn("decoder: CUDA requested but not available; using the CPU")
             device = "cpu"
         dtype = getattr(torch, params["dtype"]) if device == "cuda" else torch.float32
-        self.generator = CaptionGenerator(checkpoint.spec, params["decoder_dir"], device=device, dtype=dtype)
+        generator = CaptionGenerator(checkpoint.spec, params["decoder_dir"], device=device, dtype=dtype)
+        self.engine = create_engine(params["engine"], generator, slots=int(config["max_batch_size"]))
+        family = _counter("embcap_blank_caption_fallbacks_total",
+                          "Caption rows that stayed blank up to max_new_tokens and were answered with the fallback text")
+        self.fallbacks = family.Metric(labels={"engine": self.engine.name}) if family else None
+        self.fallbacks_reported = 0
+        capture = getattr(self.engine, "capture_seconds", 0.0)
         pb_utils.Logger.log_info(
-            f"decoder: {checkpoint.spec.name} on {device}/{dtype}, prompt length {self.generator.prompt_length}"
+            f"decoder: {checkpoint.spec.name} on {device}/{dtype}, engine {self.engine.name}, "
+            f"prompt length {generator.prompt_length}, CUDA graphs captured in {capture:.2f} s"
         )
 
     def execute(self, requests):
-        arrays = [pb_utils.get_input_tensor_by_name(r, "PREFIX").as_numpy() for r in requests]
-        pb_utils.Logger.log_verbose(f"decoder batch: {[r.request_id() for r in requests]}, {sum(map(len, arrays))} rows")
-        try:
-            captions = self.generator.generate(np.concatenate(arrays))
-        except Exception as exc:
-            error = pb_utils.TritonError(f"decoder failed: {exc}")
-            return [pb_utils.InferenceResponse(error=error) for _ in requests]
-        responses = []
-        for rows in split_rows(captions, [len(a) for a in arrays]):
-            out = np.array([text.encode("utf-8") for text in rows], dtype=np.object_).reshape(-1, 1)
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("CAPTION", out)]))
-        return responses
+        jobs = []
+        for request in requests:
+            prefix = pb_utils.get_input_tensor_by_name(request, "PREFIX").as_numpy()
+            sender = request.get_response_sender()
+            jobs.append(self.job(np.array(prefix, copy=True), self._answer(sender), sender.is_cancelled))
+        pb_utils.Logger.log_verbose(f"decoder: {[r.request_id() for r in requests]}, "
+                                    f"{sum(job.rows for job in jobs)} rows")
+        self.engine.submit(jobs)
+        return None
+
+    def _answer(self, sender):
+        def finish(texts, error):
+            self._report_fallbacks()
+            if error is not None:
+                code = pb_utils.TritonError.CANCELLED if isinstance(error, self.cancelled_error) else None
+                message = f"decoder failed: {error}"
+                error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+                response = pb_utils.InferenceResponse(error=error)
+            else:
+                out = np.array([text.encode("utf-8") for text in texts], dtype=np.object_).reshape(-1, 1)
+                response = pb_utils.InferenceResponse([pb_utils.Tensor("CAPTION", out)])
+            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+        return finish
+
+    def _report_fallbacks(self):
+        count = self.engine.stats.blank_fallbacks
+        if count > self.fallbacks_reported:
+            if self.fallbacks is not None:
+                self.fallbacks.increment(count - self.fallbacks_reported)
+            pb_utils.Logger.log_warn(f"decoder: {count - self.fallbacks_reported} blank row(s) answered with "
+                                     f"the fallback caption ({count} in all)")
+            self.fallbacks_reported = count
+
+    def finalize(self):
+        self.engine.close()

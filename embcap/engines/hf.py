@@ -1,0 +1,41 @@
+"""The reference engine: each submitted group of jobs is one Hugging Face `generate()` call."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from embcap.batching import split_rows
+from embcap.engines.base import EngineStats, Job
+from embcap.generation import BLANK_FALLBACK, CaptionGenerator
+
+log = logging.getLogger(__name__)
+
+
+class HFEngine:
+    """Request-level batching: the rows of all submitted jobs decode together until the longest ends."""
+
+    name = "hf"
+
+    def __init__(self, generator: CaptionGenerator) -> None:
+        self.generator = generator
+        self.stats = EngineStats()
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Decode every job's rows in one batch and answer each job before returning."""
+        try:
+            captions, fallbacks = self.generator.generate_counting_fallbacks(
+                np.concatenate([job.prefix for job in jobs]))
+        except Exception as exc:  # every job of the batch fails with the same error
+            for job in jobs:
+                job.finish(None, exc)
+            return
+        if fallbacks:
+            self.stats.blank_fallbacks += fallbacks
+            log.warning("%d row(s) stayed blank up to max_new_tokens: answered %r", fallbacks, BLANK_FALLBACK)
+        for job, rows in zip(jobs, split_rows(captions, [job.rows for job in jobs])):
+            job.finish(list(rows), None)
+
+    def close(self) -> None:
+        """Nothing runs in the background."""

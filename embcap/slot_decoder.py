@@ -1,0 +1,270 @@
+"""A Llama-family decode step over a static KV cache whose rows ("slots") sit at their own positions.
+
+This is the tensor half of the continuous engine: it owns the KV cache, runs the
+prefill of newly joined rows and one decode step for the first `bucket` slots,
+and picks the next token of every slot on the device. Rows come and go between
+steps; the caller (embcap.running_batch) decides which slot holds which row.
+
+Why a forward of our own instead of the model's `forward()`: Hugging Face's caches
+keep one length for the whole batch (transformers 5.24's StaticLayer writes at a
+single device-side counter), so rows cannot sit at different positions; and the
+generic forward builds masks and caches with host-side logic that CUDA graphs
+cannot capture. The layers' own weights are used as they are, with the q/k/v and
+gate/up projections fused into one matrix each (the originals become views of
+it, so no memory is duplicated and the model keeps working).
+
+On CUDA one decode step per batch-size bucket is captured as a CUDA graph at
+start-up: nothing is compiled or written to disk, so it works on a read-only root
+with a noexec /tmp.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen (greedy when `do_sample` is False)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+
+def bucket_sizes(slots: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> list[int]:
+    """The captured batch sizes: every default bucket below `slots`, and `slots` itself."""
+    return sorted({b for b in buckets if b < slots} | {slots})
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, the same arithmetic as transformers' `apply_rotary_pos_emb`."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)
+
+
+def _fuse_linears(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several linears on the same input; the originals become views of it."""
+    weight = torch.cat([linear.weight.data for linear in linears], dim=0)
+    has_bias = [linear.bias is not None for linear in linears]
+    if any(has_bias) and not all(has_bias):
+        raise ValueError("cannot fuse linears where only some have a bias")
+    bias = torch.cat([linear.bias.data for linear in linears]) if all(has_bias) else None
+    start = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight.data = weight[start:start + rows]
+        if bias is not None:
+            linear.bias.data = bias[start:start + rows]
+        start += rows
+    return weight, bias
+
+
+class SlotKVDecoder:
+    """Prefill and decode for `slots` rows of a Llama-family causal LM, each row at its own position."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        slots: int,
+        max_length: int,
+        stop_ids: list[int],
+        sampling: Sampling = Sampling(),
+        use_graphs: bool | None = None,
+    ) -> None:
+        config = model.config
+        body = model.get_decoder()
+        self.layers = list(body.layers)
+        self.final_norm = body.norm
+        self.embed = model.get_input_embeddings()
+        self.lm_head = model.get_output_embeddings()
+        attention = self.layers[0].self_attn
+        self.head_dim = int(attention.head_dim)
+        self.scaling = float(attention.scaling)
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads)
+        self.group = self.heads // self.kv_heads
+        self.slots = slots
+        self.max_length = max_length
+        self.sampling = sampling
+        weight = self.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.vocab_size = int(weight.shape[0])
+
+        self.qkv = [_fuse_linears(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj) for l in self.layers]
+        self.gate_up = [_fuse_linears(l.mlp.gate_proj, l.mlp.up_proj) for l in self.layers]
+        self.intermediate = int(self.layers[0].mlp.gate_proj.weight.shape[0])
+
+        device = self.device
+        shape = (len(self.layers), slots, self.kv_heads, max_length, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=self.dtype, device=device)
+        self.values = torch.zeros(shape, dtype=self.dtype, device=device)
+        self.arange = torch.arange(max_length, device=device)
+        with torch.no_grad():
+            probe = torch.zeros(1, dtype=self.dtype, device=device)
+            cos, sin = body.rotary_emb(probe, self.arange[None])
+        self.cos, self.sin = cos[0], sin[0]  # [max_length, head_dim]
+
+        self.stop_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=device)
+        self.stop_mask[torch.tensor(stop_ids, dtype=torch.long, device=device)] = True
+        # Inputs and outputs of a decode step; a captured graph reads and writes these very tensors.
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=device)
+        self.ban_stop = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.next_tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self._cpu_rng = torch.Generator().manual_seed(sampling.seed) if device.type == "cpu" else None
+        self.reseed()
+
+        self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.capture_seconds = 0.0
+
+    # ----------------------------------------------------------------- sampling
+    def reseed(self) -> None:
+        """Restart the sampling random stream from the seed (a request alone is then reproducible)."""
+        if self._cpu_rng is not None:
+            self._cpu_rng.manual_seed(self.sampling.seed)
+        else:
+            torch.cuda.manual_seed(self.sampling.seed)
+
+    def _choose(self, logits: torch.Tensor, ban_stop: torch.Tensor) -> torch.Tensor:
+        """[N, V] logits -> [N] token ids; stop tokens are banned in rows where `ban_stop` is set."""
+        logits = logits.float().masked_fill(ban_stop[:, None] & self.stop_mask[None, :], float("-inf"))
+        if not self.sampling.do_sample:
+            return logits.argmax(-1)
+        logits = logits / self.sampling.temperature
+        if 0 < self.sampling.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.sampling.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        # Gumbel-max: argmax(logits + Gumbel noise) samples from softmax(logits), with no host sync.
+        uniform = torch.rand(logits.shape, generator=self._cpu_rng, device=logits.device)
+        return (logits - torch.log(-torch.log(uniform))).argmax(-1)
+
+    # ------------------------------------------------------------------ layers
+    def _qkv(self, index: int, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [N, T, H] -> rotated q [N, heads, T, D], k and v [N, kv_heads, T, D]."""
+        count, length = x.shape[:2]
+        weight, bias = self.qkv[index]
+        qkv = F.linear(layer.input_layernorm(x), weight, bias).view(count, length, -1, self.head_dim)
+        qkv = qkv.transpose(1, 2)
+        rotary = self.heads + self.kv_heads
+        qk = _rotate(qkv[:, :rotary], cos[:, None], sin[:, None])
+        return qk[:, :self.heads], qk[:, self.heads:], qkv[:, rotary:]
+
+    def _mlp(self, index: int, layer, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.gate_up[index]
+        gate, up = F.linear(layer.post_attention_layernorm(x), weight, bias).split(self.intermediate, dim=-1)
+        return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.final_norm(x[:, -1]))
+
+    # ----------------------------------------------------------------- prefill
+    @torch.inference_mode()
+    def prefill(self, slots: list[int], embeds: torch.Tensor, start: int, ban_stop: torch.Tensor) -> torch.Tensor:
+        """Run [N, T, H] prompt embeddings at positions start.. into `slots`; returns the first tokens [N].
+
+        Positions before `start` must already hold this prompt's KV (see `copy_prefix`).
+        """
+        count, length = embeds.shape[:2]
+        end = start + length
+        index = torch.tensor(slots, dtype=torch.long, device=self.device)
+        cos, sin = self.cos[start:end].expand(count, -1, -1), self.sin[start:end].expand(count, -1, -1)
+        causal = torch.ones(length, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
+        x = embeds.to(device=self.device, dtype=self.dtype)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(i, layer, x, cos, sin)
+            self.keys[i][index, :, start:end] = k
+            self.values[i][index, :, start:end] = v
+            keys = self.keys[i][index, :, :end].repeat_interleave(self.group, dim=1)
+            values = self.values[i][index, :, :end].repeat_interleave(self.group, dim=1)
+            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal, scale=self.scaling)
+            x = x + layer.self_attn.o_proj(attended.transpose(1, 2).reshape(count, length, -1))
+            x = x + self._mlp(i, layer, x)
+        tokens = self._choose(self._logits(x), ban_stop.to(self.device))
+        self.tokens[index] = tokens
+        self.positions[index] = end
+        return tokens
+
+    @torch.inference_mode()
+    def prompt_start(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """KV of a prompt start shared by every row ([1, T, H] embeddings), computed once in slot 0."""
+        length = embeds.shape[1]
+        ban = torch.zeros(1, dtype=torch.bool, device=self.device)
+        self.prefill([0], embeds, 0, ban)
+        return self.keys[:, 0, :, :length].clone(), self.values[:, 0, :, :length].clone()
+
+    @torch.inference_mode()
+    def copy_prefix(self, slots: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Put a shared prompt start's KV ([layers, kv_heads, T, D]) at positions 0.. of `slots`."""
+        index = torch.tensor(slots, dtype=torch.long, device=self.device)
+        length = keys.shape[2]
+        self.keys[:, index, :, :length] = keys[:, None]
+        self.values[:, index, :, :length] = values[:, None]
+
+    # ------------------------------------------------------------------ decode
+    def _decode(self, batch: int) -> None:
+        """One step for slots [0, batch): reads tokens/positions/ban_stop, writes next_tokens, advances."""
+        tokens, positions = self.tokens[:batch], self.positions[:batch]
+        slot = self.arange[:batch]
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [B, 1, D]
+        mask = (self.arange[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        x = self.embed(tokens)[:, None]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(i, layer, x, cos, sin)
+            keys, values = self.keys[i], self.values[i]
+            keys[slot, :, positions] = k[:, :, 0]
+            values[slot, :, positions] = v[:, :, 0]
+            # Grouped-query attention without copying the cache: the `group` query heads that share a
+            # KV head attend as `group` queries of one position over that head's keys.
+            q = q.reshape(batch, self.kv_heads, self.group, self.head_dim)
+            attended = F.scaled_dot_product_attention(q, keys[:batch], values[:batch], attn_mask=mask,
+                                                      scale=self.scaling)
+            x = x + layer.self_attn.o_proj(attended.reshape(batch, 1, -1))
+            x = x + self._mlp(i, layer, x)
+        self.next_tokens[:batch] = self._choose(self._logits(x), self.ban_stop[:batch])
+        tokens.copy_(self.next_tokens[:batch])
+        positions.add_(1).clamp_(max=self.max_length - 1)  # free slots run on harmlessly at the end
+
+    @torch.inference_mode()
+    def decode(self, batch: int) -> torch.Tensor:
+        """Decode one token for slots [0, batch) (captured graph when available); returns next_tokens[:batch]."""
+        graph = self.graphs.get(batch)
+        if graph is not None:
+            graph.replay()
+        else:
+            self._decode(batch)
+        return self.next_tokens[:batch]
+
+    def capture(self, buckets: list[int]) -> None:
+        """Capture one CUDA graph per batch size in `buckets` (largest first, one shared memory pool)."""
+        if not self.use_graphs:
+            return
+        started = time.perf_counter()
+        pool = None
+        with torch.inference_mode():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for batch in sorted(buckets, reverse=True):
+                    self._decode(batch)  # warm-up: kernel selection and workspace allocation
+            torch.cuda.current_stream().wait_stream(stream)
+            for batch in sorted(buckets, reverse=True):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    self._decode(batch)
+                pool = graph.pool()
+                self.graphs[batch] = graph
+            torch.cuda.synchronize()
+        self.tokens.zero_()
+        self.positions.zero_()
+        self.reseed()
+        self.capture_seconds = time.perf_counter() - started
