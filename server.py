@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -27,7 +28,9 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import psutil
 import uvicorn
 
+from embcap.gpu_probe import POLICIES, ProbeReport
 from embcap.triton_server import TritonOptions, TritonProcess
+from export.templates import parse_model_config
 from gateway.app import create_app
 from gateway.logs import configure_logging
 from gateway.settings import GatewaySettings
@@ -35,6 +38,7 @@ from gateway.settings import GatewaySettings
 ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("embcap.server")
 BANNER_PREFIX = "Uvicorn running on"
+MODEL_RUNTIMES = {"decoder": "torch", "projector": "onnxruntime"}  # which runtime puts each model on a GPU
 
 
 class HeldBanner(logging.Filter):
@@ -70,6 +74,19 @@ def python_stubs(triton_pid: int) -> dict[int, str]:
     return stubs
 
 
+def model_devices(repository: Path, report: ProbeReport) -> dict[str, str]:
+    """Model -> "cuda" or "cpu": GPU instances whose runtime the probe found usable run on cuda."""
+    devices = {}
+    for path in sorted(repository.glob("*/config.pbtxt")):
+        config = parse_model_config(path.read_text(), str(path))
+        if not config.instance_group:
+            continue  # an ensemble runs nowhere itself
+        gpu = any(group.kind == group.KIND_GPU for group in config.instance_group)
+        runtime = MODEL_RUNTIMES.get(config.name)
+        devices[config.name] = "cuda" if gpu and (runtime is None or report.usable(runtime)) else "cpu"
+    return devices
+
+
 def _running(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -94,18 +111,47 @@ class GatewayServer(uvicorn.Server):
 
 
 class Supervisor:
-    """Exports the checkpoint, then keeps one tritonserver running and ready."""
+    """Probes the GPU and exports the checkpoint, then keeps one tritonserver running and ready."""
 
-    def __init__(self, args: argparse.Namespace, on_ready) -> None:
+    def __init__(self, args: argparse.Namespace, on_ready, on_devices=lambda devices: None) -> None:
         self.args = args
         self.on_ready = on_ready
+        self.on_devices = on_devices
         self.problem: str | None = "starting: exporting the model repository"
+        self.notice: str | None = None  # reported in health while serving (a GPU that cannot be used)
         self.triton: TritonProcess | None = None
         self.export_process: asyncio.subprocess.Process | None = None
         self.restarts = 0
 
     def status(self) -> str | None:
         return self.problem
+
+    def notice_text(self) -> str | None:
+        return self.notice
+
+    async def _probe(self) -> tuple[ProbeReport | None, dict | None]:
+        """Run `python -m embcap.gpu_probe` (torch and CUDA stay out of this process): (report, decision)."""
+        command = [sys.executable, "-m", "embcap.gpu_probe", "--json"]
+        if (Path(self.args.checkpoint) / "caption_model.json").is_file():
+            command += ["--checkpoint", str(self.args.checkpoint)]
+        if self.args.on_unusable_gpu:
+            command += ["--policy", self.args.on_unusable_gpu]
+        process = await asyncio.create_subprocess_exec(*command, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+                                                       stderr=asyncio.subprocess.PIPE)
+        stdout, stderr = await process.communicate()
+        try:
+            answer = json.loads(stdout)
+        except json.JSONDecodeError:
+            message = (stderr or stdout).decode(errors="replace").strip().splitlines()[-1:]
+            self.notice = f"GPU probe failed (exit {process.returncode}): {' '.join(message)}"
+            log.error(self.notice)
+            return None, None
+        report, decision = ProbeReport.from_dict(answer["report"]), answer["decision"]
+        if decision["line"]:
+            (log.warning if decision["serve"] else log.error)(decision["line"])
+        else:
+            log.info("GPU probe: %s", answer["summary"])
+        return report, decision
 
     async def _export(self) -> bool:
         if self.args.skip_export:
@@ -123,8 +169,20 @@ class Supervisor:
         return True
 
     async def run(self) -> None:
-        if not await self._export():
+        probe = asyncio.create_task(self._probe())  # alongside the export: both import torch
+        exported = await self._export()
+        report, decision = await probe
+        if decision is not None and not decision["serve"]:
+            self.problem = decision["line"]
+            return  # stay up and unhealthy: health answers 503 with the reason
+        if decision is not None:
+            self.notice = decision["line"]
+        if not exported:
             return
+        if report is not None:
+            devices = model_devices(Path(self.args.model_repository), report)
+            log.info("model devices: %s", ", ".join(f"{m} on {d}" for m, d in devices.items()))
+            self.on_devices(devices)
         options = TritonOptions(
             model_repository=Path(self.args.model_repository).resolve(), grpc_port=self.args.grpc_port,
             metrics_port=self.args.metrics_port,
@@ -189,6 +247,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics-port", type=int, default=None)
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds for Triton to load the models")
     parser.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to drain requests on SIGTERM")
+    parser.add_argument("--on-unusable-gpu", choices=POLICIES, default=env("EMBCAP_ON_UNUSABLE_GPU") or None,
+                        help="a GPU is visible but torch cannot use it: serve on the CPU, refuse (stay unhealthy), "
+                             "or auto (serve on the CPU if the decoder answers in time there); default: the "
+                             "checkpoint's on_unusable_gpu (auto)")
     return parser.parse_args(argv)
 
 
@@ -199,7 +261,9 @@ async def serve(args: argparse.Namespace) -> None:
     supervisor = Supervisor(args, on_ready=lambda: banner.release(url))
     settings = GatewaySettings.from_env(triton_url=f"127.0.0.1:{args.grpc_port}")
     triton_metrics = f"http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else None
-    app = create_app(settings, status_source=supervisor.status, triton_metrics_url=triton_metrics)
+    app = create_app(settings, status_source=supervisor.status, triton_metrics_url=triton_metrics,
+                     notice_source=supervisor.notice_text)
+    supervisor.on_devices = app.state.metrics.set_model_devices
     config = uvicorn.Config(app, host=args.bind, port=args.port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=args.graceful_timeout)
     server = GatewayServer(config)

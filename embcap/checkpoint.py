@@ -20,6 +20,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SPEC_FILE = "caption_model.json"
+# What to do when a GPU is visible but torch cannot use it (see embcap.gpu_probe).
+UnusableGpuPolicy = Literal["auto", "serve-cpu", "refuse"]
+DEFAULT_UNUSABLE_GPU_POLICY: UnusableGpuPolicy = "auto"
 PREFIX_PLACEHOLDER = "{prefix}"
 FORMAT_VERSION = 1
 
@@ -98,6 +101,10 @@ class CaptionModelSpec(_Strict):
     projector: str = "projector.safetensors"
     prompt: PromptTemplate = PromptTemplate()
     generation: GenerationSettings = GenerationSettings()
+    on_unusable_gpu: UnusableGpuPolicy = Field(
+        DEFAULT_UNUSABLE_GPU_POLICY,
+        description="GPU visible but unusable: serve-cpu, refuse, or auto (serve on the CPU only if the "
+                    "decoder answers in time there); server.py --on-unusable-gpu overrides it")
 
 
 class Checkpoint:

@@ -109,8 +109,10 @@ def create_app(
     settings: GatewaySettings | None = None,
     status_source: StatusSource | None = None,
     triton_metrics_url: str | None = None,
+    notice_source: StatusSource | None = None,
 ) -> FastAPI:
-    """Build the gateway app; `status_source` lets a supervisor report what keeps the model down."""
+    """Build the gateway app; `status_source` lets a supervisor report what keeps the model down,
+    `notice_source` what is wrong while it serves (health's error field carries it)."""
     settings = settings or GatewaySettings.from_env()
     limits = Limits(max_rows=settings.max_rows)
     metrics = GatewayMetrics(triton_metrics_url)
@@ -138,7 +140,8 @@ def create_app(
         ready, problem = await request.app.state.readiness.check(fresh=True)
         body = {
             "status": "healthy" if ready else "initializing",
-            "initialization_status": {"model_loaded": ready, "error": problem},
+            "initialization_status": {"model_loaded": ready,
+                                      "error": problem or (notice_source() if notice_source else None)},
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 

@@ -24,7 +24,15 @@ class GatewayMetrics:
                                      ["code"], registry=self.registry)
         self.in_flight = Gauge("embcap_in_flight_requests", "Inference requests being served",
                                registry=self.registry)
+        self.model_device = Gauge("embcap_model_device", "1 for the device each model runs on (cpu or cuda)",
+                                  ["model", "device"], registry=self.registry)
         self.triton_metrics_url = triton_metrics_url
+
+    def set_model_devices(self, devices: dict[str, str]) -> None:
+        """Replace the model -> device rows."""
+        self.model_device.clear()
+        for model, device in devices.items():
+            self.model_device.labels(model, device).set(1)
 
     async def render(self) -> bytes:
         """Gateway metrics, followed by Triton's if its metrics endpoint answers."""

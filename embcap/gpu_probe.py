@@ -1,0 +1,438 @@
+"""Is there an NVIDIA GPU here, and can torch, ONNX Runtime and TensorRT use it?
+
+A GPU counts as visible when the container shows NVIDIA device files (/dev/nvidia0 ...),
+a driver (nvidia-smi, /proc/driver/nvidia/version) or CUDA_VISIBLE_DEVICES naming a
+device. When one is visible but a runtime cannot use it, `ProbeReport.problem()` is one
+line naming the driver and the CUDA version each build needs. The decoder's policy
+(`on_unusable_gpu`) then says whether it serves on the CPU or refuses:
+
+- serve-cpu: serve on the CPU, the line stays in the health answer's error field;
+- refuse: do not serve (health stays 503 with the line);
+- auto: serve on the CPU when the decoder answers a request within CPU_ANSWER_BUDGET_S
+  there (estimated from its size), refuse otherwise.
+
+`python -m embcap.gpu_probe [--json] [--checkpoint DIR --policy P]` prints the report;
+server.py runs it at start-up in a child process (torch and CUDA stay out of the server).
+Where the probe looks is injectable (`Surroundings`): tests fake a GPU with a folder
+tree and an nvidia-smi script on a CPU-only machine, with the real torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, get_args
+
+from embcap.checkpoint import DEFAULT_UNUSABLE_GPU_POLICY, UnusableGpuPolicy
+from embcap.cuda_builds import min_driver, onnxruntime_cuda, version_tuple
+
+POLICIES: tuple[str, ...] = get_args(UnusableGpuPolicy)
+HIDDEN = {"", "-1", "none", "void", "nodevfiles"}  # CUDA_VISIBLE_DEVICES values that hide every GPU
+NVIDIA_SMI_QUERY = ["--query-gpu=driver_version,name", "--format=csv,noheader"]
+DRIVER_IN_PROC = re.compile(r"Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)")
+
+# The evaluator gives up on a request after 60 s (30 s in its earliest version): a decoder
+# must answer a 4-row request on the CPU well within that to be worth serving there.
+CPU_ANSWER_BUDGET_S = 30.0
+# Bytes of fp32 decoder weights read per second per decode step on a CPU, measured with the
+# default SmolLM2-135M (0.54 GB fp32): 3.1 s for a 4-row, 32-token request on 2 vCPUs
+# (bench/RESULTS.md), 97 ms per step. Batch 4 reads the weights once per step.
+CPU_WEIGHT_BYTES_PER_S = 5.5e9
+FP32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class Surroundings:
+    """Where the probe looks: the root holding dev/ and proc/, the PATH for nvidia-smi, the environment."""
+
+    root: Path = Path("/")
+    path: str | None = None  # None: $PATH of `environ`
+    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+
+
+@dataclass(frozen=True)
+class GpuSignals:
+    """What the container shows of an NVIDIA GPU."""
+
+    device_files: tuple[str, ...] = ()
+    cuda_visible_devices: str | None = None
+    driver: str | None = None  # driver version, e.g. "535.104.05"
+    driver_source: str | None = None  # "nvidia-smi" or "/proc/driver/nvidia/version"
+    gpu_names: tuple[str, ...] = ()
+    nvidia_smi_error: str | None = None
+
+    @property
+    def assigned(self) -> bool:
+        """CUDA_VISIBLE_DEVICES names a device (the evaluator sets it to 0)."""
+        value = self.cuda_visible_devices
+        return value is not None and value.strip().lower() not in HIDDEN
+
+    @property
+    def visible(self) -> bool:
+        if self.cuda_visible_devices is not None and not self.assigned:
+            return False  # explicitly hidden
+        return bool(self.device_files or self.driver or self.assigned)
+
+    def evidence(self) -> str:
+        """'/dev/nvidia0, nvidia-smi: NVIDIA H100, CUDA_VISIBLE_DEVICES=0'."""
+        parts = list(self.device_files[:2]) + (["..."] if len(self.device_files) > 2 else [])
+        if self.driver_source:
+            parts.append(self.driver_source + (f": {', '.join(self.gpu_names)}" if self.gpu_names else ""))
+        if self.cuda_visible_devices is not None:
+            parts.append(f"CUDA_VISIBLE_DEVICES={self.cuda_visible_devices}")
+        return ", ".join(parts) or "nothing"
+
+
+@dataclass(frozen=True)
+class RuntimeStatus:
+    """Whether one runtime (torch, ONNX Runtime, TensorRT) can use the GPU, and why not."""
+
+    name: str  # package name: torch, onnxruntime-gpu, onnxruntime, tensorrt
+    version: str | None  # None: not installed
+    cuda: str | None  # CUDA version the build needs; None: CPU-only build (or not installed)
+    usable: bool
+    reason: str  # why not usable, or what it uses
+
+    @property
+    def installed(self) -> bool:
+        return self.version is not None
+
+    def describe(self) -> str:
+        if not self.installed:
+            return f"{self.name} not installed"
+        build = f"CUDA {self.cuda} build" if self.cuda else "CPU-only build"
+        return f"{self.name} {self.version} ({build}): {self.reason}"
+
+
+def judge(name: str, version: str | None, cuda: str | None, signals: GpuSignals,
+          works: bool | None = None, error: str | None = None) -> RuntimeStatus:
+    """Decide what a runtime build can do with the GPU the signals show.
+
+    `works` is the runtime's own answer (None: not asked, e.g. the driver is already too old)."""
+    if version is None:
+        return RuntimeStatus(name, None, None, False, "not installed")
+    if cuda is None:
+        return RuntimeStatus(name, version, None, False, "no CUDA in this build")
+    needed = min_driver(cuda) if cuda[:1].isdigit() else None
+    need = f"needs NVIDIA driver >= {needed}" if needed else f"needs a driver for CUDA {cuda}"
+    if not signals.visible:
+        return RuntimeStatus(name, version, cuda, False, f"no GPU visible ({need})")
+    if signals.driver is None:
+        return RuntimeStatus(name, version, cuda, False, f"no NVIDIA driver visible in the container ({need})")
+    if needed is None or version_tuple(signals.driver) < version_tuple(needed):
+        return RuntimeStatus(name, version, cuda, False, f"{need}, found {signals.driver}")
+    if works is False:
+        return RuntimeStatus(name, version, cuda, False, f"cannot use the GPU: {error or 'unknown error'}")
+    return RuntimeStatus(name, version, cuda, True, "uses the GPU" if works else "driver new enough")
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    signals: GpuSignals
+    runtimes: tuple[RuntimeStatus, ...]
+
+    def runtime(self, name: str) -> RuntimeStatus | None:
+        """The status of `torch`, `onnxruntime` (either package) or `tensorrt`."""
+        for status in self.runtimes:
+            if status.name == name or status.name.startswith(name + "-"):
+                return status
+        return None
+
+    def usable(self, name: str) -> bool:
+        status = self.runtime(name)
+        return status is not None and status.usable
+
+    def problem(self) -> str | None:
+        """One line when a GPU is visible but an installed runtime cannot use it; else None."""
+        if not self.signals.visible:
+            return None
+        failing = [s for s in self.runtimes if s.installed and not s.usable]
+        if not failing:
+            return None
+        if self.signals.driver:
+            seen = f"GPU visible ({self.signals.evidence()}), NVIDIA driver {self.signals.driver},"
+        else:
+            seen = (f"GPU assigned ({self.signals.evidence()}) but no NVIDIA driver visible in the container "
+                    "(no /dev/nvidia*, nvidia-smi or /proc/driver/nvidia/version), and")
+        return f"{seen} not usable by " + "; ".join(s.describe() for s in failing)
+
+    def summary(self) -> str:
+        """One line for the log when nothing is wrong."""
+        if not self.signals.visible:
+            return "no NVIDIA GPU visible: serving on the CPU"
+        usable = ", ".join(f"{s.name} {s.version}" for s in self.runtimes if s.usable) or "nothing"
+        return f"GPU visible ({self.signals.evidence()}; NVIDIA driver {self.signals.driver}); on the GPU: {usable}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ProbeReport":
+        signals = data["signals"]
+        return cls(
+            GpuSignals(**{**signals, "device_files": tuple(signals["device_files"]),
+                          "gpu_names": tuple(signals["gpu_names"])}),
+            tuple(RuntimeStatus(**status) for status in data["runtimes"]),
+        )
+
+
+# --- looking -------------------------------------------------------------------------------
+
+def _nvidia_smi(surroundings: Surroundings) -> tuple[str | None, tuple[str, ...], str | None]:
+    """(driver, GPU names, error) from nvidia-smi on the configured PATH."""
+    search = surroundings.path if surroundings.path is not None else surroundings.environ.get("PATH", os.defpath)
+    tool = shutil.which("nvidia-smi", path=search)
+    if tool is None:
+        return None, (), None
+    try:
+        run = subprocess.run([tool, *NVIDIA_SMI_QUERY], capture_output=True, text=True, timeout=20,
+                             env={**surroundings.environ, "PATH": search})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, (), f"nvidia-smi failed: {exc}"
+    if run.returncode != 0:
+        message = (run.stdout + run.stderr).strip().splitlines()
+        return None, (), f"nvidia-smi exit {run.returncode}: {message[0] if message else ''}"
+    rows = [[cell.strip() for cell in line.split(",", 1)] for line in run.stdout.strip().splitlines() if line.strip()]
+    drivers = [row[0] for row in rows if row and re.fullmatch(r"\d+\.\d+(\.\d+)?", row[0])]
+    names = tuple(row[1] for row in rows if len(row) > 1)
+    return (drivers[0] if drivers else None), names, None
+
+
+def detect_gpu(surroundings: Surroundings = Surroundings()) -> GpuSignals:
+    """Device files, CUDA_VISIBLE_DEVICES and the driver version (nvidia-smi, else /proc)."""
+    dev = surroundings.root / "dev"
+    device_files = tuple(sorted(str(Path("/dev") / p.name) for p in dev.glob("nvidia*")
+                                if re.fullmatch(r"nvidia\d+", p.name))) if dev.is_dir() else ()
+    driver, names, error = _nvidia_smi(surroundings)
+    source = "nvidia-smi" if driver else None
+    proc = surroundings.root / "proc" / "driver" / "nvidia" / "version"
+    if driver is None and proc.is_file():
+        match = DRIVER_IN_PROC.search(proc.read_text(errors="replace"))
+        if match:
+            driver, source = match.group(1), "/proc/driver/nvidia/version"
+    return GpuSignals(device_files, surroundings.environ.get("CUDA_VISIBLE_DEVICES"), driver, source, names, error)
+
+
+def probe_torch(signals: GpuSignals) -> RuntimeStatus:
+    """torch's build and whether it can use the GPU (asks CUDA only when a GPU is visible)."""
+    try:
+        import torch
+    except ImportError:
+        return judge("torch", None, None, signals)
+    cuda = torch.version.cuda
+    works, error = None, None
+    if cuda and signals.visible and signals.driver:
+        works = torch.cuda.is_available()
+        if not works:
+            try:
+                torch.cuda.init()
+            except Exception as exc:  # torch's own words: "driver too old", "no CUDA GPUs are available", ...
+                error = str(exc).strip().splitlines()[0]
+    return judge("torch", torch.__version__, cuda, signals, works, error)
+
+
+def _onnx_identity_model() -> bytes:
+    from onnx import TensorProto, helper
+
+    tensor = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [tensor], [output])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def probe_onnxruntime(signals: GpuSignals) -> RuntimeStatus:
+    """ONNX Runtime's package (CPU or GPU build) and whether its CUDA provider starts a session."""
+    try:
+        import onnxruntime as ort
+        from onnxruntime.capi import build_and_package_info as info
+    except ImportError:
+        return judge("onnxruntime", None, None, signals)
+    package = getattr(info, "package_name", "onnxruntime")
+    try:
+        cuda = getattr(info, "cuda_version", None) or onnxruntime_cuda(package, ort.__version__)
+    except KeyError:
+        cuda = "unknown"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        cuda = None
+    works, error = None, None
+    if cuda and cuda != "unknown" and signals.visible and signals.driver and min_driver(cuda) \
+            and version_tuple(signals.driver) >= version_tuple(min_driver(cuda)):
+        try:
+            if hasattr(ort, "preload_dlls"):
+                ort.preload_dlls()
+            session = ort.InferenceSession(_onnx_identity_model(), providers=["CUDAExecutionProvider"])
+            works = "CUDAExecutionProvider" in session.get_providers()
+            error = None if works else "the CUDA provider did not load (CUDA or cuDNN libraries missing?)"
+        except Exception as exc:
+            works, error = False, str(exc).strip().splitlines()[0]
+    return judge(package, ort.__version__, cuda, signals, works, error)
+
+
+def _tensorrt_version() -> str | None:
+    """TensorRT's library version (libnvinfer), or None when it is not installed."""
+    import ctypes
+    import ctypes.util
+
+    for name in filter(None, ("libnvinfer.so.10", ctypes.util.find_library("nvinfer"))):
+        try:
+            library = ctypes.CDLL(name)
+        except OSError:
+            continue
+        number = library.getInferLibVersion()  # TensorRT >= 10: major * 10000 + minor * 100 + patch
+        return f"{number // 10000}.{number // 100 % 100}.{number % 100}"
+    return None
+
+
+def probe_tensorrt(signals: GpuSignals, environ: Mapping[str, str]) -> RuntimeStatus:
+    """TensorRT from the base image; it needs the image's CUDA ($CUDA_VERSION in NVIDIA's images)."""
+    version = _tensorrt_version()
+    cuda = environ.get("CUDA_VERSION") or None
+    if cuda:
+        cuda = ".".join(str(n) for n in version_tuple(cuda)[:2])
+    return judge("tensorrt", version, cuda if version else None, signals)
+
+
+def probe(surroundings: Surroundings = Surroundings()) -> ProbeReport:
+    """Look for a GPU and ask torch, ONNX Runtime and TensorRT whether they can use it."""
+    signals = detect_gpu(surroundings)
+    return ProbeReport(signals, (probe_torch(signals), probe_onnxruntime(signals),
+                                 probe_tensorrt(signals, surroundings.environ)))
+
+
+# --- the decoder's device and the policy -----------------------------------------------------
+
+class GpuUnusableError(RuntimeError):
+    """The policy refuses to serve on the CPU while a GPU is visible but unusable."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    serve: bool  # False: refuse to serve
+    device: str  # where the decoder runs: "cuda" or "cpu"
+    line: str | None  # what to log and to carry in health; None when nothing is wrong
+    policy: str
+
+
+def decoder_parameters(decoder_dir: str | Path) -> int:
+    """Parameter count of a Hugging Face decoder folder, from its safetensors headers (no weights read).
+
+    Without safetensors files, the weight files' bytes / 2 (16-bit storage)."""
+    from safetensors import safe_open
+
+    folder = Path(decoder_dir)
+    count = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="numpy") as weights:
+            for key in weights.keys():
+                numel = 1
+                for size in weights.get_slice(key).get_shape():
+                    numel *= size
+                count += numel
+    if count == 0:
+        count = sum(p.stat().st_size for p in folder.glob("*.bin")) // 2
+    return count
+
+
+def cpu_request_seconds(parameters: int, max_new_tokens: int) -> float:
+    """Estimated seconds for one request on the CPU: every decode step reads the fp32 weights."""
+    return max_new_tokens * parameters * FP32_BYTES / CPU_WEIGHT_BYTES_PER_S
+
+
+def decide(report: ProbeReport, policy: str, cpu_seconds: float | None = None, requested: str = "auto") -> Decision:
+    """Where the decoder runs and whether to serve, given the report and the policy.
+
+    `cpu_seconds` (the estimate for one request on the CPU) is needed by policy auto only."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
+    if requested == "cpu":
+        return Decision(True, "cpu", report.problem(), policy)
+    if report.usable("torch"):
+        return Decision(True, "cuda", report.problem(), policy)
+    problem = report.problem()
+    if problem is None and requested == "cuda":
+        torch_status = report.runtime("torch")
+        problem = "CUDA requested for the decoder but " + (torch_status.describe() if torch_status else "torch is unknown")
+    if problem is None:
+        return Decision(True, "cpu", None, policy)  # no GPU here: the CPU is the plan, not a fallback
+    if policy == "serve-cpu":
+        return Decision(True, "cpu", f"{problem}. Decoder on the CPU (policy serve-cpu)", policy)
+    if policy == "refuse":
+        return Decision(False, "cpu", f"{problem}. Refusing to serve on the CPU (policy refuse)", policy)
+    if cpu_seconds is None:  # the decoder's size is unknown: never refuse blind
+        return Decision(True, "cpu", f"{problem}. Decoder on the CPU (policy auto, decoder size unknown)", policy)
+    estimate = f"~{cpu_seconds:.0f} s per request estimated on the CPU, budget {CPU_ANSWER_BUDGET_S:.0f} s"
+    if cpu_seconds <= CPU_ANSWER_BUDGET_S:
+        return Decision(True, "cpu", f"{problem}. Decoder on the CPU (policy auto: {estimate})", policy)
+    return Decision(False, "cpu", f"{problem}. Refusing to serve (policy auto: {estimate})", policy)
+
+
+def resolve_decoder_device(requested: str, policy: str = DEFAULT_UNUSABLE_GPU_POLICY, *,
+                           decoder_dir: str | Path | None = None, max_new_tokens: int = 32,
+                           report: ProbeReport | None = None) -> Decision:
+    """The decoder's device for `requested` ("auto", "cuda" or "cpu") under `policy`.
+
+    Probes only when torch cannot use CUDA (a CUDA-capable torch answers at once). Policy auto
+    reads the decoder's size from `decoder_dir`. The caller logs `line` when it is set and must
+    not serve when `serve` is False."""
+    if requested == "cpu":
+        return Decision(True, "cpu", None, policy)
+    if report is None:
+        import torch
+
+        if torch.cuda.is_available():
+            return Decision(True, "cuda", None, policy)
+        signals = detect_gpu()
+        report = ProbeReport(signals, (probe_torch(signals),))
+    seconds = None
+    if policy == "auto" and not report.usable("torch") and decoder_dir is not None:
+        seconds = cpu_request_seconds(decoder_parameters(decoder_dir), max_new_tokens)
+    return decide(report, policy, seconds, requested)
+
+
+# --- command line --------------------------------------------------------------------------
+
+def checkpoint_decision(report: ProbeReport, checkpoint_dir: str | Path, policy: str | None) -> Decision:
+    """The decision for a checkpoint: `policy`, else the checkpoint's `on_unusable_gpu`."""
+    from embcap.checkpoint import load_checkpoint
+    from embcap.decoder_source import resolve_decoder
+
+    checkpoint = load_checkpoint(checkpoint_dir)
+    policy = policy or checkpoint.spec.on_unusable_gpu
+    seconds = None
+    if policy == "auto" and report.problem() and not report.usable("torch"):
+        decoder_dir = resolve_decoder(checkpoint, log=lambda message: print(message, file=sys.stderr))
+        seconds = cpu_request_seconds(decoder_parameters(decoder_dir), checkpoint.spec.generation.max_new_tokens)
+    return decide(report, policy, seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m embcap.gpu_probe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the report and decision as JSON")
+    parser.add_argument("--checkpoint", help="decide for this checkpoint (its on_unusable_gpu, its decoder size)")
+    parser.add_argument("--policy", choices=POLICIES, help="overrides the checkpoint's on_unusable_gpu")
+    parser.add_argument("--root", type=Path, default=Path("/"), help="where dev/ and proc/ are (tests)")
+    args = parser.parse_args(argv)
+    report = probe(Surroundings(root=args.root))
+    if args.checkpoint:
+        decision = checkpoint_decision(report, args.checkpoint, args.policy)
+    else:
+        decision = decide(report, args.policy or DEFAULT_UNUSABLE_GPU_POLICY)
+    if args.json:
+        print(json.dumps({"report": report.to_dict(), "summary": report.summary(), "problem": report.problem(),
+                          "decision": asdict(decision)}))
+    else:
+        print(decision.line or report.summary())
+        for status in report.runtimes:
+            print(f"  {status.describe()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
