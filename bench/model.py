@@ -42,6 +42,6 @@ def load_local_model(checkpoint_dir: str | Path, threads: int, generator_factory
     decoder_dir = resolve_decoder(checkpoint, log=lambda _: None)
     hidden = int(json.loads((decoder_dir / "config.json").read_text())["hidden_size"])
     projector = load_projector(checkpoint.projector_path, spec.embedding_dim, hidden, spec.prefix_length)
-    factory = generator_factory or CaptionGenerator
+    factory = generator_factory or CaptionGenerator.load
     generator = factory(spec, decoder_dir, device="cpu", dtype=torch.float32)
     return LocalModel(projector, generator, spec.name, spec.generation.model_dump(mode="json"))

@@ -91,20 +91,13 @@ class CaptionGenerator:
     tokenizer and prompt embeddings are shared with the continuous engine.
     """
 
-    def __init__(
-        self,
-        spec: CaptionModelSpec,
-        decoder_dir: str | Path,
-        device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    def __init__(self, spec: CaptionModelSpec, model, tokenizer) -> None:
+        """Wrap a loaded causal LM and its tokenizer (see `load` to read them from a folder)."""
         self.spec = spec
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.tokenizer = AutoTokenizer.from_pretrained(decoder_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=dtype).to(self.device).eval()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
         self.hidden_size = int(self.model.config.hidden_size)
         self.stop_ids = stop_token_ids(self.tokenizer, spec)
         pad = self.tokenizer.pad_token_id
@@ -114,6 +107,21 @@ class CaptionGenerator:
         with torch.no_grad():
             self.prompt_start = embed(torch.tensor([ids.before], dtype=torch.long, device=self.device))
             self.prompt_end = embed(torch.tensor([ids.after], dtype=torch.long, device=self.device))
+
+    @classmethod
+    def load(
+        cls,
+        spec: CaptionModelSpec,
+        decoder_dir: str | Path,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> "CaptionGenerator":
+        """Load the Hugging Face decoder folder onto `device` in `dtype`."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(decoder_dir)
+        model = AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=dtype).to(torch.device(device))
+        return cls(spec, model, tokenizer)
 
     @property
     def prompt_length(self) -> int:

@@ -20,12 +20,17 @@ with a noexec /tmp.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+# EMBCAP_ATTENTION_BACKEND values -> torch.nn.attention.SDPBackend members (a tuning knob; "auto" lets PyTorch pick).
+ATTENTION_BACKENDS = {"auto": "", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
@@ -44,15 +49,36 @@ def bucket_sizes(slots: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> list
     return sorted({b for b in buckets if b < slots} | {slots})
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding, the same arithmetic as transformers' `apply_rotary_pos_emb`."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos) + (rotated * sin)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding: transformers' `x * cos + rotate_half(x) * sin` in three kernels.
+
+    rotate_half(x) * sin == roll(x, half) * signed_sin, where signed_sin is sin with its first half negated.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+
+
+def _linear_add(residual: torch.Tensor, x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+    """residual + linear(x), the addition done by the matrix multiply itself (one kernel, not two)."""
+    if linear.bias is not None:
+        return residual + linear(x)
+    out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), linear.weight.t())
+    return out.view(residual.shape)
+
+
+def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Llama RMSNorm module's arithmetic as one fused kernel (its weight and epsilon)."""
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    return F.rms_norm(x, norm.weight.shape, norm.weight, eps)
+
+
+# First linear of a fused group -> (weight, bias), so a second decoder over the same model fuses nothing twice.
+_FUSED: "weakref.WeakKeyDictionary[torch.nn.Linear, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _fuse_linears(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One weight (and bias) for several linears on the same input; the originals become views of it."""
+    if linears[0] in _FUSED:
+        return _FUSED[linears[0]]
     weight = torch.cat([linear.weight.data for linear in linears], dim=0)
     has_bias = [linear.bias is not None for linear in linears]
     if any(has_bias) and not all(has_bias):
@@ -65,6 +91,7 @@ def _fuse_linears(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor
         if bias is not None:
             linear.bias.data = bias[start:start + rows]
         start += rows
+    _FUSED[linears[0]] = (weight, bias)
     return weight, bias
 
 
@@ -104,14 +131,20 @@ class SlotKVDecoder:
         self.intermediate = int(self.layers[0].mlp.gate_proj.weight.shape[0])
 
         device = self.device
+        # The cache length is padded to a multiple of 16 so attention kernels need no aligned copy of the mask.
+        max_length = -(-max_length // 16) * 16
+        self.max_length = max_length
         shape = (len(self.layers), slots, self.kv_heads, max_length, self.head_dim)
         self.keys = torch.zeros(shape, dtype=self.dtype, device=device)
         self.values = torch.zeros(shape, dtype=self.dtype, device=device)
         self.arange = torch.arange(max_length, device=device)
+        self.slot_index = torch.arange(slots, device=device)
         with torch.no_grad():
             probe = torch.zeros(1, dtype=self.dtype, device=device)
             cos, sin = body.rotary_emb(probe, self.arange[None])
-        self.cos, self.sin = cos[0], sin[0]  # [max_length, head_dim]
+        half = self.head_dim // 2
+        self.cos = cos[0]  # [max_length, head_dim]
+        self.signed_sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
 
         self.stop_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=device)
         self.stop_mask[torch.tensor(stop_ids, dtype=torch.long, device=device)] = True
@@ -123,6 +156,9 @@ class SlotKVDecoder:
         self._cpu_rng = torch.Generator().manual_seed(sampling.seed) if device.type == "cpu" else None
         self.reseed()
 
+        self.attention_backend = os.environ.get("EMBCAP_ATTENTION_BACKEND", "auto")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"EMBCAP_ATTENTION_BACKEND must be one of {sorted(ATTENTION_BACKENDS)}")
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_seconds = 0.0
@@ -148,24 +184,36 @@ class SlotKVDecoder:
         uniform = torch.rand(logits.shape, generator=self._cpu_rng, device=logits.device)
         return (logits - torch.log(-torch.log(uniform))).argmax(-1)
 
+    def _attention_backends(self):
+        """The decode step's attention kernel: PyTorch's choice, or the one EMBCAP_ATTENTION_BACKEND names."""
+        if self.attention_backend == "auto":
+            return contextlib.nullcontext()
+        from torch.nn.attention import sdpa_kernel
+
+        return sdpa_kernel([getattr(torch.nn.attention.SDPBackend, ATTENTION_BACKENDS[self.attention_backend])])
+
     # ------------------------------------------------------------------ layers
-    def _qkv(self, index: int, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x [N, T, H] -> rotated q [N, heads, T, D], k and v [N, kv_heads, T, D]."""
-        count, length = x.shape[:2]
+    def _qkv(self, index: int, layer, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor):
+        """x [..., H] -> rotated q [..., heads, D], rotated k and v [..., kv_heads, D] (cos/sin [..., 1, D])."""
         weight, bias = self.qkv[index]
-        qkv = F.linear(layer.input_layernorm(x), weight, bias).view(count, length, -1, self.head_dim)
-        qkv = qkv.transpose(1, 2)
+        qkv = F.linear(_rms_norm(layer.input_layernorm, x), weight, bias).unflatten(-1, (-1, self.head_dim))
         rotary = self.heads + self.kv_heads
-        qk = _rotate(qkv[:, :rotary], cos[:, None], sin[:, None])
-        return qk[:, :self.heads], qk[:, self.heads:], qkv[:, rotary:]
+        qk = _rotate(qkv[..., :rotary, :], cos, signed_sin)
+        return qk[..., :self.heads, :], qk[..., self.heads:, :], qkv[..., rotary:, :]
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A boolean attention mask as the additive float mask attention kernels use (made once per step)."""
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
 
     def _mlp(self, index: int, layer, x: torch.Tensor) -> torch.Tensor:
+        """x + the layer's MLP of x."""
         weight, bias = self.gate_up[index]
-        gate, up = F.linear(layer.post_attention_layernorm(x), weight, bias).split(self.intermediate, dim=-1)
-        return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        gate, up = F.linear(_rms_norm(layer.post_attention_layernorm, x), weight, bias).split(self.intermediate, -1)
+        return _linear_add(x, layer.mlp.act_fn(gate) * up, layer.mlp.down_proj)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.final_norm(x[:, -1]))
+        """[N, H] last hidden states -> [N, V] logits."""
+        return self.lm_head(_rms_norm(self.final_norm, x))
 
     # ----------------------------------------------------------------- prefill
     @torch.inference_mode()
@@ -177,18 +225,20 @@ class SlotKVDecoder:
         count, length = embeds.shape[:2]
         end = start + length
         index = torch.tensor(slots, dtype=torch.long, device=self.device)
-        cos, sin = self.cos[start:end].expand(count, -1, -1), self.sin[start:end].expand(count, -1, -1)
-        causal = torch.ones(length, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
+        cos, sin = self.cos[start:end][None, :, None], self.signed_sin[start:end][None, :, None]  # [1, T, 1, D]
+        causal = self._additive(torch.ones(length, end, dtype=torch.bool, device=self.device).tril(diagonal=start))
         x = embeds.to(device=self.device, dtype=self.dtype)
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(i, layer, x, cos, sin)
-            self.keys[i][index, :, start:end] = k
-            self.values[i][index, :, start:end] = v
+            self.keys[i][index, :, start:end] = k.transpose(1, 2)
+            self.values[i][index, :, start:end] = v.transpose(1, 2)
             keys = self.keys[i][index, :, :end].repeat_interleave(self.group, dim=1)
             values = self.values[i][index, :, :end].repeat_interleave(self.group, dim=1)
-            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal, scale=self.scaling)
-            x = x + layer.self_attn.o_proj(attended.transpose(1, 2).reshape(count, length, -1))
-            x = x + self._mlp(i, layer, x)
+            attended = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=causal,
+                                                      scale=self.scaling)
+            x = _linear_add(x, attended.transpose(1, 2).flatten(2), layer.self_attn.o_proj)
+            x = self._mlp(i, layer, x)
+        x = x[:, -1]
         tokens = self._choose(self._logits(x), ban_stop.to(self.device))
         self.tokens[index] = tokens
         self.positions[index] = end
@@ -214,22 +264,23 @@ class SlotKVDecoder:
     def _decode(self, batch: int) -> None:
         """One step for slots [0, batch): reads tokens/positions/ban_stop, writes next_tokens, advances."""
         tokens, positions = self.tokens[:batch], self.positions[:batch]
-        slot = self.arange[:batch]
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [B, 1, D]
-        mask = (self.arange[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, L]
-        x = self.embed(tokens)[:, None]
+        slot = self.slot_index[:batch]
+        cos, sin = self.cos[positions][:, None], self.signed_sin[positions][:, None]  # [B, 1, D]
+        mask = self._additive(self.arange[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        x = self.embed(tokens)  # [B, H]
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(i, layer, x, cos, sin)
             keys, values = self.keys[i], self.values[i]
-            keys[slot, :, positions] = k[:, :, 0]
-            values[slot, :, positions] = v[:, :, 0]
+            keys[slot, :, positions] = k
+            values[slot, :, positions] = v
             # Grouped-query attention without copying the cache: the `group` query heads that share a
             # KV head attend as `group` queries of one position over that head's keys.
-            q = q.reshape(batch, self.kv_heads, self.group, self.head_dim)
-            attended = F.scaled_dot_product_attention(q, keys[:batch], values[:batch], attn_mask=mask,
-                                                      scale=self.scaling)
-            x = x + layer.self_attn.o_proj(attended.reshape(batch, 1, -1))
-            x = x + self._mlp(i, layer, x)
+            with self._attention_backends():
+                attended = F.scaled_dot_product_attention(q.view(batch, self.kv_heads, self.group, self.head_dim),
+                                                          keys[:batch], values[:batch], attn_mask=mask,
+                                                          scale=self.scaling)
+            x = _linear_add(x, attended.reshape(batch, -1), layer.self_attn.o_proj)
+            x = self._mlp(i, layer, x)
         self.next_tokens[:batch] = self._choose(self._logits(x), self.ban_stop[:batch])
         tokens.copy_(self.next_tokens[:batch])
         positions.add_(1).clamp_(max=self.max_length - 1)  # free slots run on harmlessly at the end

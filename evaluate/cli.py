@@ -54,7 +54,7 @@ def in_process_run(checkpoint: Path, embeddings: np.ndarray, batch_size: int, pr
     from embcap.projector import load_projector
 
     ckpt = load_checkpoint(checkpoint)
-    generator = CaptionGenerator(ckpt.spec, resolve_decoder(ckpt))
+    generator = CaptionGenerator.load(ckpt.spec, resolve_decoder(ckpt))
     projector = load_projector(ckpt.projector_path, ckpt.spec.embedding_dim, generator.hidden_size,
                                ckpt.spec.prefix_length)
     result = RunResult()

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.monotonic()
     train, heldout = load_or_build_corpus(args)
     spec = make_spec(args.prefix_length, args.max_new_tokens)
-    generator = CaptionGenerator(spec, smollm2_decoder_dir())
+    generator = CaptionGenerator.load(spec, smollm2_decoder_dir())
     for parameter in generator.model.parameters():
         parameter.requires_grad_(False)
     end_id = generator.tokenizer.convert_tokens_to_ids(END_TOKEN)

@@ -43,7 +43,7 @@ class TritonPythonModel:
             pb_utils.Logger.log_warn("decoder: CUDA requested but not available; using the CPU")
             device = "cpu"
         dtype = getattr(torch, params["dtype"]) if device == "cuda" else torch.float32
-        generator = CaptionGenerator(checkpoint.spec, params["decoder_dir"], device=device, dtype=dtype)
+        generator = CaptionGenerator.load(checkpoint.spec, params["decoder_dir"], device=device, dtype=dtype)
         self.engine = create_engine(params["engine"], generator, slots=int(config["max_batch_size"]))
         family = _counter("embcap_blank_caption_fallbacks_total",
                           "Caption rows that stayed blank up to max_new_tokens and were answered with the fallback text")
