@@ -12,8 +12,8 @@ from typing import Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
+from gateway.body import BodyTooLarge, read_body
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 from gateway.triton_client import TritonCaptioner
@@ -29,31 +29,11 @@ INFERENCE_PATHS = ("/api/v1/inference", "/api/v1/v2t")
 StatusSource = Callable[[], str | None]  # returns what keeps the model from serving, or None
 
 
-def _error(status: int, code: str, message: str, request_id: str = "") -> JSONResponse:
-    headers = {"X-Request-ID": request_id} if request_id else None
+def _error(status: int, code: str, message: str, request_id: str = "", close: bool = False) -> JSONResponse:
+    headers = {"X-Request-ID": request_id} if request_id else {}
+    if close:  # part of the body is still unread: the connection cannot carry another request
+        headers["Connection"] = "close"
     return JSONResponse({"error": code, "detail": message}, status_code=status, headers=headers)
-
-
-async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise RequestError(400, "invalid_content_length", "Content-Length is not a number")
-        if int(declared) > limit:
-            raise RequestError(413, "body_too_large", f"body of {declared} bytes exceeds the limit of {limit}")
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise RequestError(413, "body_too_large", f"body exceeds the limit of {limit} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise RequestError(408, "body_timeout", f"body not received within {timeout_s:g} s") from None
-    except ClientDisconnect:
-        raise RequestError(400, "client_disconnected", "the client closed the connection mid-body") from None
-    return b"".join(chunks)
 
 
 def _check_content_type(request: Request) -> None:
@@ -151,8 +131,11 @@ def create_app(
         started = time.perf_counter()
         metrics.in_flight.inc()
         try:
+            # The body is read before any refusal: answering with part of it unread resets clients
+            # that send all of it before reading (see gateway.body).
+            body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s,
+                                   settings.max_drain_bytes)
             _check_content_type(request)
-            body = await _read_body(request, settings.max_body_bytes, settings.body_timeout_s)
             embeddings = parse_embeddings(body, limits)
             metrics.rows.observe(len(embeddings))
             ready, problem = await request.app.state.readiness.wait(settings.startup_wait_s)
@@ -165,7 +148,8 @@ def create_app(
             metrics.requests.labels(route, str(exc.status)).inc()
             log.warning("request failed: %s", exc.message, extra={
                 "request_id": request_id, "route": route, "status": exc.status, "error": exc.code})
-            return _error(exc.status, exc.code, exc.message, request_id)
+            return _error(exc.status, exc.code, exc.message, request_id,
+                          close=isinstance(exc, BodyTooLarge) and not exc.drained)
         finally:
             metrics.in_flight.dec()
             metrics.latency.labels(route).observe(time.perf_counter() - started)

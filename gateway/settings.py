@@ -14,6 +14,9 @@ class GatewaySettings:
     model: str = "captioner"
     max_rows: int = 256  # embeddings per request
     max_body_bytes: int = 16 * 1024 * 1024  # requests above this are refused before being read in full
+    # A body above max_body_bytes is still read and discarded up to this size before the 413,
+    # so that clients which send the whole body before reading (urllib) get the answer.
+    max_drain_bytes: int = 64 * 1024 * 1024
     body_timeout_s: float = 10.0  # a body not fully received by then gets 408 (slow uploads)
     request_timeout_s: float = 55.0  # per Triton call; the evaluator gives up at 60 s
     health_timeout_s: float = 1.0  # per readiness probe
