@@ -19,10 +19,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from embcap.gpu_probe import DEFAULT_UNUSABLE_GPU_POLICY, UnusableGpuPolicy
+
 SPEC_FILE = "caption_model.json"
-# What to do when a GPU is visible but torch cannot use it (see embcap.gpu_probe).
-UnusableGpuPolicy = Literal["auto", "serve-cpu", "refuse"]
-DEFAULT_UNUSABLE_GPU_POLICY: UnusableGpuPolicy = "auto"
 PREFIX_PLACEHOLDER = "{prefix}"
 FORMAT_VERSION = 1
 

@@ -28,11 +28,14 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, get_args
+from typing import Literal, Mapping, get_args
 
-from embcap.checkpoint import DEFAULT_UNUSABLE_GPU_POLICY, UnusableGpuPolicy
 from embcap.cuda_builds import min_driver, onnxruntime_cuda, version_tuple
 
+# What the decoder does when a GPU is visible but torch cannot use it (caption_model.json's
+# on_unusable_gpu, server.py --on-unusable-gpu). Why auto is the default: README, "GPU builds".
+UnusableGpuPolicy = Literal["auto", "serve-cpu", "refuse"]
+DEFAULT_UNUSABLE_GPU_POLICY: UnusableGpuPolicy = "auto"
 POLICIES: tuple[str, ...] = get_args(UnusableGpuPolicy)
 HIDDEN = {"", "-1", "none", "void", "nodevfiles"}  # CUDA_VISIBLE_DEVICES values that hide every GPU
 NVIDIA_SMI_QUERY = ["--query-gpu=driver_version,name", "--format=csv,noheader"]
