@@ -4,15 +4,101 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 TARGETS = {
     "throughput_c16": "captions/s at concurrency 16 >= 4x the naive baseline",
     "latency_c1": "p50 latency at concurrency 1 <= 1.1x the baseline",
-    "gateway_overhead": "gateway p50 - Triton-direct (perf_analyzer) p50 at concurrency 1 < 2 ms",
+    "gateway_overhead": "gateway overhead at concurrency 1 (time outside Triton, gateway path - direct gRPC path, "
+                        "paired per request) < 2 ms",
     "offline_c32": "captions/s at concurrency 32 >= 80% of offline throughput at the same batch size",
     "cold_start": "cold start (process start to healthy) < 30 s",
 }
+
+
+Z95 = 1.96  # two-sided 95% normal quantile
+# Normal approximation: a latency distribution's standard deviation from its p50 and p95.
+P95_SIGMAS = 1.645
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A measured figure with its 95% interval; low/high None: its noise is unknown."""
+
+    value: float
+    low: float | None = None
+    high: float | None = None
+
+    @classmethod
+    def around(cls, value: float, half_width: float | None) -> "Estimate":
+        return cls(value) if half_width is None else cls(value, value - half_width, value + half_width)
+
+    def text(self, digits: int = 2, unit: str = "") -> str:
+        if self.low is None or self.high is None:
+            return f"{self.value:.{digits}f}{unit} (spread unknown)"
+        return f"{self.value:.{digits}f}{unit} [95% CI {self.low:.{digits}f} to {self.high:.{digits}f}]"
+
+
+def verdict(estimate: Estimate | None, threshold: float, higher_is_better: bool) -> bool | None:
+    """True (met) / False (missed) only when the whole 95% interval is on one side of the
+    threshold; None (n/a) when it straddles it, or its noise is unknown, or nothing was measured."""
+    if estimate is None or estimate.low is None or estimate.high is None:
+        return None
+    good_side = (lambda x: x >= threshold) if higher_is_better else (lambda x: x < threshold)
+    ends = {good_side(estimate.low), good_side(estimate.high)}
+    return ends.pop() if len(ends) == 1 else None
+
+
+def _sigma_ms(level: dict) -> float | None:
+    p50, p95 = level.get("p50_ms"), level.get("p95_ms")
+    if p50 is None or p95 is None or math.isnan(p50) or math.isnan(p95):
+        return None
+    return max(p95 - p50, 0.0) / P95_SIGMAS
+
+
+def _latency_samples(level: dict) -> int:
+    return max(level.get("ok", 0) - level.get("ramp_requests", 0), 0) or level.get("ok", 0)
+
+
+def median_se_ms(level: dict) -> float | None:
+    """Standard error of a level's p50 latency (normal approximation: 1.2533 sigma / sqrt(n))."""
+    sigma, n = _sigma_ms(level), _latency_samples(level)
+    return None if sigma is None or n < 2 else 1.2533 * sigma / math.sqrt(n)
+
+
+def throughput_rel_se(level: dict) -> float | None:
+    """Relative standard error of a closed-loop level's captions/s (= that of its mean latency)."""
+    sigma, n, mean = _sigma_ms(level), level.get("ok", 0), level.get("mean_ms") or level.get("p50_ms")
+    return None if sigma is None or n < 2 or not mean else sigma / mean / math.sqrt(n)
+
+
+def _ratio(a: float, a_rel_se: float | None, b: float, b_rel_se: float | None) -> Estimate:
+    if a_rel_se is None or b_rel_se is None:
+        return Estimate(a / b)
+    return Estimate.around(a / b, Z95 * (a / b) * math.hypot(a_rel_se, b_rel_se))
+
+
+def t95(df: int) -> float:
+    """Two-sided 95% Student t quantile (the normal one from 30 degrees of freedom)."""
+    table = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
+             12: 2.18, 15: 2.13, 20: 2.09, 25: 2.06}
+    if df >= 30:
+        return Z95
+    return table[max(k for k in table if k <= df)] if df >= 1 else math.inf
+
+
+def paired_samples_estimate(samples: dict) -> Estimate | None:
+    """Overhead from per-request samples (bench/overhead.py): mean time outside Triton on the
+    gateway path minus that on the direct gRPC path, with a Welch 95% interval."""
+    ours, direct = samples.get("gateway_outside_ms") or [], samples.get("direct_outside_ms") or []
+    if len(ours) < 2 or len(direct) < 2:
+        return None
+    var_o, var_d = statistics.variance(ours) / len(ours), statistics.variance(direct) / len(direct)
+    se = math.sqrt(var_o + var_d)
+    df = (var_o + var_d) ** 2 / ((var_o ** 2 / (len(ours) - 1) + var_d ** 2 / (len(direct) - 1)) or math.inf)
+    return Estimate.around(statistics.fmean(ours) - statistics.fmean(direct), t95(int(df)) * se)
 
 
 def _level(rows: list[dict], concurrency: int) -> dict | None:
@@ -48,6 +134,16 @@ def paired_overhead(gateway_c1: dict, pa_c1: dict) -> tuple[float, float] | None
     return None if ours is None or direct is None else (ours, direct)
 
 
+def pairing_problem(level: dict, client_requests: int) -> str | None:
+    """Why a level's client mean and Triton's mean do not cover the same requests, if they do not."""
+    counted = level.get("extra", {}).get("triton", {}).get("captioner", {}).get("requests")
+    if counted is None:
+        return "no Triton statistics"
+    if counted != client_requests:
+        return f"Triton counted {counted} requests, the client {client_requests}"
+    return None
+
+
 def _offline_exact(offline: dict | None, batch: int) -> dict | None:
     return next((r for r in (offline or {}).get("results", []) if r["batch"] == batch), None)
 
@@ -63,36 +159,27 @@ def targets(results: dict) -> list[dict]:
 
     o16, b16 = _level(ours, 16), _level(base, 16)
     if o16 and b16 and b16["captions_per_s"] > 0:
-        ratio = o16["captions_per_s"] / b16["captions_per_s"]
-        detail = f"{o16['captions_per_s']:.2f} vs {b16['captions_per_s']:.2f} captions/s = {ratio:.2f}x"
+        ratio = _ratio(o16["captions_per_s"], throughput_rel_se(o16), b16["captions_per_s"], throughput_rel_se(b16))
+        detail = f"{o16['captions_per_s']:.2f} vs {b16['captions_per_s']:.2f} captions/s = {ratio.text(unit='x')}"
         rows = results.get("plan", {}).get("rows_per_request", 4)
         small, large = (_offline_exact(results.get("offline"), b) for b in (rows, 16 * rows))
         if small and large:
             detail += (f" (ceiling from the offline loop: batch {16 * rows} / batch {rows} = "
                        f"{large['captions_per_s'] / small['captions_per_s']:.2f}x)")
-        add("throughput_c16", ratio, 4.0, ratio >= 4.0, detail)
+        add("throughput_c16", ratio.value, 4.0, verdict(ratio, 4.0, True), detail)
     else:
         add("throughput_c16", None, 4.0, None, "concurrency 16 not run for both")
 
     o1, b1 = _level(ours, 1), _level(base, 1)
     if o1 and b1 and b1["p50_ms"] > 0:
-        ratio = o1["p50_ms"] / b1["p50_ms"]
-        add("latency_c1", ratio, 1.1, ratio <= 1.1, f"{o1['p50_ms']:.1f} vs {b1['p50_ms']:.1f} ms = {ratio:.3f}x")
+        se_o, se_b = median_se_ms(o1), median_se_ms(b1)
+        ratio = _ratio(o1["p50_ms"], se_o and se_o / o1["p50_ms"], b1["p50_ms"], se_b and se_b / b1["p50_ms"])
+        add("latency_c1", ratio.value, 1.1, verdict(ratio, 1.1, False),
+            f"{o1['p50_ms']:.1f} vs {b1['p50_ms']:.1f} ms = {ratio.text(3, 'x')}")
     else:
         add("latency_c1", None, 1.1, None, "concurrency 1 not run for both")
 
-    pa1 = _level(results.get("perf_analyzer", []), 1)
-    if o1 and pa1:
-        overhead = o1["p50_ms"] - pa1["p50_ms"]
-        detail = f"{o1['p50_ms']:.1f} - {pa1['p50_ms']:.1f} ms = {overhead:.2f} ms"
-        paired = paired_overhead(o1, pa1)
-        if paired:
-            detail += (f"; paired with Triton's own time for the same requests: gateway path "
-                       f"{paired[0]:.2f} ms vs perf_analyzer {paired[1]:.2f} ms outside Triton = "
-                       f"{paired[0] - paired[1]:.2f} ms")
-        add("gateway_overhead", overhead, 2.0, overhead < 2.0, detail)
-    else:
-        add("gateway_overhead", None, 2.0, None, "gateway or perf_analyzer at concurrency 1 missing")
+    add("gateway_overhead", *_gateway_overhead(results, o1, _level(results.get("perf_analyzer", []), 1)))
 
     o32 = _level(ours, 32)
     triton = (o32 or {}).get("extra", {}).get("triton", {})
@@ -101,10 +188,11 @@ def targets(results: dict) -> list[dict]:
     if o32 and mean_batch:
         same = _offline_at(offline, mean_batch)
         if same:
-            share = o32["captions_per_s"] / same["captions_per_s"]
-            add("offline_c32", share, 0.8, share >= 0.8,
+            share = _ratio(o32["captions_per_s"], throughput_rel_se(o32), same["captions_per_s"], 0.0)
+            add("offline_c32", share.value, 0.8, verdict(share, 0.8, True),
                 f"{o32['captions_per_s']:.2f} captions/s vs offline {same['captions_per_s']:.2f} at batch "
-                f"{same['batch']} (the decoder's mean batch at c=32 was {mean_batch:.1f} rows) = {share:.0%}")
+                f"{same['batch']} (the decoder's mean batch at c=32 was {mean_batch:.1f} rows) = "
+                f"{share.text(2)} (offline spread not recorded: counted as exact)")
         else:
             add("offline_c32", None, 0.8, None, "offline loop not run")
     else:
@@ -112,10 +200,42 @@ def targets(results: dict) -> list[dict]:
 
     cold = results.get("cold_start_s")
     if cold is not None:
-        add("cold_start", cold, 30.0, cold < 30.0, f"{cold:.1f} s (server.py start -> /api/v1/health 200)")
+        # One start is the event the target is about: judged as measured.
+        add("cold_start", cold, 30.0, cold < 30.0, f"{cold:.1f} s (server.py start -> /api/v1/health 200, one start)")
     else:
         add("cold_start", None, 30.0, None, "external stack: not measured")
     return out
+
+
+def _gateway_overhead(results: dict, o1: dict | None, pa1: dict | None) -> tuple:
+    """(value, threshold, met, detail): the verdict comes from the paired figure only. Per-request
+    samples (bench/overhead.py) give its interval; the per-level means alone give no spread, so
+    from them the figure is shown with verdict n/a, as is the unpaired p50 difference, which
+    the decoder's jitter dominates."""
+    parts, estimate = [], None
+    if o1 and pa1:
+        unpaired = o1["p50_ms"] - pa1["p50_ms"]
+        se_o, se_p = median_se_ms(o1), median_se_ms(pa1)
+        spread = Z95 * math.hypot(se_o, se_p) if se_o is not None and se_p is not None else None
+        parts.append(f"unpaired p50 difference (context only, decoder jitter included) {o1['p50_ms']:.1f} - "
+                     f"{pa1['p50_ms']:.1f} ms = {Estimate.around(unpaired, spread).text(unit=' ms')}")
+        paired = paired_overhead(o1, pa1)
+        problem = pairing_problem(o1, o1.get("ok", 0)) or pairing_problem(pa1, pa1.get("requests", 0))
+        if paired:
+            parts.append(f"paired with Triton's own time for the same requests (level means): gateway path "
+                         f"{paired[0]:.2f} ms vs perf_analyzer {paired[1]:.2f} ms outside Triton = "
+                         f"{paired[0] - paired[1]:.2f} ms" + (f" ({problem}: not paired)" if problem else ""))
+    samples = results.get("overhead_paired")
+    if samples:
+        estimate = paired_samples_estimate(samples)
+        if estimate:
+            parts.insert(0, f"paired per request over {len(samples['gateway_outside_ms'])} + "
+                            f"{len(samples['direct_outside_ms'])} requests: {estimate.text(unit=' ms')}")
+    if not parts:
+        return None, 2.0, None, "gateway or perf_analyzer at concurrency 1 missing"
+    if estimate is None:
+        parts.append("no per-request spread recorded (python -m bench.overhead measures it): n/a")
+    return (estimate.value if estimate else None), 2.0, verdict(estimate, 2.0, False), "; ".join(parts)
 
 
 def markdown(results: dict) -> str:
@@ -174,7 +294,7 @@ def markdown(results: dict) -> str:
                          f"| {r['repeats']} | {_fmt(r['mean_caption_tokens'])} |")
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for t in targets(results):
-        verdict = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
+        verdict = {True: "met", False: "**missed**", None: "n/a"}[t["met"]]
         lines.append(f"| {t['target']} | {t['detail']} | {verdict} |")
     m = results["machine"]
     opts = results.get("export_options", {})

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from bench import loadgen, report
+from bench import loadgen, overhead, report
 from bench.common import embedding_pool
 from bench.run import Plan, run
 from conftest import start_server, stop_process
@@ -72,9 +72,18 @@ def test_quick_run_against_a_live_stack_writes_a_well_formed_report(tiny_stack, 
     assert "| 1 |" in text and "| 4 |" in text and "OMP_WAIT_POLICY=PASSIVE" in text
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     keys = {t["key"]: t for t in report.targets(results)}
-    assert keys["latency_c1"]["met"] is not None and positive(keys["latency_c1"]["value"])
-    assert keys["gateway_overhead"]["met"] is not None
+    # A handful of requests: the verdict may be n/a (interval across 1.1x), but the interval is there.
+    assert positive(keys["latency_c1"]["value"]) and "95% CI" in keys["latency_c1"]["detail"]
+    # Level means carry no per-request spread: the overhead verdict is n/a, never "met" on them.
+    assert keys["gateway_overhead"]["met"] is None and "n/a" in keys["gateway_overhead"]["detail"]
     assert keys["throughput_c16"]["met"] is None  # level 16 not run: reported as n/a, not as a failure
+
+    samples = overhead.measure(base, grpc_url, requests=4, warmup=1)  # paired per request, on the live stack
+    assert len(samples["gateway_outside_ms"]) == len(samples["direct_outside_ms"]) == 4
+    assert all(-50 < v < 5000 for v in samples["gateway_outside_ms"] + samples["direct_outside_ms"])
+    keys = {t["key"]: t for t in report.targets(dict(results, overhead_paired=samples))}
+    assert keys["gateway_overhead"]["detail"].startswith("paired per request over 4 + 4 requests")
+    assert "overhead" in overhead.summary(samples)
 
 
 def test_a_run_that_starts_its_own_stack_measures_cold_start(tiny_checkpoint, tmp_path):
@@ -87,22 +96,57 @@ def test_a_run_that_starts_its_own_stack_measures_cold_start(tiny_checkpoint, tm
     assert "cold start" in (tmp_path / "run" / "report.md").read_text()
 
 
-def test_report_targets_from_known_numbers():
-    level = dict(requests=8, ok=8, errors=0, extra={})
+def _level(concurrency: int, captions_per_s: float, p50_ms: float, spread_ms: float, n: int = 30,
+           extra: dict | None = None, **fields) -> dict:
+    return dict(concurrency=concurrency, requests=n, ok=n, errors=0, ramp_requests=0, captions_per_s=captions_per_s,
+                p50_ms=p50_ms, mean_ms=p50_ms, p95_ms=p50_ms + spread_ms, extra=extra or {}, **fields)
+
+
+def test_report_verdicts_say_met_missed_or_na_from_the_answering_figure():
+    triton = {"captioner": {"requests": 30, "server_ms_per_request": 1000.0}}
     results = {
-        "gateway": [dict(level, concurrency=1, captions_per_s=3.0, p50_ms=1050.0),
-                    dict(level, concurrency=16, captions_per_s=20.0, p50_ms=3000.0),
-                    dict(level, concurrency=32, captions_per_s=21.0, p50_ms=6000.0,
-                         extra={"triton": {"decoder": {"mean_batch_rows": 62.0}}})],
-        "baseline": [dict(level, concurrency=1, captions_per_s=3.2, p50_ms=1000.0),
-                     dict(level, concurrency=16, captions_per_s=4.0, p50_ms=16000.0)],
-        "perf_analyzer": [{"concurrency": 1, "p50_ms": 1049.0}],
+        "gateway": [_level(1, 3.0, 1050.0, 10.0, extra={"triton": triton}, mean_all_ms=1004.0),
+                    _level(16, 20.0, 3000.0, 100.0),
+                    _level(32, 21.0, 6000.0, 100.0, extra={"triton": {"decoder": {"mean_batch_rows": 62.0}}})],
+        "baseline": [_level(1, 3.2, 1000.0, 10.0), _level(16, 4.0, 16000.0, 500.0)],
+        "perf_analyzer": [_level(1, 3.0, 1269.0, 400.0, extra={"triton": triton}, mean_all_ms=1001.0)],
         "offline": {"results": [{"batch": 32, "captions_per_s": 18.0}, {"batch": 64, "captions_per_s": 25.0}]},
         "cold_start_s": 31.0,
     }
-    got = {t["key"]: (round(t["value"], 3), t["met"]) for t in report.targets(results)}
-    assert got == {"throughput_c16": (5.0, True), "latency_c1": (1.05, True), "gateway_overhead": (1.0, True),
+    got = {t["key"]: (None if t["value"] is None else round(t["value"], 3), t["met"]) for t in report.targets(results)}
+    # c=1 latency 1.05x with a tight spread: met. Overhead: the unpaired p50 difference is -219 ms, the
+    # paired one 3 ms, with no per-request spread: n/a, never "met" from the unpaired figure.
+    assert got == {"throughput_c16": (5.0, True), "latency_c1": (1.05, True), "gateway_overhead": (None, None),
                    "offline_c32": (0.84, True), "cold_start": (31.0, False)}
+    detail = {t["key"]: t["detail"] for t in report.targets(results)}["gateway_overhead"]
+    assert "-219.00 ms" in detail and "= 3.00 ms" in detail and "n/a" in detail
+
+    rng = np.random.default_rng(0)  # per-request samples: 4.8 ms apart, 1 ms jitter -> clearly missed
+    samples = {"gateway_outside_ms": list(6.0 + rng.normal(0, 1, 30)), "direct_outside_ms": list(1.2 + rng.normal(0, 1, 30))}
+    met = {t["key"]: t for t in report.targets(dict(results, overhead_paired=samples))}["gateway_overhead"]
+    assert met["met"] is False and 4 < met["value"] < 5.6
+    samples["gateway_outside_ms"] = [v - 4.0 for v in samples["gateway_outside_ms"]]  # 0.8 ms: met
+    assert report.targets(dict(results, overhead_paired=samples))[2]["met"] is True
+    noisy = {"gateway_outside_ms": [1.0, 9.0, 2.0, 8.0], "direct_outside_ms": [1.0, 1.5, 1.2, 0.9]}  # CI over 2 ms
+    assert report.targets(dict(results, overhead_paired=noisy))[2]["met"] is None
+
+    # Noise that straddles a target is n/a, on whichever side the point estimate falls.
+    results["baseline"][0] = _level(1, 3.2, 1000.0, 2000.0, n=4)
+    results["gateway"][1] = _level(16, 12.0, 3000.0, 6000.0, n=4)
+    got = {t["key"]: t["met"] for t in report.targets(results)}
+    assert got["latency_c1"] is None and got["throughput_c16"] is None
+    results["gateway"][1] = _level(16, 8.0, 3000.0, 10.0)  # 2x the baseline, tightly: missed
+    assert {t["key"]: t["met"] for t in report.targets(results)}["throughput_c16"] is False
+
+
+def test_verdict_is_decided_by_the_whole_interval():
+    E = report.Estimate
+    assert report.verdict(E(1.0, 0.5, 1.5), 2.0, higher_is_better=False) is True
+    assert report.verdict(E(3.0, 2.5, 3.5), 2.0, higher_is_better=False) is False
+    assert report.verdict(E(1.5, 0.5, 2.5), 2.0, higher_is_better=False) is None
+    assert report.verdict(E(1.0), 2.0, higher_is_better=False) is None  # spread unknown
+    assert report.verdict(None, 2.0, higher_is_better=False) is None
+    assert report.verdict(E(5.0, 4.5, 5.5), 4.0, higher_is_better=True) is True
 
 
 def test_request_bodies_are_evaluator_shaped():
