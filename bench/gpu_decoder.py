@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="also list the kernels of one decode step")
+    parser.add_argument("--attention", default="auto",
+                        help="continuous engine's attention kernels to compare (EMBCAP_ATTENTION_BACKEND values), "
+                             "e.g. auto,efficient,math")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
@@ -286,9 +289,17 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "new_tokens": args.new_tokens, "prompt_length": generator.prompt_length,
         "weight_gb": read_bytes / 1e9, "floor_ms": 1000 * read_bytes / speed if speed else None,
         "agreement": agreement(generator, args.new_tokens, args.device),
-        "engines": [measure_engine(e, generator, batches, args.new_tokens, args.device, args.repeats, args.profile)
-                    for e in engines],
+        "engines": [],
     }
+    backends = [b.strip() for b in args.attention.split(",") if b.strip()]
+    for engine in engines:
+        for backend in backends if engine == "continuous" else ["auto"]:
+            os.environ["EMBCAP_ATTENTION_BACKEND"] = backend
+            result = measure_engine(engine, generator, batches, args.new_tokens, args.device, args.repeats,
+                                    args.profile and backend == backends[0])
+            if engine == "continuous" and len(backends) > 1:
+                result["engine"] = f"continuous[{backend}]"
+            report["engines"].append(result)
     if args.device == "cuda":
         report["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     args.out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from embcap.checkpoint import (
     Checkpoint,
     DecoderSource,
     GenerationSettings,
+    load_checkpoint,
     save_spec,
 )
 from embcap.decoder_source import resolve_decoder
@@ -45,6 +46,43 @@ def make_tiny_checkpoint(out: str | Path, tokenizer_dir: str | Path, seed: int =
     )
     save_projector(seeded_projector(spec.embedding_dim, hidden_size, spec.prefix_length, seed), out / spec.projector)
     save_spec(out, spec)
+    return out
+
+
+def make_blank_prone_checkpoint(out: str | Path, tokenizer_dir: str | Path, then: str = "space") -> Path:
+    """A tiny checkpoint whose decoder always ranks the stop token first, then `then`, then a visible word.
+
+    `then` is "space" (a whitespace token, so the caption never gets visible text) or "word".
+    Weights only, so Triton serves it like any checkpoint: the embedding's dimension 0 is a
+    large constant no layer writes to, the final norm keeps only that dimension, and
+    lm_head's column 0 holds the ranking.
+    """
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    out = Path(make_tiny_checkpoint(out, tokenizer_dir))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = LlamaForCausalLM.from_pretrained(out / "decoder")
+    stop = tokenizer.eos_token_id
+    space = tokenizer(" ", add_special_tokens=False)["input_ids"][0]
+    word = tokenizer(" cat", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, 0] = 100.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0.0
+            layer.mlp.down_proj.weight[0] = 0.0
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+        head = model.get_output_embeddings().weight
+        head[:, 0] = 0.0
+        head[stop, 0] = 3.0
+        head[space, 0] = 2.0 if then == "space" else -1.0
+        head[word, 0] = 1.0
+    model.save_pretrained(out / "decoder")
+    spec = load_checkpoint(out).spec
+    save_spec(out, spec.model_copy(update={
+        "name": f"blank-prone-{then}",
+        "generation": GenerationSettings(max_new_tokens=6, min_new_tokens=0),
+    }))
     return out
 
 

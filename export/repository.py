@@ -13,6 +13,7 @@ from typing import Callable
 from embcap.checkpoint import load_checkpoint
 from embcap.decoder_source import resolve_decoder
 from embcap.engines import DEFAULT_ENGINE, ENGINES, QUEUE_DELAY_US
+from embcap.gpu_probe import resolve_decoder_device
 from embcap.projector import load_projector
 from export.onnx_projector import PARITY_TOLERANCE, export_projector_onnx, onnx_parity_error
 from export.templates import TemplateError, render_config
@@ -65,11 +66,8 @@ class ExportOptions:
 
 
 def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """"auto" becomes cuda or cpu as the decoder would decide (the policy itself is enforced at serve time)."""
+    return resolve_decoder_device(device, "serve-cpu").device
 
 
 def export_repository(

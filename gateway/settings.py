@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+from embcap.deadlines import DEFAULT_REQUEST_TIMEOUT_S
+
 
 @dataclass(frozen=True)
 class GatewaySettings:
@@ -18,7 +20,7 @@ class GatewaySettings:
     # so that clients which send the whole body before reading (urllib) get the answer.
     max_drain_bytes: int = 64 * 1024 * 1024
     body_timeout_s: float = 10.0  # a body not fully received by then gets 408 (slow uploads)
-    request_timeout_s: float = 55.0  # per Triton call; the evaluator gives up at 60 s
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S  # per Triton call (embcap.deadlines)
     health_timeout_s: float = 1.0  # per readiness probe
     startup_wait_s: float = 30.0  # how long a request that arrives before the model is ready waits
 

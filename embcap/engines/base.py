@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -25,6 +26,7 @@ class Job:
     prefix: np.ndarray  # [rows, P, H] float32
     finish: Callable[[list[str] | None, BaseException | None], None]
     cancelled: Callable[[], bool] = field(default=lambda: False)
+    created: float = field(default_factory=time.monotonic)  # the request deadline counts from here
 
     @property
     def rows(self) -> int:

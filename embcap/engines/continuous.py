@@ -4,7 +4,9 @@
 batch has room for all of a job's rows (first come, first served), runs one
 decode step, and answers each job as soon as its own rows are done. Requests
 that arrive while others decode join at the next step instead of waiting for the
-whole batch, and short captions leave without waiting for long ones.
+whole batch, and short captions leave without waiting for long ones. A job whose
+`cancelled()` turns true, or that is still unanswered after the request deadline
+(embcap.deadlines), is answered with Cancelled and its rows leave the batch.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from embcap.deadlines import request_timeout_s
 from embcap.engines.base import Cancelled, EngineStats, Job
 from embcap.generation import BLANK_FALLBACK, CaptionGenerator
 from embcap.running_batch import RunningBatch
@@ -30,6 +33,7 @@ class _Pending:
     job: Job
     texts: list[str | None]
     left: int
+    deadline: float
 
 
 class ContinuousEngine:
@@ -38,9 +42,10 @@ class ContinuousEngine:
     name = "continuous"
 
     def __init__(self, generator: CaptionGenerator, slots: int, use_graphs: bool | None = None,
-                 cancel_poll_s: float = 0.05) -> None:
+                 timeout_s: float | None = None, cancel_poll_s: float = 0.05) -> None:
         self.batch = RunningBatch(generator, slots, use_graphs)
         self.stats = EngineStats()
+        self.timeout_s = request_timeout_s() if timeout_s is None else timeout_s
         self.cancel_poll_s = cancel_poll_s
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._stopping = threading.Event()
@@ -107,7 +112,7 @@ class ContinuousEngine:
         while self._backlog and self._backlog[0].rows <= room:
             job = self._backlog.popleft()
             number = next(self._numbers)
-            self._pending[number] = _Pending(job, [None] * job.rows, job.rows)
+            self._pending[number] = _Pending(job, [None] * job.rows, job.rows, job.created + self.timeout_s)
             keys += [(number, index) for index in range(job.rows)]
             prefixes.append(job.prefix)
             room -= job.rows
@@ -128,16 +133,20 @@ class ContinuousEngine:
                 self._finish(entry.job, entry.texts, None)
 
     def _drop_cancelled(self) -> None:
-        for job in [job for job in self._backlog if self._is_cancelled(job)]:
+        """Answer and forget jobs whose client went away or whose deadline passed; free their rows."""
+        now = time.monotonic()
+        for job in [job for job in self._backlog if now > job.created + self.timeout_s or self._is_cancelled(job)]:
             self._backlog.remove(job)
-            self._finish(job, None, Cancelled("request cancelled before it started"))
-        cancelled = [number for number, entry in self._pending.items() if self._is_cancelled(entry.job)]
+            self._finish(job, None, Cancelled("request cancelled or timed out before it started"))
+        cancelled = [number for number, entry in self._pending.items()
+                     if now > entry.deadline or self._is_cancelled(entry.job)]
         if not cancelled:
             return
         keys = {(number, index) for number in cancelled for index in range(self._pending[number].job.rows)}
         self.stats.cancelled_rows += self.batch.drop(keys)
         for number in cancelled:
-            self._finish(self._pending.pop(number).job, None, Cancelled("request cancelled while decoding"))
+            self._finish(self._pending.pop(number).job, None,
+                         Cancelled(f"request cancelled or past its {self.timeout_s:g} s deadline while decoding"))
 
     def _fail_all(self, error: BaseException, backlog: bool = True) -> None:
         self.batch.drop({(number, index) for number, entry in self._pending.items()

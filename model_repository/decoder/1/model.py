@@ -14,11 +14,21 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
+# EngineStats field -> (Triton custom metric, its help text)
+COUNTERS = {
+    "blank_fallbacks": ("embcap_blank_caption_fallbacks_total",
+                        "Caption rows that stayed blank up to max_new_tokens and were answered with the fallback text"),
+    "cancelled_rows": ("embcap_cancelled_rows_total",
+                       "Caption rows dropped mid-decode because their request was cancelled or timed out"),
+}
+
+
 def _counter(name, description):
     """A Triton custom metric (shown on Triton's /metrics), or None where the stub lacks the API."""
     try:
         return pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
-    except Exception:  # older stubs: metrics are a convenience, not a reason to fail loading
+    except Exception as exc:  # older stubs: metrics are a convenience, not a reason to fail loading
+        pb_utils.Logger.log_warn(f"decoder: metric {name} unavailable: {exc}")
         return None
 
 
@@ -29,6 +39,7 @@ class TritonPythonModel:
         from embcap.checkpoint import load_checkpoint
         from embcap.engines import Cancelled, Job, create_engine
         from embcap.generation import CaptionGenerator
+        from embcap.gpu_probe import resolve_decoder_device
 
         self.job, self.cancelled_error = Job, Cancelled
         config = json.loads(args["model_config"])
@@ -36,19 +47,21 @@ class TritonPythonModel:
         torch.set_num_threads(int(params["threads"]))
         checkpoint = load_checkpoint(params["checkpoint_dir"])
         torch.manual_seed(checkpoint.spec.generation.seed)
-        device = params["device"]
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and not torch.cuda.is_available():
-            pb_utils.Logger.log_warn("decoder: CUDA requested but not available; using the CPU")
-            device = "cpu"
+        choice = resolve_decoder_device(params["device"], checkpoint.spec.on_unusable_gpu,
+                                        decoder_dir=params["decoder_dir"],
+                                        max_new_tokens=checkpoint.spec.generation.max_new_tokens)
+        if choice.line:
+            pb_utils.Logger.log_error(f"decoder: {choice.line}")
+        if not choice.serve:
+            raise RuntimeError(choice.line)  # the model fails to load, with the reason
+        device = choice.device
         dtype = getattr(torch, params["dtype"]) if device == "cuda" else torch.float32
         generator = CaptionGenerator.load(checkpoint.spec, params["decoder_dir"], device=device, dtype=dtype)
         self.engine = create_engine(params["engine"], generator, slots=int(config["max_batch_size"]))
-        family = _counter("embcap_blank_caption_fallbacks_total",
-                          "Caption rows that stayed blank up to max_new_tokens and were answered with the fallback text")
-        self.fallbacks = family.Metric(labels={"engine": self.engine.name}) if family else None
-        self.fallbacks_reported = 0
+        # A Metric must not outlive its MetricFamily: both are kept for the model's lifetime.
+        self.families = {stat: _counter(name, text) for stat, (name, text) in COUNTERS.items()}
+        self.counters = {stat: (family.Metric(labels={"engine": self.engine.name}) if family else None, 0)
+                         for stat, family in self.families.items()}
         capture = getattr(self.engine, "capture_seconds", 0.0)
         pb_utils.Logger.log_info(
             f"decoder: {checkpoint.spec.name} on {device}/{dtype}, engine {self.engine.name}, "
@@ -68,7 +81,7 @@ class TritonPythonModel:
 
     def _answer(self, sender):
         def finish(texts, error):
-            self._report_fallbacks()
+            self._report_stats()
             if error is not None:
                 code = pb_utils.TritonError.CANCELLED if isinstance(error, self.cancelled_error) else None
                 message = f"decoder failed: {error}"
@@ -81,14 +94,19 @@ class TritonPythonModel:
 
         return finish
 
-    def _report_fallbacks(self):
-        count = self.engine.stats.blank_fallbacks
-        if count > self.fallbacks_reported:
-            if self.fallbacks is not None:
-                self.fallbacks.increment(count - self.fallbacks_reported)
-            pb_utils.Logger.log_warn(f"decoder: {count - self.fallbacks_reported} blank row(s) answered with "
-                                     f"the fallback caption ({count} in all)")
-            self.fallbacks_reported = count
+    def _report_stats(self):
+        """Add what the engine counted since the last report to the Triton metrics (and log fallbacks)."""
+        for stat, (metric, reported) in list(self.counters.items()):
+            count = getattr(self.engine.stats, stat)
+            if count > reported:
+                if metric is not None:
+                    metric.increment(count - reported)
+                if stat == "blank_fallbacks":
+                    pb_utils.Logger.log_warn(f"decoder: {count - reported} blank row(s) answered with the fallback "
+                                             f"caption ({count} in all)")
+                self.counters[stat] = (metric, count)
 
     def finalize(self):
         self.engine.close()
+        self.counters.clear()  # the metrics go before their families
+        self.families.clear()
