@@ -38,11 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--decoder-threads", type=int)
     run.add_argument("--export-arg", dest="export_args", action="append",
                      help="passed to server.py as --export-arg (repeatable), e.g. --export-arg=--max-batch-size=32")
-    run.add_argument("--skip", action="append", default=[], choices=("perf_analyzer", "gateway", "baseline", "offline"))
+    run.add_argument("--skip", action="append", default=[],
+                     choices=("perf_analyzer", "gateway", "baseline", "offline", "engines"))
+    run.add_argument("--engines", type=lambda text: [e for e in text.split(",") if e],
+                     help="engines to compare side by side (default hf,continuous)")
+    run.add_argument("--engine-levels", type=_ints, help="concurrency levels of the engines phase")
+    run.add_argument("--open-loop-requests", type=int)
+    run.add_argument("--open-loop-load", type=float, help="open-loop arrival rate as a share of hf's capacity")
     run.add_argument("--gateway-url", help="benchmark an already running gateway instead of starting server.py")
     run.add_argument("--grpc-url", help="its Triton gRPC address (for perf_analyzer and statistics)")
-    run.add_argument("--decoder-model", type=Path,
-                     help="serve this prototype model.py as the decoder (e.g. bench/prototypes/continuous_model.py)")
     run.add_argument("--out", type=Path, help="results folder (default bench/results/<utc time>-<mode>)")
     commands.add_parser("fetch-perf-analyzer", help="download and unpack the perf_analyzer binary once")
     render = commands.add_parser("report", help="re-render report.md and plot.png from a run's results.json")

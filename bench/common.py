@@ -40,9 +40,23 @@ def thread_env(base: dict[str, str] | None = None) -> dict[str, str]:
 THREAD_SETTINGS_NOTE = "OMP_WAIT_POLICY=PASSIVE, OMP_NUM_THREADS=1, torch.set_num_threads(decoder_threads)"
 
 
-def embedding_pool(requests: int, rows: int, seed: int = 0) -> np.ndarray:
-    """[requests, rows, 1024] float32 standard-normal embeddings; the same pool feeds the
-    gateway, the baseline, perf_analyzer and the offline loop."""
+INPUT_KINDS = ("normal", "realistic")
+
+
+def embedding_pool(requests: int, rows: int, seed: int = 0, kind: str = "normal") -> np.ndarray:
+    """[requests, rows, 1024] float32 embeddings; the same pool feeds the gateway, the baseline,
+    perf_analyzer and the offline loop.
+
+    "normal": standard-normal rows (norm ~32): the default model writes to its token limit, so
+    every caption has the same length. "realistic": like the evaluator's (embcap.inputs: norms
+    0.5-1), so captions end at their own lengths.
+    """
+    if kind == "realistic":
+        from embcap.inputs import realistic_embeddings
+
+        return realistic_embeddings(requests * rows, EMBEDDING_DIM, seed).reshape(requests, rows, EMBEDDING_DIM)
+    if kind != "normal":
+        raise ValueError(f"unknown input kind {kind!r}: one of {INPUT_KINDS}")
     rng = np.random.default_rng(seed)
     return rng.standard_normal((requests, rows, EMBEDDING_DIM)).astype(np.float32)
 

@@ -1,4 +1,4 @@
-"""Closed-loop load generator for the gateway and the baseline.
+"""Load generator for the gateway and the baseline: closed loop (`run_level`) and open loop (`run_open_loop`).
 
 Each of `concurrency` workers keeps one keep-alive HTTP/1.1 connection and sends
 evaluator-shaped requests (`{"embedding": [rows*1024 floats]}`) back to back until
@@ -174,6 +174,61 @@ async def run_level(base_url: str, bodies: list[bytes], rows_per_request: int, c
         over_deadline=sum(v > EVALUATOR_DEADLINE_S for v in latencies + ramp),
         mean_all_ms=1000 * float(np.mean(latencies + ramp)) if latencies + ramp else float("nan"),
         error_samples=errors[:5],
+    )
+
+
+async def run_open_loop(base_url: str, bodies: list[bytes], rows_per_request: int, rate_rps: float, requests: int,
+                        timeout_s: float = 300.0, seed: int = 0, path: str = "/api/v1/inference") -> LevelResult:
+    """Open loop: `requests` requests at Poisson arrival times of mean rate `rate_rps`, each on a new
+    connection (as the evaluator sends them), whether or not earlier ones have been answered.
+
+    `concurrency` is reported as 0; every latency is kept in `extra["latencies_ms"]` (for intervals)."""
+    url = urlsplit(base_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError("the load generator only talks to local servers")
+    if rate_rps <= 0:
+        raise ValueError("the arrival rate must be positive")
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate_rps, size=requests)
+    latencies: list[float] = []
+    errors: list[str] = []
+    timeouts = captions = 0
+    started = time.perf_counter()
+
+    async def one(index: int, at: float) -> None:
+        nonlocal timeouts, captions
+        await asyncio.sleep(max(0.0, started + at - time.perf_counter()))
+        connection = Connection(host, port)
+        sent = time.perf_counter()
+        try:
+            status, payload = await asyncio.wait_for(connection.post(path, bodies[index % len(bodies)]), timeout_s)
+        except asyncio.TimeoutError:
+            timeouts += 1
+            errors.append(f"timeout after {timeout_s:.0f} s")
+            return
+        except (OSError, HttpError, asyncio.IncompleteReadError, ValueError) as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            await connection.close()
+        texts = orjson.loads(payload).get("texts", []) if status == 200 else []
+        if status != 200 or len(texts) != rows_per_request:
+            errors.append(f"HTTP {status}, {len(texts)} captions for {rows_per_request} rows")
+            return
+        latencies.append(time.perf_counter() - sent)
+        captions += len(texts)
+
+    await asyncio.gather(*(one(i, at) for i, at in enumerate(np.cumsum(gaps))))
+    wall = time.perf_counter() - started
+    ms = [1000 * v for v in latencies]
+    return LevelResult(
+        concurrency=0, requests=len(latencies) + len(errors), ok=len(latencies), errors=len(errors),
+        timeouts=timeouts, captions=captions, wall_s=wall, captions_per_s=captions / wall if wall else 0.0,
+        requests_per_s=len(latencies) / wall if wall else 0.0, p50_ms=percentile(ms, 50), p95_ms=percentile(ms, 95),
+        p99_ms=percentile(ms, 99), mean_ms=float(np.mean(ms)) if ms else float("nan"),
+        over_deadline=sum(v > EVALUATOR_DEADLINE_S for v in latencies),
+        mean_all_ms=float(np.mean(ms)) if ms else float("nan"), error_samples=errors[:5],
+        extra={"rate_rps": rate_rps, "latencies_ms": ms},
     )
 
 

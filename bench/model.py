@@ -1,5 +1,5 @@
 """The checkpoint loaded in-process (baseline server and offline loop), as the Triton
-decoder loads it: same CaptionGenerator, same thread count, same seed."""
+decoder loads it: same CaptionGenerator and engines, same thread count, same seed."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import numpy as np
 @dataclass
 class LocalModel:
     projector: object  # embcap.projector.Projector
-    generator: object  # embcap.generation.CaptionGenerator (or a prototype with the same interface)
+    generator: object  # embcap.generation.CaptionGenerator
+    engine: object  # an embcap.engines engine over it
     name: str
     settings: dict  # the checkpoint's generation settings, for the report
 
@@ -23,15 +24,23 @@ class LocalModel:
         with torch.inference_mode():
             return self.projector(torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)))
 
+    def decode(self, prefix) -> list[str]:
+        """Captions of [N, P, H] prefix vectors through the engine."""
+        from embcap.engines import generate_blocking
+
+        return generate_blocking(self.engine, np.asarray(prefix, dtype=np.float32))
+
     def caption(self, embeddings: np.ndarray) -> list[str]:
-        return self.generator.generate(self.prefix(embeddings))
+        return self.decode(self.prefix(embeddings))
 
 
-def load_local_model(checkpoint_dir: str | Path, threads: int, generator_factory=None) -> LocalModel:
+def load_local_model(checkpoint_dir: str | Path, threads: int, engine: str = "hf", slots: int = 64) -> LocalModel:
+    """The checkpoint on the CPU with `threads` torch threads, decoding through `engine`."""
     import torch
 
     from embcap.checkpoint import load_checkpoint
     from embcap.decoder_source import resolve_decoder
+    from embcap.engines import create_engine
     from embcap.generation import CaptionGenerator
     from embcap.projector import load_projector
 
@@ -42,6 +51,6 @@ def load_local_model(checkpoint_dir: str | Path, threads: int, generator_factory
     decoder_dir = resolve_decoder(checkpoint, log=lambda _: None)
     hidden = int(json.loads((decoder_dir / "config.json").read_text())["hidden_size"])
     projector = load_projector(checkpoint.projector_path, spec.embedding_dim, hidden, spec.prefix_length)
-    factory = generator_factory or CaptionGenerator.load
-    generator = factory(spec, decoder_dir, device="cpu", dtype=torch.float32)
-    return LocalModel(projector, generator, spec.name, spec.generation.model_dump(mode="json"))
+    generator = CaptionGenerator.load(spec, decoder_dir, device="cpu", dtype=torch.float32)
+    return LocalModel(projector, generator, create_engine(engine, generator, slots), spec.name,
+                      spec.generation.model_dump(mode="json"))

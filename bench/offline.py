@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import embedding_pool
+from embcap.engines import DEFAULT_ENGINE, ENGINES
 
 
 def measure(model, rows: np.ndarray, batch: int, min_seconds: float, min_repeats: int, max_repeats: int) -> dict:
-    """Time generate() at `batch` rows, cycling through `rows`, until enough samples."""
+    """Time the engine at `batch` rows, cycling through `rows`, until enough samples."""
     times: list[float] = []
     tokens: list[int] = []
     start_row = 0
@@ -32,7 +33,7 @@ def measure(model, rows: np.ndarray, batch: int, min_seconds: float, min_repeats
         start_row += batch
         prefix = model.prefix(rows[index])
         started = time.perf_counter()
-        texts = model.generator.generate(prefix)
+        texts = model.decode(prefix)
         times.append(time.perf_counter() - started)
         tokenizer = model.generator.tokenizer
         tokens.extend(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
@@ -48,19 +49,14 @@ def measure(model, rows: np.ndarray, batch: int, min_seconds: float, min_repeats
 
 
 def run(checkpoint: Path, batches: list[int], threads: int, pool_requests: int, rows_per_request: int, seed: int,
-        min_seconds: float, min_repeats: int, max_repeats: int, generator: str = "hf") -> dict:
+        min_seconds: float, min_repeats: int, max_repeats: int, engine: str = DEFAULT_ENGINE) -> dict:
     from bench.model import load_local_model
 
-    factory = None
-    if generator != "hf":
-        from bench.prototypes import generator_factory
-
-        factory = generator_factory(generator)
-    model = load_local_model(checkpoint, threads, factory)
+    model = load_local_model(checkpoint, threads, engine, slots=max(batches))
     rows = embedding_pool(pool_requests, rows_per_request, seed).reshape(-1, 1024)
-    model.generator.generate(model.prefix(rows[:min(4, len(rows))]))  # warm-up (allocator, lazy init)
+    model.decode(model.prefix(rows[:min(4, len(rows))]))  # warm-up (allocator, lazy init)
     results = [measure(model, rows, b, min_seconds, min_repeats, max_repeats) for b in batches]
-    return {"checkpoint": str(checkpoint), "model": model.name, "threads": threads, "generator": generator,
+    return {"checkpoint": str(checkpoint), "model": model.name, "threads": threads, "engine": engine,
             "generation": model.settings, "results": results}
 
 
@@ -78,12 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-seconds", type=float, default=10.0, help="keep repeating a batch size this long")
     parser.add_argument("--min-repeats", type=int, default=2)
     parser.add_argument("--max-repeats", type=int, default=50)
-    parser.add_argument("--generator", default="hf", help="hf (embcap's CaptionGenerator) or a bench.prototypes name")
+    parser.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE, help="decoding engine (embcap.engines)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     result = run(args.checkpoint, [int(b) for b in args.batches.split(",")], args.threads, args.pool_requests,
                  args.rows_per_request, args.seed, args.min_seconds, args.min_repeats, args.max_repeats,
-                 args.generator)
+                 args.engine)
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

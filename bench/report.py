@@ -74,7 +74,8 @@ def throughput_rel_se(level: dict) -> float | None:
     return None if sigma is None or n < 2 or not mean else sigma / mean / math.sqrt(n)
 
 
-def _ratio(a: float, a_rel_se: float | None, b: float, b_rel_se: float | None) -> Estimate:
+def ratio_estimate(a: float, a_rel_se: float | None, b: float, b_rel_se: float | None) -> Estimate:
+    """a / b with a 95% interval from the two relative standard errors (none when either is unknown)."""
     if a_rel_se is None or b_rel_se is None:
         return Estimate(a / b)
     return Estimate.around(a / b, Z95 * (a / b) * math.hypot(a_rel_se, b_rel_se))
@@ -159,7 +160,7 @@ def targets(results: dict) -> list[dict]:
 
     o16, b16 = _level(ours, 16), _level(base, 16)
     if o16 and b16 and b16["captions_per_s"] > 0:
-        ratio = _ratio(o16["captions_per_s"], throughput_rel_se(o16), b16["captions_per_s"], throughput_rel_se(b16))
+        ratio = ratio_estimate(o16["captions_per_s"], throughput_rel_se(o16), b16["captions_per_s"], throughput_rel_se(b16))
         detail = f"{o16['captions_per_s']:.2f} vs {b16['captions_per_s']:.2f} captions/s = {ratio.text(unit='x')}"
         rows = results.get("plan", {}).get("rows_per_request", 4)
         small, large = (_offline_exact(results.get("offline"), b) for b in (rows, 16 * rows))
@@ -173,7 +174,7 @@ def targets(results: dict) -> list[dict]:
     o1, b1 = _level(ours, 1), _level(base, 1)
     if o1 and b1 and b1["p50_ms"] > 0:
         se_o, se_b = median_se_ms(o1), median_se_ms(b1)
-        ratio = _ratio(o1["p50_ms"], se_o and se_o / o1["p50_ms"], b1["p50_ms"], se_b and se_b / b1["p50_ms"])
+        ratio = ratio_estimate(o1["p50_ms"], se_o and se_o / o1["p50_ms"], b1["p50_ms"], se_b and se_b / b1["p50_ms"])
         add("latency_c1", ratio.value, 1.1, verdict(ratio, 1.1, False),
             f"{o1['p50_ms']:.1f} vs {b1['p50_ms']:.1f} ms = {ratio.text(3, 'x')}")
     else:
@@ -188,7 +189,7 @@ def targets(results: dict) -> list[dict]:
     if o32 and mean_batch:
         same = _offline_at(offline, mean_batch)
         if same:
-            share = _ratio(o32["captions_per_s"], throughput_rel_se(o32), same["captions_per_s"], 0.0)
+            share = ratio_estimate(o32["captions_per_s"], throughput_rel_se(o32), same["captions_per_s"], 0.0)
             add("offline_c32", share.value, 0.8, verdict(share, 0.8, True),
                 f"{o32['captions_per_s']:.2f} captions/s vs offline {same['captions_per_s']:.2f} at batch "
                 f"{same['batch']} (the decoder's mean batch at c=32 was {mean_batch:.1f} rows) = "

@@ -6,7 +6,8 @@ Phases run one after the other on the same CPU (never overlapping):
   3. the load generator against the gateway at each concurrency (Triton statistics per level)
   4. the naive baseline server (bench.baseline), same load
   5. the offline loop (bench.offline) at each batch size
-then the report (report.md, plot.png, results.json) in the run's folder.
+  6. the engines side by side (bench.engines): each decoding engine, normal and realistic inputs, open loop
+then the reports (report.md, plot.png, engines.md, engines.png, results.json) in the run's folder.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import loadgen, machine, perf_analyzer, report, triton_stats
+from bench import engine_report, engines, loadgen, machine, perf_analyzer, report, triton_stats
 from bench.common import (
     RESULTS,
     ROOT,
@@ -54,12 +55,15 @@ class Plan:
     seed: int = 0
     decoder_threads: int = 2
     export_args: list[str] = field(default_factory=list)
-    skip: set[str] = field(default_factory=set)  # of: perf_analyzer, gateway, baseline, offline
+    skip: set[str] = field(default_factory=set)  # of: perf_analyzer, gateway, baseline, offline, engines
     gateway_url: str | None = None  # an already running stack: no cold start measured
     grpc_url: str | None = None
     out: Path | None = None
     ready_timeout_s: float = 300.0
-    decoder_model: Path | None = None  # a prototype model.py to serve as the decoder (bench/prototypes/)
+    engines: list[str] = field(default_factory=lambda: ["hf", "continuous"])  # the engines phase
+    engine_levels: list[int] = field(default_factory=lambda: [1, 16, 32])
+    open_loop_requests: int = 48
+    open_loop_load: float = 0.8  # the open loop's arrival rate, as a share of the hf engine's capacity
 
     @classmethod
     def preset(cls, mode: str, **overrides) -> "Plan":
@@ -67,7 +71,7 @@ class Plan:
             base = dict(mode="quick", levels=[1, 4, 16], waves=2, min_requests=4, level_duration_s=45.0,
                         baseline_waves=1, baseline_min_requests=3, offline_batches=[1, 4, 16],
                         offline_min_seconds=0.0, offline_max_repeats=1, pa_levels=[1], pa_requests_per_level=6,
-                        pool_requests=16)
+                        pool_requests=16, engine_levels=[1, 16], open_loop_requests=16)
         elif mode == "full":
             base = dict(mode="full")
         else:
@@ -86,33 +90,14 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def export_with_prototype(plan: Plan, repository: Path) -> float:
-    """Export like server.py does, then serve `plan.decoder_model` as the decoder; returns seconds taken."""
-    started = time.perf_counter()
-    command = [python(), "-m", "export", str(plan.checkpoint), "--out", str(repository), *plan.export_args]
-    with open(repository.parent / "logs" / "export.log", "ab") as log_file:
-        subprocess.run(command, cwd=ROOT, env=thread_env(), stdout=log_file, stderr=subprocess.STDOUT, check=True)
-    source = Path(plan.decoder_model).read_text().replace("__BENCH_ROOT__", str(ROOT))
-    (repository / "decoder" / "1" / "model.py").write_text(source)
-    return time.perf_counter() - started
-
-
-def start_stack(plan: Plan, out: Path) -> tuple[Child, str, float]:
-    """server.py as the container runs it, on free ports; returns (child, grpc url, cold start s).
-    With a prototype decoder the export runs first (timed into the cold start), then server.py --skip-export."""
+def start_stack(plan: Plan, out: Path, export_args: list[str] | tuple[str, ...] = ()) -> tuple[Child, str, float]:
+    """server.py as the container runs it, on free ports; returns (child, grpc url, cold start s)."""
     port, grpc_port = free_port(), free_port()
-    repository = out / "model_repository"
-    command = [python(), "server.py", "--checkpoint", str(plan.checkpoint), "--model-repository", str(repository),
-               "--bind", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port)]
-    export_s = 0.0
-    if plan.decoder_model:
-        export_s = export_with_prototype(plan, repository)
-        command.append("--skip-export")
-    else:
-        command += [f"--export-arg={a}" for a in plan.export_args]
+    command = [python(), "server.py", "--checkpoint", str(plan.checkpoint), "--model-repository",
+               str(out / "model_repository"), "--bind", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port),
+               *[f"--export-arg={a}" for a in [*plan.export_args, *export_args]]]
     child = spawn("server.py", command, out / "logs" / "server.log", f"http://127.0.0.1:{port}")
-    cold = export_s + child.wait_healthy(plan.ready_timeout_s)
-    return child, f"127.0.0.1:{grpc_port}", cold
+    return child, f"127.0.0.1:{grpc_port}", child.wait_healthy(plan.ready_timeout_s)
 
 
 def start_baseline(plan: Plan, out: Path) -> tuple[Child, float]:
@@ -268,11 +253,18 @@ def _run_phases(plan: Plan, out: Path, results: dict, monitor, started: float) -
         log(f"offline loop at batch sizes {batches}")
         results["offline"] = run_offline(plan, out, sorted(batches))
 
+    # 6: the decoding engines side by side
+    if "engines" not in plan.skip:
+        monitor.phase = "engines"
+        results["engines"] = engines.run_engines(plan, out, start_stack, warm, log)
+
     results["wall_s"] = time.perf_counter() - started
     results["machine"]["other_cpu_cores_by_phase"] = monitor.summary()
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     text = report.write(results, out)
+    if results.get("engines"):
+        text += "\n" + engine_report.write(results["engines"], out)
     print(text, flush=True)
     log(f"done in {results['wall_s']:.0f} s: {out / 'report.md'}, {out / 'plot.png'}")
     return results

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from bench import loadgen, overhead, report
+from bench import engine_report, loadgen, overhead, report
 from bench.common import embedding_pool
 from bench.run import Plan, run
 from conftest import start_server, stop_process
@@ -39,7 +39,7 @@ def tiny_stack(tiny_checkpoint, tmp_path_factory):
 def test_quick_run_against_a_live_stack_writes_a_well_formed_report(tiny_stack, tiny_checkpoint, tmp_path):
     base, grpc_url = tiny_stack
     plan = Plan.preset("quick", checkpoint=tiny_checkpoint, levels=[1, 4], pool_requests=8, gateway_url=base,
-                       grpc_url=grpc_url, out=tmp_path / "run", pa_requests_per_level=4)
+                       grpc_url=grpc_url, out=tmp_path / "run", pa_requests_per_level=4, skip={"engines"})
     results = run(plan)
 
     for system in ("gateway", "baseline"):
@@ -88,7 +88,7 @@ def test_quick_run_against_a_live_stack_writes_a_well_formed_report(tiny_stack, 
 
 def test_a_run_that_starts_its_own_stack_measures_cold_start(tiny_checkpoint, tmp_path):
     plan = Plan.preset("quick", checkpoint=tiny_checkpoint, levels=[2], pool_requests=4, out=tmp_path / "run",
-                       skip={"baseline", "offline"}, pa_requests_per_level=2)
+                       skip={"baseline", "offline", "engines"}, pa_requests_per_level=2)
     results = run(plan)
     assert positive(results["cold_start_s"])
     assert results["stack_exit_code"] == 0
@@ -158,27 +158,43 @@ def test_request_bodies_are_evaluator_shaped():
     assert np.allclose(values, pool[2].reshape(-1))
 
 
-def test_prototype_decoder_matches_hf_generate_and_rows_may_join_mid_batch(tiny_checkpoint):
-    from bench.model import load_local_model
-    from bench.prototypes.continuous import ContinuousDecoder, FastCaptionGenerator
+def test_engines_phase_runs_both_engines_on_both_inputs_and_reports_ratios(tiny_checkpoint, tmp_path):
+    plan = Plan.preset("quick", checkpoint=tiny_checkpoint, pool_requests=4, out=tmp_path / "run",
+                       skip={"gateway", "perf_analyzer", "baseline", "offline"}, engine_levels=[1, 4],
+                       open_loop_requests=6)
+    phase = run(plan)["engines"]
+    assert list(phase["engines"]) == ["hf", "continuous"]  # the reference first: it sets the open loop's rate
+    assert positive(phase["open_loop_rate_rps"]) and phase["open_loop_capacity_engine"] == "hf"
+    for name, entry in phase["engines"].items():
+        assert entry["exit_code"] == 0 and positive(entry["cold_start_s"])
+        for kind in ("normal", "realistic"):
+            assert [level["concurrency"] for level in entry[kind]] == [1, 4]
+            assert all(level["errors"] == 0 and positive(level["captions_per_s"]) for level in entry[kind]), name
+        loop = entry["open_loop"]
+        assert loop["ok"] == 6 and loop["errors"] == 0 and len(loop["extra"]["latencies_ms"]) == 6
+    keys = {t["key"]: t for t in engine_report.targets(phase)}
+    assert positive(keys["open_loop_p95"]["value"]) and "95% CI" in keys["open_loop_p95"]["detail"]
+    assert keys["realistic_c16"]["met"] is None  # c=16 not run in this plan: n/a, not a failure
+    assert keys["nothing_late"]["met"] is True
+    text = (tmp_path / "run" / "engines.md").read_text()
+    assert "| hf | realistic | 4 |" in text and "| continuous | normal | 1 |" in text and "open loop" in text
+    assert (tmp_path / "run" / "engines.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    reference = load_local_model(tiny_checkpoint, threads=1)
-    fast = load_local_model(tiny_checkpoint, threads=1, generator_factory=FastCaptionGenerator)
-    rows = embedding_pool(2, 4, seed=7).reshape(-1, 1024)
-    prefix = reference.prefix(rows)
-    expected = reference.generator.generate(prefix)
-    assert fast.generator.generate(prefix) == expected
 
-    decoder = ContinuousDecoder(fast.generator)  # rows arrive at three different steps
-    texts = {}
-    decoder.add(prefix[:2], [0, 1])
-    decoder.step()
-    decoder.add(prefix[2:3], [2])
-    decoder.step()
-    decoder.step()
-    decoder.add(prefix[3:], list(range(3, 8)))
-    while decoder.active:
-        for row in decoder.take_finished():
-            texts[row.key] = decoder.text(row)
-        decoder.step()
-    assert [texts[i] for i in range(8)] == expected
+def test_engine_verdicts_come_from_the_same_run_ratios_and_their_intervals():
+    def levels(rate: float, p50: float, spread: float, n: int = 30) -> list[dict]:
+        return [_level(c, rate * (1 + c / 8), p50, spread, n=n) for c in (1, 16, 32)]
+
+    rng = np.random.default_rng(0)
+    fast = {"normal": levels(10.0, 1000.0, 10.0), "realistic": levels(20.0, 500.0, 10.0),
+            "open_loop": {"extra": {"latencies_ms": list(rng.normal(500, 20, 40))}, "over_deadline": 0}}
+    slow = {"normal": levels(10.0, 1000.0, 10.0), "realistic": levels(10.0, 1000.0, 10.0),
+            "open_loop": {"extra": {"latencies_ms": list(rng.normal(1000, 20, 40))}, "over_deadline": 0}}
+    got = {t["key"]: t["met"] for t in engine_report.targets({"engines": {"hf": slow, "continuous": fast}})}
+    assert got == {"realistic_c16": True, "realistic_c32": True, "open_loop_p95": True, "normal_c1": True,
+                   "normal_c16": True, "normal_c32": True, "normal_p50_c1": True, "nothing_late": True}
+    fast["realistic"] = levels(10.0, 1000.0, 10.0)  # no faster: missed, tightly
+    fast["normal"] = levels(10.0, 1000.0, 8000.0, n=3)  # noise straddles 0.95x: n/a, never met
+    got = {t["key"]: t["met"] for t in engine_report.targets({"engines": {"hf": slow, "continuous": fast}})}
+    assert got["realistic_c16"] is False and got["normal_c16"] is None
+    assert "[MISSED]" in engine_report.ratios_text({"engines": {"hf": slow, "continuous": fast}})
