@@ -34,10 +34,21 @@ def realistic_embeddings(rows: int, dim: int = EMBEDDING_DIM, seed: int = 0) -> 
     if rows < 0 or dim < 2:
         raise ValueError(f"need rows >= 0 and dim >= 2, got rows={rows}, dim={dim}")
     rng = np.random.default_rng(seed)
-    direction = _unit_rows(rng.standard_normal((rows, 1, dim)))
+    return _clip_means(_unit_rows(rng.standard_normal((rows, dim))), rng)
+
+
+def realistic_around(directions: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Float32 embeddings shaped like the evaluator's around given ``[rows, dim]`` directions:
+    each row becomes the mean of 15 unit "clips" spread around it (norm mostly 0.5-0.9)."""
+    directions = np.asarray(directions, dtype=np.float64)
+    return _clip_means(_unit_rows(directions), np.random.default_rng(seed))
+
+
+def _clip_means(direction: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    rows, dim = direction.shape
     offsets = _unit_rows(rng.standard_normal((rows, CLIPS_PER_EMBEDDING, dim)))
     cosine = rng.uniform(*CLIP_COSINE_RANGE, size=(rows, 1, 1))
-    clips = _unit_rows(cosine * direction + np.sqrt(1.0 - cosine**2) * offsets)
+    clips = _unit_rows(cosine * direction[:, None, :] + np.sqrt(1.0 - cosine**2) * offsets)
     return clips.mean(axis=1).astype(np.float32)
 
 

@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="'heldout' (built-in split), a captions file, or parquet file/folder")
     parser.add_argument("--limit", type=int, default=None, help="score a seeded random subset of N rows")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--norms", choices=("as-is", "realistic"), default="as-is",
+                        help="'realistic': send each row as the mean of 15 unit vectors around it (norm mostly "
+                             "0.5-0.9, like the evaluator's video embeddings); 'as-is': the dataset's (unit) vectors")
     parser.add_argument("--batch-size", type=int, default=4, help="rows per request (the evaluator sends 4)")
     parser.add_argument("--endpoint", default="inference", help=f"{' or '.join(ENDPOINTS)} or a path")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, s (30 in the earliest)")
@@ -98,7 +101,7 @@ def cached_encoding(captions: list[str]) -> np.ndarray:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     progress = not args.quiet
-    dataset = load_dataset(args.dataset).sample(args.limit, args.seed)
+    dataset = load_dataset(args.dataset).sample(args.limit, args.seed).with_norms(args.norms, args.seed)
     print(f"dataset {dataset.name}: {len(dataset)} rows, embeddings {list(dataset.embeddings.shape)}")
     if args.checkpoint:
         target = f"checkpoint {args.checkpoint} (in-process)"
@@ -125,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       cached_encoding(train).astype(np.float32))
     settings = {"batch_size": args.batch_size, "endpoint": ENDPOINTS.get(args.endpoint, args.endpoint),
                 "timeout_s": args.timeout, "health": args.health, "limit": args.limit, "seed": args.seed,
+                "norms": args.norms,
                 "baseline_train_captions": len(train) if train else None}
     report = build_report(dataset_name=dataset.name, references=dataset.references, sources=dataset.sources,
                           run=run, scores=scores, judge_name=judge_name, target=target, settings=settings,

@@ -32,6 +32,18 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.references)
 
+    def with_norms(self, norms: str, seed: int = 0) -> "Dataset":
+        """'as-is' keeps the embeddings; 'realistic' makes each row the mean of 15 unit vectors
+        around its direction (norm at most 1, mostly 0.5-0.9), as the evaluator's video embeddings are."""
+        if norms == "as-is":
+            return self
+        if norms != "realistic":
+            raise ValueError(f"norms must be 'as-is' or 'realistic', not {norms!r}")
+        from embcap.inputs import realistic_around
+
+        return Dataset(f"{self.name} (realistic norms)", realistic_around(self.embeddings, seed), self.references,
+                       self.sources)
+
     def sample(self, limit: int | None, seed: int = 0) -> "Dataset":
         """A seeded random subset of `limit` rows (all rows when limit is None or too large)."""
         if limit is None or limit >= len(self):

@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
+from embcap.inputs import realistic_embeddings
 from evaluate.cli import main as evaluate_main
 from evaluate.client import NotReady, run_requests, wait_ready
 from evaluate.datasets import DEFAULT_HELDOUT, from_parquet, load_dataset
@@ -65,7 +66,7 @@ def broken_peer():
 
 def test_wrong_count_loses_every_batch(broken_peer):
     _, url = broken_peer
-    run = run_requests(url, np.zeros((10, DIM), np.float32), batch_size=4, progress=False)
+    run = run_requests(url, realistic_embeddings(10), batch_size=4, progress=False)
     assert [len(b.rows) for b in run.batches] == [4, 4, 2]
     assert [b.loss_reason for b in run.batches] == ["count_mismatch"] * 3
     assert run.captions(10) == [None] * 10
@@ -73,9 +74,9 @@ def test_wrong_count_loses_every_batch(broken_peer):
 
 def test_http_error_and_timeout_are_lost(broken_peer):
     _, url = broken_peer
-    run = run_requests(url, np.zeros((4, DIM), np.float32), endpoint="v2t", progress=False)
+    run = run_requests(url, realistic_embeddings(4), endpoint="v2t", progress=False)
     assert run.batches[0].loss_reason == "http_error"
-    run = run_requests(url, np.zeros((4, DIM), np.float32), endpoint="/slow", timeout_s=0.3, progress=False)
+    run = run_requests(url, realistic_embeddings(4), endpoint="/slow", timeout_s=0.3, progress=False)
     assert run.batches[0].loss_reason == "timeout"
 
 
@@ -119,6 +120,11 @@ def test_parquet_layout(tmp_path):
     dataset = load_dataset(str(tmp_path / "data"))
     assert dataset.embeddings.shape == (3, DIM) and dataset.references == ["one", "two", "three"]
     assert from_parquet(tmp_path / "data" / "part-0.parquet").sample(2).embeddings.shape == (2, DIM)
+    realistic = dataset.with_norms("realistic", seed=1)  # what the evaluator sends: means of 15 unit vectors
+    norms = np.linalg.norm(realistic.embeddings, axis=1)
+    assert realistic.references == dataset.references and np.all((norms > 0.3) & (norms < 1.0))
+    unit = dataset.embeddings / np.linalg.norm(dataset.embeddings, axis=1, keepdims=True)
+    assert np.all(np.sum(realistic.embeddings * unit, axis=1) / norms > 0.7)  # still about the same direction
 
 
 def test_retrieval_baseline_finds_the_nearest_caption():
