@@ -128,3 +128,15 @@ def test_an_abandoned_request_frees_its_rows(slow_triton):
         assert time.monotonic() < deadline - 7, "rows should be dropped about 1 s after the request arrived"
     finally:
         client.close()
+
+
+def test_a_request_past_the_deadline_is_an_error_never_a_partial_answer(slow_triton, tmp_path):
+    gateway, base = start_gateway(slow_triton.url, tmp_path / "gateway.log", env={REQUEST_TIMEOUT_ENV: "1"})
+    try:
+        response = httpx.post(base + "/api/v1/inference", json={"embedding": realistic_embeddings(4).reshape(-1).tolist()},
+                              timeout=30)
+        assert response.status_code == 504 and response.json()["error"] == "triton_timeout"
+        assert "texts" not in response.json()
+        assert wait_http(base + "/api/v1/health", 10).json()["status"] == "healthy"
+    finally:
+        stop_process(gateway)

@@ -10,12 +10,16 @@ import httpx
 import numpy as np
 import psutil
 
+from embcap.inputs import realistic_embeddings
+
 from conftest import start_gateway, stop_process, wait_http
 
 URL = "/api/v1/inference"
 
 
-def payload(rows: int, seed: int = 0) -> dict:
+def payload(rows: int, seed: int = 0, realistic: bool = False) -> dict:
+    if realistic:
+        return {"embedding": realistic_embeddings(rows, seed=seed).reshape(-1).tolist()}
     return {"embedding": np.random.default_rng(seed).standard_normal(rows * 1024).astype(np.float32).tolist()}
 
 
@@ -31,21 +35,30 @@ def decoder_stub(server_pid: int) -> psutil.Process:
 
 
 class LoadLoop:
-    """Sends requests from a few threads until stopped; records status and duration of each."""
+    """Sends requests (4 rows, realistic and standard-normal in turn) from a few threads until stopped;
+    records status and duration of each, and every 200 whose captions are not one non-blank string per row."""
 
     def __init__(self, base: str, workers: int = 4) -> None:
         self.base = base
         self.results: list[tuple[int, float]] = []
+        self.wrong_answers: list[str] = []  # a wrong count zeroes the evaluator's whole run
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(workers)]
 
     def _run(self, seed: int) -> None:
         with httpx.Client(timeout=70) as client:
             deadline = time.monotonic() + 180  # bounded even if stop() is never called
+            sent = 0
             while not self._stop.is_set() and time.monotonic() < deadline:
                 started = time.monotonic()
+                sent += 1
                 try:
-                    status = client.post(self.base + URL, json=payload(4, seed)).status_code
+                    response = client.post(self.base + URL, json=payload(4, seed, realistic=sent % 2 == 0))
+                    status = response.status_code
+                    if status == 200:
+                        texts = response.json()["texts"]
+                        if len(texts) != 4 or not all(isinstance(t, str) and t.strip() for t in texts):
+                            self.wrong_answers.append(repr(texts)[:200])
                 except httpx.HTTPError:
                     status = -1
                 self.results.append((status, time.monotonic() - started))
@@ -74,6 +87,7 @@ def assert_recovers(base: str, process, kill) -> dict:
         time.sleep(1.0)
     statuses = {status for status, _ in load.results}
     assert statuses <= {200, 502, 503}, statuses
+    assert not load.wrong_answers, f"answered 200 with a wrong caption count or a blank caption: {load.wrong_answers}"
     assert max(duration for _, duration in load.results) < 20, "a request hung during the fault"
     assert load.results[-1][0] == 200
     assert detected < 2.0
