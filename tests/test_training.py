@@ -1,0 +1,229 @@
+"""The trainer: parquet data in the evaluator's layout (and malformed variants), a tiny Llama trained with and
+without LoRA, resume equivalence, and the written checkpoint served by the real stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from embcap.builders import make_tiny_checkpoint  # noqa: E402
+from embcap.inputs import realistic_embeddings  # noqa: E402
+from evaluate.datasets import DEFAULT_HELDOUT  # noqa: E402
+from tests.conftest import ROOT, start_server, stop_process  # noqa: E402
+from training.data import DataError, Examples, expand, read_parquet, split, write_parquet  # noqa: E402
+from training.train import main as train_main  # noqa: E402
+
+ROWS = 48
+
+
+@pytest.fixture(scope="module")
+def parquet_dir(tmp_path_factory) -> Path:
+    """Two files in the evaluator's layout: encoder embeddings (norm 0.8) of corpus captions, 2 rows per video."""
+    from embcap.text_encoder import encode_captions
+
+    captions = [line.split("\t")[1] for line in DEFAULT_HELDOUT.read_text().splitlines()[:ROWS]]
+    examples = Examples(texts=captions, embeddings=(0.8 * encode_captions(captions)).astype(np.float32),
+                        video_ids=[f"video-{i // 2}" for i in range(ROWS)])
+    folder = tmp_path_factory.mktemp("parquet")
+    write_parquet(folder / "part-0.parquet", examples.subset(list(range(ROWS // 2))))
+    write_parquet(folder / "part-1.parquet", examples.subset(list(range(ROWS // 2, ROWS))))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder(tmp_path_factory, smollm2_dir) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", smollm2_dir) / "decoder"
+
+
+def tiny_args(data: Path, decoder: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--data", str(data / "*.parquet"), "--heldout-size", "8", "--decoder", str(decoder),
+            "--batch-size", "4", "--grad-accum", "2", "--steps", "8", "--warmup", "1", "--lr", "1e-2",
+            "--lora-lr", "1e-2", "--prefix-length", "2", "--max-new-tokens", "6", "--max-caption-tokens", "12",
+            "--eval-every", "0", "--final-eval-samples", "0", "--save-every", "100", "--threads", "1",
+            "--run-dir", str(run_dir), *extra]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_parquet_fixture_has_the_evaluators_layout(parquet_dir):
+    table = pq.read_table(parquet_dir / "part-0.parquet")
+    assert set(table.column_names) == {"video_embed", "description", "video_id"}
+    vectors = np.asarray(table.column("video_embed").to_pylist(), dtype=np.float32)
+    assert vectors.shape == (ROWS // 2, 1024)
+    assert np.all(np.linalg.norm(vectors, axis=1) <= 1.0 + 1e-4)
+    examples = read_parquet(expand(str(parquet_dir)))
+    assert len(examples) == ROWS and examples.video_ids[:3] == ["video-0", "video-0", "video-1"]
+
+
+def test_heldout_split_keeps_each_video_on_one_side(parquet_dir):
+    train, held, how = split(read_parquet(expand(str(parquet_dir))), heldout_size=9, seed=3)
+    assert how == "by video_id" and len(held) >= 9 and len(train) + len(held) == ROWS
+    assert not set(train.video_ids) & set(held.video_ids)
+
+
+def _write_variant(folder: Path, source: Path, change) -> Path:
+    table = change(pq.read_table(source))
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, folder / "bad.parquet")
+    return folder / "bad.parquet"
+
+
+def _set_row(table, column: str, row: int, value):
+    values = table.column(column).to_pylist()
+    values[row] = value
+    index = table.column_names.index(column)
+    return table.set_column(index, column, pa.array(values, type=table.schema.field(column).type))
+
+
+MALFORMED = {
+    "missing column": (lambda t: t.drop_columns(["description"]), "column 'description' missing"),
+    "wrong width": (lambda t: _set_row(t, "video_embed", 5, [0.01] * 512), "column 'video_embed' row 5: 512 values"),
+    "NaN": (lambda t: _set_row(t, "video_embed", 3, [float("nan")] + [0.0] * 1023), "column 'video_embed' row 3: NaN"),
+    "empty description": (lambda t: _set_row(t, "description", 2, "  "), "column 'description' row 2: empty"),
+    "norm above 1": (lambda t: _set_row(t, "video_embed", 4, [1.0] * 1024), "column 'video_embed' row 4: norm"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_data_fails_before_training_naming_file_column_row(case, parquet_dir, tiny_decoder, tmp_path):
+    change, message = MALFORMED[case]
+    bad = _write_variant(tmp_path / "data", parquet_dir / "part-0.parquet", change)
+    shutil.copy(parquet_dir / "part-1.parquet", tmp_path / "data" / "good.parquet")
+    with pytest.raises(DataError) as error:
+        train_main(tiny_args(tmp_path / "data", tiny_decoder, tmp_path / "run"))
+    assert str(bad) in str(error.value) and message in str(error.value)
+    assert not (tmp_path / "run" / "state.pt").exists() and not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_frozen_decoder_loss_falls(parquet_dir, tiny_decoder, tmp_path):
+    report = train_main(tiny_args(parquet_dir, tiny_decoder, tmp_path / "run", "--steps", "12"))
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 12 and np.mean(curve[-3:]) < np.mean(curve[:3])
+    assert report["lora"] is None and report["examples_seen"] == 12 * 8
+
+
+def _state(run_dir: Path) -> dict:
+    state = torch.load(run_dir / "state.pt", weights_only=False)
+    return {"step": state["step"], **{f"projector.{k}": v for k, v in state["projector"].items()},
+            **{f"adapter.{k}": v for k, v in state["adapter"].items()}}
+
+
+def test_lora_resume_reaches_the_uninterrupted_state(parquet_dir, tiny_decoder, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_main(tiny_args(parquet_dir, tiny_decoder, straight, "--lora"))
+    train_main(tiny_args(parquet_dir, tiny_decoder, resumed, "--lora", "--stop-at", "3"))
+    assert _state(resumed)["step"] == 3
+    train_main(tiny_args(parquet_dir, tiny_decoder, resumed, "--lora"))
+    a, b = _state(straight), _state(resumed)
+    assert a["step"] == b["step"] == 8 and a.keys() == b.keys()
+    assert any(k.startswith("adapter.") and "lora_B" in k for k in a)
+    for key in a:
+        if key != "step":
+            assert torch.equal(a[key], b[key]), key
+    curve = losses(straight)
+    assert np.mean(curve[-3:]) < np.mean(curve[:3])
+    assert losses(resumed) == curve  # the resumed run's log continues where it stopped
+
+
+def test_resume_refuses_other_settings(parquet_dir, tiny_decoder, tmp_path):
+    train_main(tiny_args(parquet_dir, tiny_decoder, tmp_path / "run", "--stop-at", "1"))
+    with pytest.raises(SystemExit, match="other settings"):
+        train_main(tiny_args(parquet_dir, tiny_decoder, tmp_path / "run", "--lora"))
+
+
+def test_merged_adapter_gives_the_adapted_outputs(tiny_decoder):
+    from training.decoder import LoraSettings, load_decoder, merged_decoder
+
+    model, _ = load_decoder(tiny_decoder, torch.device("cpu"), torch.float32, LoraSettings(rank=4), False, seed=0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    ids = torch.tensor([[5, 17, 99, 4]])
+    model.eval()
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        merged = merged_decoder(model)
+        assert not any("lora" in name for name, _ in merged.named_parameters())
+        assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(parquet_dir, tiny_decoder, tmp_path_factory) -> tuple[Path, dict]:
+    """A tiny LoRA run with periodic and final held-out scores, written as a checkpoint."""
+    run = tmp_path_factory.mktemp("trained")
+    report = train_main(tiny_args(parquet_dir, tiny_decoder, run / "run", "--lora", "--steps", "4", "--eval-every",
+                                  "2", "--eval-samples", "4", "--final-eval-samples", "6", "--out",
+                                  str(run / "checkpoint")))
+    return run / "checkpoint", report
+
+
+def test_checkpoint_records_how_it_was_trained(trained_checkpoint):
+    checkpoint, report = trained_checkpoint
+    record = json.loads((checkpoint / "training.json").read_text())
+    assert record == json.loads(json.dumps(report))
+    assert record["steps"] == 4 and record["lora"]["modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert record["data"]["conditioning"] == "video_embed" and len(record["data"]["files"]) == 2
+    assert record["data"]["split"] == "by video_id"
+    assert [h["step"] for h in record["scores"]["history"]] == [2, 4]
+    assert record["scores"]["history"][0]["engine"] == "hf"
+    final = record["scores"]["final"]
+    assert final["rows"] == 6 and final["engine"] == "continuous" and -1.0 <= final["score"] <= 1.0
+    card = (checkpoint / "MODEL_CARD.md").read_text()
+    assert "part-0.parquet" in card and "video_embed" in card and "final, this checkpoint" in card
+    config = json.loads((checkpoint / "caption_model.json").read_text())
+    assert config["decoder"] == {"path": "decoder"}
+    assert not list((checkpoint / "decoder").glob("adapter*")), "serving must not need peft"
+
+
+def test_doctor_accepts_the_checkpoint(trained_checkpoint, tmp_path):
+    from doctor.checks import PASS, Options, check_export, check_models
+
+    checkpoint, _ = trained_checkpoint
+    repo = tmp_path / "repo"
+    shutil.copytree(checkpoint, repo / "models" / "trained")
+    os.symlink(ROOT / "export", repo / "export")
+    options = Options(repo=repo, checkpoint="models/trained")
+    results = {r.check: r for r in check_models(options) + check_export(options)}
+    for name in ("models", "weights-size", "export"):
+        assert results[name].status == PASS, results[name]
+    assert "weights-readable" not in results
+
+
+def test_trained_checkpoint_serves_through_the_stack(trained_checkpoint, tmp_path):
+    checkpoint, _ = trained_checkpoint
+    process, base = start_server(checkpoint, tmp_path, ready_timeout_s=180)
+    try:
+        rows = 5
+        body = {"embedding": realistic_embeddings(rows, seed=11).reshape(-1).tolist()}
+        response = httpx.post(f"{base}/api/v1/inference", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        texts = response.json()["texts"]
+        assert len(texts) == rows and all(text.strip() for text in texts)
+    finally:
+        assert stop_process(process) == 0
+
+
+def test_gpu_bench_smoke_on_the_cpu(smollm2_dir, tmp_path):
+    from training.gpu_bench import main as bench_main
+
+    report = bench_main(["--shape", "tiny", "--device", "cpu", "--batch", "2", "--steps", "2", "--warmup", "1",
+                         "--caption-tokens", "4", "--tokenizer", str(smollm2_dir), "--out", str(tmp_path)])
+    modes = {row["mode"]: row for row in report["results"]}
+    assert set(modes) == {"frozen", "lora"} and modes["frozen"]["ratio_to_frozen"] == 1.0
+    assert modes["lora"]["trainable_params"] > modes["frozen"]["trainable_params"]
+    assert all(row["steps_per_s"] > 0 for row in modes.values())
+    assert json.loads((tmp_path / "results.json").read_text())["shape"] == "tiny"
+    assert "vs frozen" in (tmp_path / "results.md").read_text()

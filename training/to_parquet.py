@@ -1,0 +1,60 @@
+"""Write captions as parquet in the evaluator's layout, embedded with the project's encoder.
+
+    python -m training.to_parquet --captions wordnet --out data/wordnet   # train.parquet + heldout.parquet
+    python -m training.to_parquet --captions my_captions.txt --out data/mine
+
+Each row: ``video_embed`` = `embcap.text_encoder.encode_captions(description)` scaled to
+`--norm` (the evaluator's video embeddings have norms of about 0.5-0.9), ``description`` and a
+``video_id``. The WordNet corpus keeps its own held-out split (``heldout.parquet``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from training.data import WORDNET, Examples, write_parquet
+
+
+def to_examples(captions: list[str], norm: float, prefix: str) -> Examples:
+    """Encoder embeddings of `captions` (scaled to `norm`), one video id per caption."""
+    from embcap.text_encoder import encode_captions
+
+    vectors = (norm * encode_captions(captions, batch_size=128, progress=True)).astype(np.float32)
+    return Examples(texts=captions, embeddings=vectors, video_ids=[f"{prefix}-{i}" for i in range(len(captions))])
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(prog="python -m training.to_parquet", description=__doc__.split("\n")[0])
+    parser.add_argument("--captions", default=WORDNET, help="a captions file, or 'wordnet' (the default corpus)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the parquet files")
+    parser.add_argument("--norm", type=float, default=1.0, help="row norm of video_embed (at most 1)")
+    parser.add_argument("--max-train", type=int, default=80000, help="training captions of the wordnet corpus")
+    parser.add_argument("--heldout-size", type=int, default=1000, help="held-out captions of the wordnet corpus")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not 0 < args.norm <= 1:
+        parser.error("--norm must be in (0, 1]")
+    written = []
+    if args.captions == WORDNET:
+        from training.corpus import build_corpus
+
+        corpus = build_corpus(seed=args.seed, heldout_size=args.heldout_size, max_train=args.max_train)
+        for name, part in (("train", corpus.train), ("heldout", corpus.heldout)):
+            examples = to_examples([c.text for c in part], args.norm, name)
+            written.append(write_parquet(args.out / f"{name}.parquet", examples))
+    else:
+        from evaluate.datasets import read_caption_lines
+
+        captions, _ = read_caption_lines(args.captions)
+        written.append(write_parquet(args.out / f"{Path(args.captions).stem}.parquet",
+                                     to_examples(captions, args.norm, Path(args.captions).stem)))
+    for path in written:
+        print(path)
+    return written
+
+
+if __name__ == "__main__":
+    main()
