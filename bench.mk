@@ -1,4 +1,4 @@
-# Benchmarks (bench/): `make bench` (full, ~15 min) and `make bench-quick` (~3 min).
+# Benchmarks (bench/): `make bench` (full, ~30 min) and `make bench-quick` (~6 min); both end with the engines side by side.
 # Included by the Makefile; results go to bench/results/<utc time>-<mode>/.
 BENCH_ARGS ?=
 BENCH_CHECKPOINT ?= $(CHECKPOINT)
