@@ -28,6 +28,7 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import psutil
 import uvicorn
 
+from embcap.cache_dirs import cache_environment, engine_cache_args
 from embcap.gpu_probe import POLICIES, ProbeReport
 from embcap.triton_server import TritonOptions, TritonProcess
 from export.templates import parse_model_config
@@ -279,7 +280,10 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
-    asyncio.run(serve(parse_args(argv)))
+    args = parse_args(argv)
+    os.environ.update(cache_environment())  # /app/cache when the sandbox has one; inherited by the children
+    args.export_arg += engine_cache_args(os.environ, args.export_arg)
+    asyncio.run(serve(args))
     return 0
 
 

@@ -315,6 +315,8 @@ def _sandbox_problems(service: dict, config: dict) -> list[str]:
     for folder in ("/tmp", "/run"):
         if "noexec" not in tmpfs.get(folder, "").split(","):
             problems.append(f"{folder} is not a noexec tmpfs")
+    if "exec" not in tmpfs.get("/app/cache", "").split(","):  # the newest sandbox's cache folder
+        problems.append("/app/cache is not an exec-able tmpfs")
     if int(service.get("pids_limit", 0) or 0) != 100:
         problems.append("pids_limit is not 100")
     if "ALL" not in service.get("cap_drop", []):

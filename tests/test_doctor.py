@@ -176,6 +176,8 @@ BREAKAGES = {
                               "compose-sandbox", "root is not read-only"),
     "compose-exec-tmp": (lambda r: edit(r / "docker-compose.yml", "/tmp:rw,noexec,nosuid", "/tmp:rw,nosuid"),
                          "compose-sandbox", "/tmp is not a noexec tmpfs"),
+    "compose-no-app-cache": (lambda r: edit(r / "docker-compose.yml", "      - /app/cache:rw,exec,nosuid,size=8g\n", ""),
+                             "compose-sandbox", "/app/cache is not an exec-able tmpfs"),
 }
 
 

@@ -5,6 +5,10 @@ no-new-privileges, everything read-only (the code, the venv, the interpreter),
 the checkpoint mounted read-only as models/, fresh noexec tmpfs at /tmp and /run,
 a 64 MiB /dev/shm, no HOME, a clean environment and a network namespace with only
 the loopback interface. Probes run as nobody inside the same namespaces.
+
+Each test runs in two sandboxes: the September 2025 one (above) and the newest, which
+adds an exec-able tmpfs as its /app/cache, HF_HOME, XDG_CACHE_HOME,
+TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR pointed there, and a 2 GB /dev/shm.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ SANDBOX = ROOT / "tests" / "sandbox" / "sandbox.sh"
 PROBE = ROOT / "tests" / "sandbox" / "probe.py"
 BASE = "http://127.0.0.1:8000"  # the container's port: the sandbox has its own network namespace
 NOBODY = 65534
+APP_CACHE = "/tmp/app/cache"  # the newest sandbox's /app/cache (no /app on a host; see sandbox.sh)
+EVALUATOR_CACHE_ENV = ("HF_HOME", "XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+SANDBOXES = {"sept-2025": {}, "newest": {"EMBCAP_APP_CACHE": APP_CACHE,
+                                         **{name: APP_CACHE for name in EVALUATOR_CACHE_ENV}}}
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create mount and network namespaces"),
@@ -53,27 +61,30 @@ def probe(pid: int, *args: str, timeout_s: float = 240) -> dict:
 
 
 class Sandboxed:
-    def __init__(self, process: subprocess.Popen, log: Path) -> None:
-        self.process, self.log = process, log
+    def __init__(self, process: subprocess.Popen, log: Path, kind: str) -> None:
+        self.process, self.log, self.kind = process, log, kind
 
     def tree(self) -> list[psutil.Process]:
         root = psutil.Process(self.process.pid)
         return [root, *root.children(recursive=True)]
 
 
-@pytest.fixture(scope="module")
-def sandboxed(tiny_checkpoint, tmp_path_factory):
+@pytest.fixture(scope="module", params=list(SANDBOXES))
+def sandboxed(request, tiny_checkpoint, tmp_path_factory):
+    kind, extra_env = request.param, SANDBOXES[request.param]
     work = tmp_path_factory.mktemp("sandbox")
     models = work / "models"
     models.mkdir()
     readable_copy(tiny_checkpoint, models / "tiny")
     models.chmod(0o755)
     log = work / "server.log"
-    command = [str(SANDBOX), str(models), "--", "env", "PYTHONDONTWRITEBYTECODE=1", sys.executable, "server.py",
+    command = [str(SANDBOX), str(models), "--", "env", "PYTHONDONTWRITEBYTECODE=1",
+               *(f"{name}={value}" for name, value in extra_env.items()), sys.executable, "server.py",
                "--checkpoint", str(ROOT / "models" / "tiny"), "--model-repository", "/tmp/embcap/model_repository",
                "--bind", "127.0.0.1", "--port", "8000", "--grpc-port", "8001"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-    sandbox = Sandboxed(process, log)
+    sandbox_env = {**os.environ, "EMBCAP_SANDBOX_APP_CACHE": APP_CACHE} if extra_env else None
+    process = subprocess.Popen(command, cwd=ROOT, env=sandbox_env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    sandbox = Sandboxed(process, log, kind)
     try:
         deadline = time.monotonic() + 30  # the namespaces are ready once the process runs as nobody
         while psutil.Process(process.pid).uids().real != NOBODY:
@@ -93,17 +104,42 @@ def sandboxed(tiny_checkpoint, tmp_path_factory):
 
 
 def test_the_rules_hold_inside_the_sandbox(sandboxed):
-    env = probe(sandboxed.process.pid, "environment", str(ROOT))
+    newest = sandboxed.kind == "newest"
+    env = probe(sandboxed.process.pid, "environment", str(ROOT), *([APP_CACHE] if newest else []))
     assert (env["uid"], env["gid"], env["groups"]) == (NOBODY, NOBODY, [])
     assert int(env["cap_effective"], 16) == 0 and int(env["cap_bounding"], 16) == 0
     assert env["no_new_privs"] == "1" and env["home"] is None
     assert env["interfaces"] == ["lo"]
     assert env["writable"] == {str(ROOT): False, str(ROOT / "models"): False, str(ROOT / ".venv"): False,
                                "/": False, "/usr": False, "/root": False,
-                               "/tmp": True, "/run": True, "/dev/shm": True}
-    assert env["executable"] == {"/tmp": False, "/run": False, "/dev/shm": False}
+                               "/tmp": True, "/run": True, "/dev/shm": True, **({APP_CACHE: True} if newest else {})}
+    assert env["executable"] == {"/tmp": False, "/run": False, "/dev/shm": False,
+                                 **({APP_CACHE: True} if newest else {})}
+    assert env["shm_bytes"] == (2 << 30 if newest else 64 << 20)
     assert "embcap" in env["tmp_entries"], env["tmp_entries"]  # the exported model repository
     assert any(name.startswith("embcap_") for name in env["shm_entries"]), env["shm_entries"]
+
+
+def test_caches_go_to_app_cache_only_where_there_is_one(sandboxed):
+    """Newest sandbox: server.py points HOME, EMBCAP_CACHE_DIR and the TensorRT engine cache into
+    /app/cache, keeps the evaluator's settings, and every child process inherits them. Before: none."""
+    variables = ("HOME", "EMBCAP_CACHE_DIR", "EMBCAP_ENGINE_CACHE_DIR", *EVALUATOR_CACHE_ENV)
+    stubs = [p for p in sandboxed.tree() if p.name() in ("tritonserver", "triton_python_backend_stub")]
+    assert stubs
+    for process in stubs:
+        seen = {name: process.environ().get(name) for name in variables}
+        if sandboxed.kind == "newest":
+            assert seen == {"HOME": f"{APP_CACHE}/home", "EMBCAP_CACHE_DIR": f"{APP_CACHE}/embcap",
+                            "EMBCAP_ENGINE_CACHE_DIR": f"{APP_CACHE}/embcap-trt-engines",
+                            **{name: APP_CACHE for name in EVALUATOR_CACHE_ENV}}, (process.name(), seen)
+        else:
+            assert seen == dict.fromkeys(variables), (process.name(), seen)
+    if sandboxed.kind == "newest":
+        env = probe(sandboxed.process.pid, "environment", str(ROOT), APP_CACHE)
+        assert {"home", "embcap", "embcap-trt-engines"} <= set(env["entries"][APP_CACHE]), env["entries"]
+        export = [p for p in sandboxed.tree() if p.name() == "tritonserver"][0]
+        config = Path(f"/proc/{export.pid}/root/tmp/embcap/model_repository/projector/config.pbtxt").read_text()
+        assert f"{APP_CACHE}/embcap-trt-engines" in config  # the export was told where engines go
 
 
 def test_every_process_runs_as_nobody(sandboxed):

@@ -21,6 +21,9 @@ import time
 import httpx
 import numpy as np
 
+sys.path.insert(0, os.getcwd())  # the repository (nsenter --wd): the shared input generator
+from embcap.inputs import realistic_embeddings  # noqa: E402
+
 
 def writable(folder: str) -> bool:
     try:
@@ -44,17 +47,19 @@ def executable_from(folder: str) -> bool:
         os.unlink(target)
 
 
-def environment(repo: str) -> dict:
+def environment(repo: str, *extra: str) -> dict:
     status = dict(line.rstrip("\n").split(":\t", 1) for line in open("/proc/self/status") if ":\t" in line)
     folders = [repo, os.path.join(repo, "models"), os.path.join(repo, ".venv"), "/", "/usr", "/root",
-               "/tmp", "/run", "/dev/shm"]
+               "/tmp", "/run", "/dev/shm", *extra]
     return {
         "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(),
         "cap_effective": status["CapEff"], "cap_bounding": status["CapBnd"], "no_new_privs": status["NoNewPrivs"],
         "home": os.environ.get("HOME"),
         "interfaces": [name for _, name in socket.if_nameindex()],
         "writable": {folder: writable(folder) for folder in folders},
-        "executable": {folder: executable_from(folder) for folder in ("/tmp", "/run", "/dev/shm")},
+        "executable": {folder: executable_from(folder) for folder in ("/tmp", "/run", "/dev/shm", *extra)},
+        "shm_bytes": shutil.disk_usage("/dev/shm").total,
+        "entries": {folder: sorted(os.listdir(folder)) for folder in extra},
         "tmp_entries": sorted(os.listdir("/tmp")),
         "shm_entries": sorted(os.listdir("/dev/shm")),
     }
@@ -75,8 +80,7 @@ def wait(base: str, seconds: float) -> dict:
 
 
 def api(base: str) -> dict:
-    rng = np.random.default_rng(0)
-    body = lambda rows: {"embedding": rng.standard_normal(rows * 1024).astype(np.float32).tolist()}
+    body = lambda rows: {"embedding": realistic_embeddings(rows, seed=rows).ravel().tolist()}
     out = {"health": {path: httpx.get(base + path, timeout=5).status_code for path in ("/api/v1/health", "/health", "/")}}
     counts = {}
     for path in ("/api/v1/inference", "/api/v1/v2t"):
@@ -98,10 +102,9 @@ def api(base: str) -> dict:
 
 def throughput(base: str) -> dict:
     """Captions per second at batch 4 and 64 (8 requests each, after one warm-up)."""
-    rng = np.random.default_rng(1)
     rates = {}
     for rows in (4, 64):
-        body = {"embedding": rng.standard_normal(rows * 1024).astype(np.float32).tolist()}
+        body = {"embedding": realistic_embeddings(rows, seed=1).ravel().tolist()}
         httpx.post(base + "/api/v1/inference", json=body, timeout=120).raise_for_status()
         started = time.perf_counter()
         for _ in range(8):
@@ -112,6 +115,6 @@ def throughput(base: str) -> dict:
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    result = {"environment": lambda: environment(args[0]), "wait": lambda: wait(args[0], float(args[1])),
+    result = {"environment": lambda: environment(*args), "wait": lambda: wait(args[0], float(args[1])),
               "api": lambda: api(args[0]), "throughput": lambda: throughput(args[0])}[command]()
     print(json.dumps(result))

@@ -5,6 +5,8 @@
 #   MODELS_DIR mounted read-only over <repo>/models (as models/ at /app/models);
 #   fresh tmpfs at /tmp and /run (rw,noexec,nosuid,nodev) and /dev/shm (64 MiB, Docker's default);
 #   a private network namespace holding only the loopback interface.
+# With EMBCAP_SANDBOX_APP_CACHE=PATH (under /tmp), the newest evaluator's additions: an exec-able
+#   tmpfs at PATH (its /app/cache; /app does not exist on a host) and a 2 GB /dev/shm.
 # Needs root: it creates a private mount and network namespace; nothing outside them changes.
 #
 # usage: tests/sandbox/sandbox.sh MODELS_DIR -- COMMAND [ARG...]
@@ -68,6 +70,12 @@ done
 
 mount -o remount,noexec,nosuid,nodev,mode=1777 /tmp
 mount -t tmpfs -o rw,noexec,nosuid,nodev,mode=1777 tmpfs /run
-mount -t tmpfs -o rw,noexec,nosuid,nodev,mode=1777,size=64m shm /dev/shm
+if [ -n "${EMBCAP_SANDBOX_APP_CACHE:-}" ]; then
+    mkdir -p "$EMBCAP_SANDBOX_APP_CACHE"
+    mount -t tmpfs -o rw,exec,nosuid,nodev,mode=1777,size=4g tmpfs "$EMBCAP_SANDBOX_APP_CACHE"
+    mount -t tmpfs -o rw,noexec,nosuid,nodev,mode=1777,size=2g shm /dev/shm
+else
+    mount -t tmpfs -o rw,noexec,nosuid,nodev,mode=1777,size=64m shm /dev/shm
+fi
 
 drop_privileges "$@"
