@@ -16,6 +16,9 @@ it, so no memory is duplicated and the model keeps working).
 On CUDA one decode step per batch-size bucket is captured as a CUDA graph at
 start-up: nothing is compiled or written to disk, so it works on a read-only root
 with a noexec /tmp.
+
+One module of ~300 lines on purpose: the cache layout, the prefill, the captured
+step and the token choice must change together.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+# Decoders whose layers have the Llama layout this forward follows (q/k/v/o and gate/up/down projections,
+# RMSNorm, rotary positions, grouped-query attention; biases allowed).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # EMBCAP_ATTENTION_BACKEND values -> torch.nn.attention.SDPBackend members (a tuning knob; "auto" lets PyTorch pick).
 ATTENTION_BACKENDS = {"auto": "", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -108,6 +114,9 @@ class SlotKVDecoder:
         use_graphs: bool | None = None,
     ) -> None:
         config = model.config
+        if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"the continuous engine runs {', '.join(SUPPORTED_MODEL_TYPES)} decoders, not "
+                             f"{getattr(config, 'model_type', None)!r}: export with --engine hf")
         body = model.get_decoder()
         self.layers = list(body.layers)
         self.final_norm = body.norm
@@ -120,7 +129,6 @@ class SlotKVDecoder:
         self.kv_heads = int(config.num_key_value_heads)
         self.group = self.heads // self.kv_heads
         self.slots = slots
-        self.max_length = max_length
         self.sampling = sampling
         weight = self.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype

@@ -15,6 +15,7 @@ from embcap.decoder_source import resolve_decoder
 from embcap.engines import DEFAULT_ENGINE, ENGINES, QUEUE_DELAY_US
 from embcap.gpu_probe import resolve_decoder_device
 from embcap.projector import load_projector
+from embcap.slot_decoder import SUPPORTED_MODEL_TYPES
 from export.onnx_projector import PARITY_TOLERANCE, export_projector_onnx, onnx_parity_error
 from export.templates import TemplateError, render_config
 
@@ -83,7 +84,11 @@ def export_repository(
     spec = checkpoint.spec
     log(f"[1/4] checkpoint {checkpoint.root} ({spec.name})")
     decoder_dir = resolve_decoder(checkpoint, log=log)
-    hidden_size = int(json.loads((decoder_dir / "config.json").read_text())["hidden_size"])
+    decoder_config = json.loads((decoder_dir / "config.json").read_text())
+    hidden_size = int(decoder_config["hidden_size"])
+    if options.engine == "continuous" and decoder_config.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise TemplateError(f"the continuous engine runs {', '.join(SUPPORTED_MODEL_TYPES)} decoders; this one is "
+                            f"{decoder_config.get('model_type')!r}: export with --engine hf")
     log(f"[2/4] decoder {decoder_dir} (hidden size {hidden_size})")
     projector = load_projector(checkpoint.projector_path, spec.embedding_dim, hidden_size, spec.prefix_length)
 

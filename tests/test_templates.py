@@ -1,5 +1,6 @@
 """Config templating: strict variables, Triton-schema validation, export options."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,24 @@ def test_bad_options_fail_at_export_and_leave_nothing(tiny_checkpoint, tmp_path)
         export_repository(tiny_checkpoint, tmp_path / "repo", ExportOptions(max_batch_size=0), log=lambda _: None)
     assert not (tmp_path / "repo").exists()
     assert list(Path(tmp_path).iterdir()) == []
+
+
+@pytest.mark.parametrize("engine, delay_us", [("continuous", 0), ("hf", 20_000)])
+def test_the_engine_and_its_queue_delay_reach_the_decoder_config(tiny_checkpoint, tmp_path, engine, delay_us):
+    out = export_repository(tiny_checkpoint, tmp_path / "repo", ExportOptions(engine=engine), log=lambda _: None)
+    decoder = parse_model_config((out / "decoder" / "config.pbtxt").read_text())
+    assert decoder.parameters["engine"].string_value == engine
+    assert decoder.dynamic_batching.max_queue_delay_microseconds == delay_us
+    projector = parse_model_config((out / "projector" / "config.pbtxt").read_text())
+    assert projector.dynamic_batching.max_queue_delay_microseconds == delay_us
+
+
+def test_an_unknown_engine_or_an_unsupported_decoder_fails_at_export(tiny_checkpoint, tmp_path):
+    with pytest.raises(TemplateError, match="engine must be one of"):
+        export_repository(tiny_checkpoint, tmp_path / "repo", ExportOptions(engine="vllm"), log=lambda _: None)
+    other = shutil.copytree(tiny_checkpoint, tmp_path / "other")
+    config = other / "decoder" / "config.json"
+    config.write_text(config.read_text().replace('"model_type": "llama"', '"model_type": "gpt2"'))
+    with pytest.raises(TemplateError, match="export with --engine hf"):
+        export_repository(other, tmp_path / "repo", ExportOptions(), log=lambda _: None)
+    assert not (tmp_path / "repo").exists()
