@@ -100,12 +100,18 @@ def merged_decoder(model):
     return model
 
 
-def write_decoder(model, tokenizer, out: Path) -> None:
-    """save_pretrained in shards under GitHub's file limit, with the tokenizer; use_cache back on."""
+def write_decoder(model, tokenizer, out: Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    """save_pretrained in `dtype` (the model is cast in place), in shards under GitHub's file limit, with the
+    tokenizer. bfloat16 halves the files (SmolLM2's fp32 embedding table alone is 108 MiB); serving casts to
+    its own dtype when it loads them."""
     if out.exists():
         shutil.rmtree(out)
+    model.to(dtype)
     model.config.use_cache = True
     set_checkpointing(model, False)
+    # A folder de-quantised from GGUF still names its quantiser, which refuses to save; its weights are plain.
+    if getattr(model, "hf_quantizer", None) is not None and "gguf" in type(model.hf_quantizer).__name__.lower():
+        model.hf_quantizer = None
     with torch.no_grad():  # serving's engine may have made weights views of one fused matrix: save them apart
         for parameter in model.parameters():
             if parameter.data.untyped_storage().nbytes() != parameter.numel() * parameter.element_size():

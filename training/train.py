@@ -169,6 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--run-dir", type=Path, default=Path(".cache/train_run"), help="state, log, held-out split")
     run.add_argument("--out", "--export", dest="out", type=Path, default=None,
                      help="checkpoint folder to write (default: RUN_DIR/checkpoint)")
+    run.add_argument("--save-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                     help="dtype of a decoder written into the checkpoint")
     run.add_argument("--save-every", type=int, default=50)
     run.add_argument("--eval-every", type=int, default=300)
     run.add_argument("--eval-samples", type=int, default=32, help="held-out rows scored during training")
@@ -325,7 +327,7 @@ def write_checkpoint(run: Run, out: Path) -> Path:
     spec = run.spec
     if run.lora is not None or run.source.path is not None:
         model = decoders.merged_decoder(run.model)
-        decoders.write_decoder(model, run.tokenizer, staging / "decoder")
+        decoders.write_decoder(model, run.tokenizer, staging / "decoder", getattr(torch, run.args.save_dtype))
         spec = spec.model_copy(update={"decoder": DecoderSource(path="decoder")})
     save_projector(run.projector.cpu(), staging / spec.projector)
     save_spec(staging, spec)
