@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--engine-levels", type=_ints, help="concurrency levels of the engines phase")
     run.add_argument("--open-loop-requests", type=int)
     run.add_argument("--open-loop-load", type=float, help="open-loop arrival rate as a share of hf's capacity")
+    run.add_argument("--overhead-requests", type=int, help="paired gateway-overhead samples per path (0 skips)")
     run.add_argument("--gateway-url", help="benchmark an already running gateway instead of starting server.py")
     run.add_argument("--grpc-url", help="its Triton gRPC address (for perf_analyzer and statistics)")
     run.add_argument("--out", type=Path, help="results folder (default bench/results/<utc time>-<mode>)")

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import engine_report, engines, loadgen, machine, perf_analyzer, report, triton_stats
+from bench import engine_report, engines, loadgen, machine, overhead, perf_analyzer, report, triton_stats
 from bench.common import (
     RESULTS,
     ROOT,
@@ -62,8 +62,9 @@ class Plan:
     ready_timeout_s: float = 300.0
     engines: list[str] = field(default_factory=lambda: ["hf", "continuous"])  # the engines phase
     engine_levels: list[int] = field(default_factory=lambda: [1, 16, 32])
-    open_loop_requests: int = 48
+    open_loop_requests: int = 120  # p95 needs many samples for a tight interval
     open_loop_load: float = 0.8  # the open loop's arrival rate, as a share of the hf engine's capacity
+    overhead_requests: int = 30  # paired gateway-overhead samples per path (bench/overhead.py); 0 skips
 
     @classmethod
     def preset(cls, mode: str, **overrides) -> "Plan":
@@ -71,7 +72,8 @@ class Plan:
             base = dict(mode="quick", levels=[1, 4, 16], waves=2, min_requests=4, level_duration_s=45.0,
                         baseline_waves=1, baseline_min_requests=3, offline_batches=[1, 4, 16],
                         offline_min_seconds=0.0, offline_max_repeats=1, pa_levels=[1], pa_requests_per_level=6,
-                        pool_requests=16, engine_levels=[1, 16], open_loop_requests=16)
+                        pool_requests=16, engine_levels=[1, 16], open_loop_requests=16,
+                        overhead_requests=10)
         elif mode == "full":
             base = dict(mode="full")
         else:
@@ -217,6 +219,9 @@ def _run_phases(plan: Plan, out: Path, results: dict, monitor, started: float) -
                 levels = loadgen.sweep(base, bodies, plan.rows_per_request, plan.levels, plan.requests_for,
                                        plan.level_duration_s, plan.timeout_s, before, after)
                 results["gateway"] = [r.to_dict() for r in levels]
+            if plan.overhead_requests and grpc_url:
+                log(f"gateway overhead, paired per request: {plan.overhead_requests} requests per path")
+                results["overhead_paired"] = overhead.measure(base, grpc_url, plan.overhead_requests)
         finally:
             if stack is not None:
                 results["stack_exit_code"] = stack.stop()

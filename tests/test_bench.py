@@ -39,7 +39,8 @@ def tiny_stack(tiny_checkpoint, tmp_path_factory):
 def test_quick_run_against_a_live_stack_writes_a_well_formed_report(tiny_stack, tiny_checkpoint, tmp_path):
     base, grpc_url = tiny_stack
     plan = Plan.preset("quick", checkpoint=tiny_checkpoint, levels=[1, 4], pool_requests=8, gateway_url=base,
-                       grpc_url=grpc_url, out=tmp_path / "run", pa_requests_per_level=4, skip={"engines"})
+                       grpc_url=grpc_url, out=tmp_path / "run", pa_requests_per_level=4, skip={"engines"},
+                       overhead_requests=0)
     results = run(plan)
 
     for system in ("gateway", "baseline"):
@@ -92,6 +93,8 @@ def test_a_run_that_starts_its_own_stack_measures_cold_start(tiny_checkpoint, tm
     results = run(plan)
     assert positive(results["cold_start_s"])
     assert results["stack_exit_code"] == 0
+    paired = results["overhead_paired"]  # the overhead verdict's own figure, measured in the run
+    assert len(paired["gateway_outside_ms"]) == len(paired["direct_outside_ms"]) == 10
     assert results["gateway"][0]["errors"] == 0 and positive(results["gateway"][0]["captions_per_s"])
     assert "cold start" in (tmp_path / "run" / "report.md").read_text()
 
