@@ -210,7 +210,8 @@ class Run:
         self.args = args
         self.device, self.dtype = decoders.pick_device(args.device)
         self.data: DataSet = load_data(args.data, conditioning=args.condition, heldout=args.heldout,
-                                       heldout_size=args.heldout_size, seed=args.seed, run_dir=args.run_dir)
+                                       heldout_size=args.heldout_size, seed=args.seed, run_dir=args.run_dir,
+                                       max_train=args.max_train)
         self.source = decoders.parse_source(args.decoder)
         folder = decoders.decoder_folder(self.source)
         lora = None
