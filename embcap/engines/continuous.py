@@ -42,7 +42,7 @@ class ContinuousEngine:
     name = "continuous"
 
     def __init__(self, generator: CaptionGenerator, slots: int, use_graphs: bool | None = None,
-                 timeout_s: float | None = None, cancel_poll_s: float = 0.05) -> None:
+                 timeout_s: float | None = None, cancel_poll_s: float = 1.0) -> None:
         self.batch = RunningBatch(generator, slots, use_graphs)
         self.stats = EngineStats()
         self.timeout_s = request_timeout_s() if timeout_s is None else timeout_s
@@ -89,8 +89,11 @@ class ContinuousEngine:
             except Exception as exc:  # a broken step fails the requests in flight, not the loop
                 log.exception("decode step failed")
                 self._fail_all(exc, backlog=False)
-            if time.monotonic() - last_poll >= self.cancel_poll_s:
-                self._drop_cancelled()
+            # Deadlines cost nothing to check; asking whether a client went away is a round trip
+            # to the Triton server per request, so that is asked only every `cancel_poll_s`.
+            poll = time.monotonic() - last_poll >= self.cancel_poll_s
+            self._drop_cancelled(ask_clients=poll)
+            if poll:
                 last_poll = time.monotonic()
 
     def _collect(self) -> None:
@@ -132,14 +135,15 @@ class ContinuousEngine:
                 del self._pending[number]
                 self._finish(entry.job, entry.texts, None)
 
-    def _drop_cancelled(self) -> None:
-        """Answer and forget jobs whose client went away or whose deadline passed; free their rows."""
+    def _drop_cancelled(self, ask_clients: bool) -> None:
+        """Answer and forget jobs past their deadline (or, with `ask_clients`, whose client went away)."""
         now = time.monotonic()
-        for job in [job for job in self._backlog if now > job.created + self.timeout_s or self._is_cancelled(job)]:
+        for job in [job for job in self._backlog
+                    if now > job.created + self.timeout_s or (ask_clients and self._is_cancelled(job))]:
             self._backlog.remove(job)
             self._finish(job, None, Cancelled("request cancelled or timed out before it started"))
         cancelled = [number for number, entry in self._pending.items()
-                     if now > entry.deadline or self._is_cancelled(entry.job)]
+                     if now > entry.deadline or (ask_clients and self._is_cancelled(entry.job))]
         if not cancelled:
             return
         keys = {(number, index) for number in cancelled for index in range(self._pending[number].job.rows)}
