@@ -307,10 +307,10 @@ def markdown(results: dict) -> str:
         f"- Threads (decoder, baseline and offline alike): {results['thread_settings']['env']}, "
         f"decoder_threads={results['thread_settings']['decoder_threads']}; projector in Triton: ONNX Runtime, "
         f"{opts.get('projector_threads', '-')} thread",
-        f"- Triton export: max_batch_size {opts.get('max_batch_size', '-')}, queue delay "
-        f"{opts.get('queue_delay_us', '-')} us, dynamic batching {opts.get('dynamic_batching', '-')}, "
-        f"decoder instances {opts.get('decoder_instances', '-')}; decoder model: "
-        f"{results['plan'].get('decoder_model') or 'model_repository/decoder/1/model.py (request-level batching)'}",
+        f"- Triton export: max_batch_size {opts.get('max_batch_size', '-')}, decoder engine "
+        f"{opts.get('engine', '-')}, queue delay "
+        f"{'the engine default (embcap.engines.QUEUE_DELAY_US)' if opts.get('queue_delay_us') is None else str(opts['queue_delay_us']) + ' us'}"
+        f", dynamic batching {opts.get('dynamic_batching', '-')}, decoder instances {opts.get('decoder_instances', '-')}",
         f"- Load average at start: {m['load_average_at_start']}, at end: {m.get('load_average_at_end', '-')}; "
         f"other busy processes at start: {'; '.join(m['busy_processes_at_start']) or 'none'}",
         "- CPU used by processes outside this benchmark, mean cores per phase (of "

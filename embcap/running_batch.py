@@ -3,7 +3,9 @@
 `RunningBatch` is the host half of the continuous engine. It gives each row a slot
 of a `SlotKVDecoder`, prefills new rows on their own (after a copy of the prompt
 start's KV, which is the same for every row and computed once), runs one decode
-step for all rows, and applies the caption rules after every token:
+step for all rows, and applies the caption rules after every token. Rows always
+fill slots 0..n-1: when a row leaves, the last row moves into its slot, so a step
+computes n rows (on a GPU, the smallest captured batch size of at least n):
 
 - a stop token ends a row, except before `min_new_tokens` and while the row's text
   is still blank (an empty caption drops the evaluator's whole batch, so stop tokens
@@ -13,7 +15,6 @@ step for all rows, and applies the caption rules after every token:
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 from typing import Hashable
 
@@ -52,8 +53,7 @@ class RunningBatch:
         self.start_length = generator.prompt_start.shape[1]
         self.start_kv = self.decoder.prompt_start(generator.prompt_start) if self.start_length else None
         self.decoder.capture(self.buckets)
-        self._free = list(range(slots))  # a heap: new rows take the lowest free slots
-        self.rows: dict[int, Row] = {}  # slot -> row
+        self.rows: dict[int, Row] = {}  # slot -> row; the slots in use are always 0..len(rows)-1
 
     @property
     def capacity(self) -> int:
@@ -61,7 +61,7 @@ class RunningBatch:
 
     @property
     def free_slots(self) -> int:
-        return len(self._free)
+        return self.capacity - len(self.rows)
 
     @property
     def active(self) -> int:
@@ -80,7 +80,7 @@ class RunningBatch:
             raise ValueError(f"{count} rows do not fit: {self.free_slots} free slots")
         if self.active == 0:
             self.decoder.reseed()  # sampling: a request alone is reproducible
-        slots = sorted(heapq.heappop(self._free) for _ in range(count))
+        slots = list(range(self.active, self.active + count))
         embeds = self.generator.prompt_embeddings(torch.as_tensor(prefix))[:, self.start_length:]
         if self.start_kv is not None:
             self.decoder.copy_prefix(slots, *self.start_kv)
@@ -98,8 +98,9 @@ class RunningBatch:
         live = [row for row in self.rows.values() if not row.done]
         if not live:
             return
-        highest = max(row.slot for row in live)
-        batch = next(b for b in self.buckets if b > highest)
+        batch = self.active  # rows fill slots 0..active-1
+        if self.decoder.use_graphs:
+            batch = next(b for b in self.buckets if b >= batch)
         ban = [False] * batch
         for row in live:
             ban[row.slot] = self._ban_stop(row)
@@ -136,5 +137,11 @@ class RunningBatch:
         return len(dropped)
 
     def _release(self, row: Row) -> None:
+        """Free the row's slot; the row in the last slot moves into it, so slots stay contiguous."""
         del self.rows[row.slot]
-        heapq.heappush(self._free, row.slot)
+        last = len(self.rows)
+        if row.slot != last:
+            moved = self.rows.pop(last)
+            self.decoder.move_slot(last, row.slot)
+            moved.slot = row.slot
+            self.rows[row.slot] = moved

@@ -268,6 +268,14 @@ class SlotKVDecoder:
         self.keys[:, index, :, :length] = keys[:, None]
         self.values[:, index, :, :length] = values[:, None]
 
+    @torch.inference_mode()
+    def move_slot(self, source: int, target: int) -> None:
+        """Move a row's cache, next token and position from slot `source` to slot `target`."""
+        self.keys[:, target] = self.keys[:, source]
+        self.values[:, target] = self.values[:, source]
+        self.tokens[target] = self.tokens[source]
+        self.positions[target] = self.positions[source]
+
     # ------------------------------------------------------------------ decode
     def _decode(self, batch: int) -> None:
         """One step for slots [0, batch): reads tokens/positions/ban_stop, writes next_tokens, advances."""

@@ -86,6 +86,7 @@ def test_smollm2_rows_leave_at_their_own_lengths_and_match_hf(default_model):
             batch.add(prefix[take], take)
         batch.step()
         texts.update({row.key: row.text for row in batch.take_finished()})
+        assert sorted(batch.rows) == list(range(batch.active)), "rows must fill slots 0..n-1 after others leave"
     assert [texts[i] for i in range(7)] == reference
     assert joined_while_busy
     lengths = {len(generator.tokenizer(text)["input_ids"]) for text in reference}
