@@ -1,130 +1,26 @@
-"""Core request logic: parse and validate an evaluator request, caption it through Triton.
+"""The request logic, at the place the evaluator's repository layout names: `inference.py`.
 
-The gateway (gateway/app.py) is a thin HTTP layer over these functions.
+A request's path: gateway/app.py (HTTP) -> gateway/protocol.py (parse and validate the
+body, check the caption count; re-exported here) -> gateway/triton_client.py (one gRPC
+call to Triton's `captioner` ensemble) -> the projector and decoder models under
+model_repository/, which run embcap's model code. Use this module to parse or caption
+evaluator requests from a script:
+
+    from inference import parse_embeddings
+    rows = parse_embeddings(b'{"embedding": [...]}')  # float32 [rows, 1024], or RequestError
 """
 
-from __future__ import annotations
+from gateway.protocol import (
+    BackendError,
+    Limits,
+    RequestError,
+    caption_embeddings,
+    check_count,
+    decode_values,
+    encode_texts,
+    parse_embeddings,
+    to_rows,
+)
 
-import json
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-import numpy as np
-import orjson
-
-if TYPE_CHECKING:
-    from gateway.triton_client import TritonCaptioner
-
-EMBEDDING_DIM = 1024
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-class RequestError(Exception):
-    """A client error: `status` is the HTTP status, `code` a short machine-readable name."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-class BackendError(RequestError):
-    """Triton could not answer: unreachable (503), too slow (504) or failed (502)."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a request may hold."""
-
-    max_rows: int = 256
-    embedding_dim: int = EMBEDDING_DIM
-
-
-def _invalid(message: str, code: str = "invalid_embedding") -> RequestError:
-    return RequestError(422, code, message)
-
-
-def _reject_constant(name: str) -> float:
-    raise _invalid(f"embedding contains {name}: only finite numbers are allowed")
-
-
-def _load_json(body: bytes) -> object:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as fast_error:
-        # orjson refuses NaN/Infinity and numbers beyond float64 without naming them;
-        # the stdlib parser accepts big numbers (checked later) and names the constants.
-        try:
-            return json.loads(body, parse_constant=_reject_constant)
-        except RequestError:
-            raise
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise RequestError(400, "invalid_json", f"body is not valid JSON: {fast_error}") from None
-
-
-_NUMBER_TYPES = {float, int}  # exact types: bool, a subclass of int, is not a number here
-
-
-def _first_non_number(values: list) -> int | None:
-    for index, value in enumerate(values):
-        kind = type(value)
-        if kind is not float and kind is not int:  # bool is a subclass of int: excluded by `is`
-            return index
-    return None
-
-
-def parse_embeddings(body: bytes, limits: Limits = Limits()) -> np.ndarray:
-    """Turn a request body into a float32 [rows, dim] array, or raise RequestError naming the problem."""
-    if not body:
-        raise RequestError(400, "empty_body", "request body is empty; expected {\"embedding\": [...]}")
-    payload = _load_json(body)
-    if not isinstance(payload, dict):
-        raise _invalid(f"body must be a JSON object, got {type(payload).__name__}", "invalid_request")
-    if "embedding" not in payload:
-        raise _invalid("missing field 'embedding'", "invalid_request")
-    extra = sorted(set(payload) - {"embedding"})
-    if extra:
-        raise _invalid(f"unknown field(s) {', '.join(map(repr, extra))}; only 'embedding' is accepted", "invalid_request")
-    values = payload["embedding"]
-    if not isinstance(values, list):
-        raise _invalid(f"'embedding' must be a flat list of numbers, got {type(values).__name__}")
-    if not values:
-        raise _invalid("'embedding' is empty")
-    if not set(map(type, values)) <= _NUMBER_TYPES:  # C-speed check; the slow scan only names the culprit
-        bad = _first_non_number(values)
-        raise _invalid(f"'embedding'[{bad}] is {type(values[bad]).__name__}, not a number (the list must be flat)")
-    dim = limits.embedding_dim
-    if len(values) % dim:
-        raise _invalid(f"'embedding' has {len(values)} numbers, not a multiple of {dim}")
-    rows = len(values) // dim
-    if rows > limits.max_rows:
-        raise _invalid(f"batch of {rows} rows exceeds the limit of {limits.max_rows}", "batch_too_large")
-    try:
-        wide = np.asarray(values, dtype=np.float64)
-    except OverflowError:  # an integer beyond float64
-        raise _invalid("'embedding' holds an integer too large for a float") from None
-    finite = np.isfinite(wide) & (np.abs(wide) <= FLOAT32_MAX)
-    if not finite.all():
-        index = int(np.argmin(finite))
-        raise _invalid(f"'embedding'[{index}] = {values[index]!r} is not a finite float32")
-    return wide.astype(np.float32).reshape(rows, dim)
-
-
-def encode_texts(texts: list[str]) -> bytes:
-    """The response body for a list of captions."""
-    return orjson.dumps({"texts": texts})
-
-
-def check_count(texts: list[str], rows: int) -> list[str]:
-    """The model must answer one caption per row; anything else is a server fault."""
-    if len(texts) != rows:
-        raise BackendError(502, "count_mismatch", f"model returned {len(texts)} captions for {rows} rows")
-    return texts
-
-
-async def caption_embeddings(embeddings: np.ndarray, captioner: "TritonCaptioner", request_id: str = "") -> list[str]:
-    """One caption per embedding row, in order, from Triton; a wrong count is a BackendError."""
-    texts = await captioner.caption(embeddings, request_id=request_id)
-    return check_count(texts, len(embeddings))
-
+__all__ = ["BackendError", "Limits", "RequestError", "caption_embeddings", "check_count", "decode_values",
+           "encode_texts", "parse_embeddings", "to_rows"]

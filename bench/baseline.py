@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from bench.model import load_local_model
-from inference import Limits, RequestError, encode_texts, parse_embeddings
+from gateway.protocol import Limits, RequestError, encode_texts, parse_embeddings
 
 
 def create_app(checkpoint: Path, threads: int) -> FastAPI:
@@ -52,7 +52,7 @@ def create_app(checkpoint: Path, threads: int) -> FastAPI:
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    from export.repository import ExportOptions
+    from export.options import ExportOptions
 
     parser = argparse.ArgumentParser(prog="python -m bench.baseline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

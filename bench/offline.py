@@ -61,7 +61,7 @@ def run(checkpoint: Path, batches: list[int], threads: int, pool_requests: int, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from export.repository import ExportOptions
+    from export.options import ExportOptions
 
     parser = argparse.ArgumentParser(prog="python -m bench.offline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

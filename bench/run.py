@@ -137,11 +137,9 @@ def export_options(plan: Plan, out: Path) -> dict:
     exported = out / "model_repository" / "export.json"
     if exported.is_file():
         return json.loads(exported.read_text()).get("options", {})
-    from dataclasses import asdict
+    from export.options import ExportOptions
 
-    from export.repository import ExportOptions
-
-    return asdict(ExportOptions())
+    return ExportOptions().to_dict()
 
 
 def warm(base_url: str, bodies: list[bytes], plan: Plan, burst: int = 1) -> None:

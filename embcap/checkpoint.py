@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from embcap.gpu_probe import DEFAULT_UNUSABLE_GPU_POLICY, UnusableGpuPolicy
+from embcap.contract import EMBEDDING_DIM
 
 SPEC_FILE = "caption_model.json"
 PREFIX_PLACEHOLDER = "{prefix}"
 FORMAT_VERSION = 1
+# What the decoder does when a GPU is visible but torch cannot use it (embcap.gpu_probe decides;
+# server.py --on-unusable-gpu overrides it). Why auto is the default: README, "GPU builds".
+UnusableGpuPolicy = Literal["auto", "serve-cpu", "refuse"]
+DEFAULT_UNUSABLE_GPU_POLICY: UnusableGpuPolicy = "auto"
+POLICIES: tuple[str, ...] = get_args(UnusableGpuPolicy)
 
 
 class CheckpointError(ValueError):
@@ -94,7 +99,7 @@ class CaptionModelSpec(_Strict):
 
     format_version: Literal[1] = FORMAT_VERSION
     name: str = "caption-model"
-    embedding_dim: int = Field(1024, ge=1)
+    embedding_dim: int = Field(EMBEDDING_DIM, ge=1)
     prefix_length: int = Field(2, ge=1, description="number of prefix vectors P")
     decoder: DecoderSource
     projector: str = "projector.safetensors"

@@ -28,15 +28,12 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping, get_args
+from typing import Mapping
 
+from embcap.checkpoint import DEFAULT_UNUSABLE_GPU_POLICY, POLICIES, load_checkpoint
 from embcap.cuda_builds import min_driver, onnxruntime_cuda, version_tuple
+from embcap.decoder_source import resolve_decoder
 
-# What the decoder does when a GPU is visible but torch cannot use it (caption_model.json's
-# on_unusable_gpu, server.py --on-unusable-gpu). Why auto is the default: README, "GPU builds".
-UnusableGpuPolicy = Literal["auto", "serve-cpu", "refuse"]
-DEFAULT_UNUSABLE_GPU_POLICY: UnusableGpuPolicy = "auto"
-POLICIES: tuple[str, ...] = get_args(UnusableGpuPolicy)
 HIDDEN = {"", "-1", "none", "void", "nodevfiles"}  # CUDA_VISIBLE_DEVICES values that hide every GPU
 NVIDIA_SMI_QUERY = ["--query-gpu=driver_version,name", "--format=csv,noheader"]
 DRIVER_IN_PROC = re.compile(r"Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)")
@@ -403,9 +400,6 @@ def resolve_decoder_device(requested: str, policy: str = DEFAULT_UNUSABLE_GPU_PO
 
 def checkpoint_decision(report: ProbeReport, checkpoint_dir: str | Path, policy: str | None) -> Decision:
     """The decision for a checkpoint: `policy`, else the checkpoint's `on_unusable_gpu`."""
-    from embcap.checkpoint import load_checkpoint
-    from embcap.decoder_source import resolve_decoder
-
     checkpoint = load_checkpoint(checkpoint_dir)
     policy = policy or checkpoint.spec.on_unusable_gpu
     seconds = None

@@ -9,6 +9,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from embcap.contract import template_names
+
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -47,6 +49,10 @@ def parse_model_config(text: str, source: str = "config") -> model_config_pb2.Mo
 
 
 def render_config(template_path: Path, values: dict[str, object]) -> tuple[str, model_config_pb2.ModelConfig]:
-    """Fill a template file and return the text with its parsed config."""
-    text = fill_template(template_path.read_text(), values, source=str(template_path))
+    """Fill a template file (the contract's names come from embcap.contract) and return the text
+    with its parsed config."""
+    template = template_path.read_text()
+    used = template_variables(template)
+    names = {key: value for key, value in template_names().items() if key in used}
+    text = fill_template(template, {**names, **values}, source=str(template_path))
     return text, parse_model_config(text, source=str(template_path))

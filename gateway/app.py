@@ -16,8 +16,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway.body import BodyTooLarge, read_body
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
+from gateway.protocol import (BackendError, Limits, RequestError, caption_embeddings, decode_values, encode_texts,
+                              to_rows)
 from gateway.triton_client import TritonCaptioner
-from inference import BackendError, Limits, RequestError, caption_embeddings, encode_texts, parse_embeddings
 
 log = logging.getLogger("embcap.gateway")
 
@@ -94,7 +95,6 @@ def create_app(
     """Build the gateway app; `status_source` lets a supervisor report what keeps the model down,
     `notice_source` what is wrong while it serves (health's error field carries it)."""
     settings = settings or GatewaySettings.from_env()
-    limits = Limits(max_rows=settings.max_rows)
     metrics = GatewayMetrics(triton_metrics_url)
 
     @asynccontextmanager
@@ -136,12 +136,15 @@ def create_app(
             body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s,
                                    settings.max_drain_bytes)
             _check_content_type(request)
-            embeddings = parse_embeddings(body, limits)
-            metrics.rows.observe(len(embeddings))
+            values = decode_values(body)
             ready, problem = await request.app.state.readiness.wait(settings.startup_wait_s)
             if not ready:
                 raise BackendError(503, "not_ready", f"model is not ready: {problem}")
-            texts = await caption_embeddings(embeddings, request.app.state.captioner, request_id)
+            captioner = request.app.state.captioner
+            shape = await captioner.served_shape()  # the width the served model takes (cached)
+            embeddings = to_rows(values, Limits(settings.max_rows, shape.embedding_dim))
+            metrics.rows.observe(len(embeddings))
+            texts = await caption_embeddings(embeddings, captioner, request_id)
         except RequestError as exc:
             if isinstance(exc, BackendError):
                 metrics.triton_errors.labels(exc.code).inc()

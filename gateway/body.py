@@ -16,7 +16,7 @@ from typing import AsyncIterator
 
 from starlette.requests import ClientDisconnect, Request
 
-from inference import RequestError
+from gateway.protocol import RequestError
 
 
 class BodyTooLarge(RequestError):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+from embcap.contract import ENSEMBLE
 from embcap.deadlines import DEFAULT_REQUEST_TIMEOUT_S
+from gateway.protocol import DEFAULT_MAX_ROWS
 
 
 @dataclass(frozen=True)
@@ -13,8 +15,8 @@ class GatewaySettings:
     """Every knob of the HTTP gateway; the env var is EMBCAP_<FIELD NAME IN CAPITALS>."""
 
     triton_url: str = "127.0.0.1:8001"  # Triton gRPC address
-    model: str = "captioner"
-    max_rows: int = 256  # embeddings per request
+    model: str = ENSEMBLE
+    max_rows: int = DEFAULT_MAX_ROWS  # embeddings per request
     max_body_bytes: int = 16 * 1024 * 1024  # requests above this are refused before being read in full
     # A body above max_body_bytes is still read and discarded up to this size before the 413,
     # so that clients which send the whole body before reading (urllib) get the answer.

@@ -1,14 +1,17 @@
-"""One shared asynchronous gRPC client for Triton's `captioner` model."""
+"""One shared asynchronous gRPC client for Triton's ensemble (embcap.contract.ENSEMBLE)."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from inference import BackendError
+from embcap.contract import CAPTION, EMBEDDING, ENSEMBLE
+from embcap.deadlines import DEFAULT_REQUEST_TIMEOUT_S
+from gateway.protocol import BackendError
 
 # Reconnect quickly after Triton restarts (gRPC's default backoff grows to 120 s).
 CHANNEL_ARGS = [
@@ -29,16 +32,25 @@ def _backend_error(exc: InferenceServerException, what: str) -> BackendError:
     return BackendError(502, "triton_error", f"Triton failed ({what}): {exc.message()}")
 
 
-class TritonCaptioner:
-    """Calls the captioner ensemble; splits batches larger than the model's max_batch_size."""
+@dataclass(frozen=True)
+class ServedShape:
+    """What the served model takes, from its config: the row width and the rows per call."""
 
-    def __init__(self, url: str, model: str = "captioner", timeout_s: float = 55.0, health_timeout_s: float = 1.0):
+    embedding_dim: int
+    max_batch_size: int
+
+
+class TritonCaptioner:
+    """Calls the ensemble; splits batches larger than the model's max_batch_size."""
+
+    def __init__(self, url: str, model: str = ENSEMBLE, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+                 health_timeout_s: float = 1.0):
         self.url = url
         self.model = model
         self.timeout_s = timeout_s
         self.health_timeout_s = health_timeout_s
         self.client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
-        self._max_batch: int | None = None
+        self._shape: ServedShape | None = None
 
     async def close(self) -> None:
         await self.client.close()
@@ -54,32 +66,37 @@ class TritonCaptioner:
             return False, _backend_error(exc, "health").message
         return True, None
 
-    async def max_batch_size(self) -> int:
-        """The model's max_batch_size, read once from Triton."""
-        if self._max_batch is None:
+    async def served_shape(self) -> ServedShape:
+        """The model's row width and max_batch_size, read once from Triton."""
+        if self._shape is None:
             try:
-                config = await self.client.get_model_config(self.model, client_timeout=self.health_timeout_s * 5)
+                config = (await self.client.get_model_config(self.model,
+                                                             client_timeout=self.health_timeout_s * 5)).config
             except InferenceServerException as exc:
                 raise _backend_error(exc, "model config") from None
-            self._max_batch = max(1, int(config.config.max_batch_size))
-        return self._max_batch
+            inputs = {tensor.name: list(tensor.dims) for tensor in config.input}
+            if EMBEDDING not in inputs:
+                raise BackendError(502, "contract_mismatch",
+                                   f"model '{self.model}' has no input {EMBEDDING} (inputs: {sorted(inputs)})")
+            self._shape = ServedShape(int(inputs[EMBEDDING][-1]), max(1, int(config.max_batch_size)))
+        return self._shape
 
     async def _infer(self, rows: np.ndarray, request_id: str) -> list[str]:
-        tensor = grpcclient.InferInput("EMBEDDING", list(rows.shape), "FP32")
+        tensor = grpcclient.InferInput(EMBEDDING, list(rows.shape), "FP32")
         tensor.set_data_from_numpy(rows)
         try:
             result = await self.client.infer(
-                self.model, [tensor], outputs=[grpcclient.InferRequestedOutput("CAPTION")],
+                self.model, [tensor], outputs=[grpcclient.InferRequestedOutput(CAPTION)],
                 request_id=request_id, client_timeout=self.timeout_s,
             )
         except InferenceServerException as exc:
             raise _backend_error(exc, "inference") from None
-        captions = result.as_numpy("CAPTION")
+        captions = result.as_numpy(CAPTION)
         return [] if captions is None else [c.decode("utf-8", "replace") for c in captions.reshape(-1)]
 
     async def caption(self, embeddings: np.ndarray, request_id: str = "") -> list[str]:
         """One caption per row of `embeddings` ([rows, dim] float32), in order."""
-        limit = await self.max_batch_size()
+        limit = (await self.served_shape()).max_batch_size
         chunks = [embeddings[i:i + limit] for i in range(0, len(embeddings), limit)]
         if len(chunks) == 1:
             return await self._infer(chunks[0], request_id)

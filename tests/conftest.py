@@ -22,7 +22,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from embcap.builders import make_tiny_checkpoint, smollm2_decoder_dir  # noqa: E402
 from embcap.triton_server import TritonOptions, TritonProcess, shm_regions  # noqa: E402
-from export.repository import ExportOptions, export_repository  # noqa: E402
+from export.options import ExportOptions  # noqa: E402
+from export.repository import export_repository  # noqa: E402
 
 # A long queue delay makes concurrent test requests meet in one batch deterministically.
 TEST_QUEUE_DELAY_US = 50_000

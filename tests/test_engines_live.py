@@ -18,7 +18,8 @@ from embcap.checkpoint import load_checkpoint, save_spec
 from embcap.deadlines import REQUEST_TIMEOUT_ENV
 from embcap.inputs import realistic_embeddings
 from embcap.triton_server import TritonOptions, TritonProcess
-from export.repository import ExportOptions, export_repository
+from export.options import ExportOptions
+from export.repository import export_repository
 
 ROW_COUNTS = (1, 3, 4, 33)
 

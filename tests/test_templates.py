@@ -1,11 +1,15 @@
 """Config templating: strict variables, Triton-schema validation, export options."""
 
+import argparse
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from export.repository import TEMPLATES, ExportOptions, export_repository
+from embcap.loading import resolve_checkpoint
+from export.options import ExportOptions, add_arguments, from_arguments, to_argv
+from export.repository import TEMPLATES, export_repository, render_configs
 from export.templates import TemplateError, fill_template, parse_model_config, render_config, template_variables
 
 
@@ -89,4 +93,42 @@ def test_an_unknown_engine_or_an_unsupported_decoder_fails_at_export(tiny_checkp
     config.write_text(config.read_text().replace('"model_type": "llama"', '"model_type": "gpt2"'))
     with pytest.raises(TemplateError, match="export with --engine hf"):
         export_repository(other, tmp_path / "repo", ExportOptions(), log=lambda _: None)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_the_command_line_is_generated_from_the_options_and_round_trips():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    options = ExportOptions(max_batch_size=8, engine="hf", queue_delay_us=0, dynamic_batching=False,
+                            gpus=(1, 3), dtype="float16", engine_cache_dir="/x y")
+    assert from_arguments(parser.parse_args(to_argv(options))) == options
+    assert from_arguments(parser.parse_args([])) == ExportOptions()
+    assert to_argv(ExportOptions()) == []
+    for field in fields(ExportOptions):  # every option has a flag
+        assert f"--{field.name.replace('_', '-')}" in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--gpus", "0,x"])
+
+
+@pytest.mark.parametrize("gpus, expected", [((0, 1), [0, 1]), (None, [])])
+def test_gpus_place_every_instance_group_on_the_listed_gpus(tiny_checkpoint, tmp_path, gpus, expected):
+    resolved = resolve_checkpoint(tiny_checkpoint)
+    options = ExportOptions(gpus=gpus, decoder_instances=2, projector_instances=1)
+    configs = {name: parse_model_config(text) for name, text in
+               render_configs(resolved, options, "cuda", tmp_path / "repo").items()}
+    for name, count in (("decoder", 2), ("projector", 1)):
+        (group,) = configs[name].instance_group
+        assert group.kind == group.KIND_GPU and group.count == count and list(group.gpus) == expected
+    assert not configs["captioner"].instance_group  # the ensemble runs nowhere itself
+
+
+def test_gpus_without_a_gpu_or_with_repeats_fail_at_export(tiny_checkpoint, tmp_path):
+    resolved = resolve_checkpoint(tiny_checkpoint)
+    with pytest.raises(TemplateError, match="needs the models on a GPU"):
+        render_configs(resolved, ExportOptions(gpus=(0,)), "cpu", tmp_path / "repo")
+    with pytest.raises(TemplateError, match="gpus must be distinct"):
+        render_configs(resolved, ExportOptions(gpus=(0, 0)), "cuda", tmp_path / "repo")
+    with pytest.raises(TemplateError, match="gpus needs a GPU"):
+        export_repository(tiny_checkpoint, tmp_path / "repo", ExportOptions(gpus=(0,), device="cpu"),
+                          log=lambda _: None)
     assert not (tmp_path / "repo").exists()

@@ -1,11 +1,11 @@
-"""Request parsing and validation (inference.parse_embeddings)."""
+"""Request parsing and validation (gateway.protocol.parse_embeddings)."""
 
 import json
 
 import numpy as np
 import pytest
 
-from inference import Limits, RequestError, parse_embeddings
+from gateway.protocol import Limits, RequestError, parse_embeddings
 
 ROW = [0.5] * 1024
 

@@ -13,6 +13,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from embcap.contract import CAPTION, PREFIX
 
 # EngineStats field -> (Triton custom metric, its help text)
 COUNTERS = {
@@ -56,6 +57,11 @@ class TritonPythonModel:
             raise RuntimeError(choice.line)  # the model fails to load, with the reason
         device = choice.device
         dtype = getattr(torch, params["dtype"]) if device == "cuda" else torch.float32
+        if device == "cuda" and args.get("model_instance_kind") == "GPU":
+            # Triton places each instance on one GPU of the instance_group (export --gpus); the
+            # stub is a process of its own, so making that GPU current affects this instance only.
+            device = f"cuda:{int(args['model_instance_device_id'])}"
+            torch.cuda.set_device(device)
         generator = CaptionGenerator.load(checkpoint.spec, params["decoder_dir"], device=device, dtype=dtype)
         self.engine = create_engine(params["engine"], generator, slots=int(config["max_batch_size"]))
         # A Metric must not outlive its MetricFamily: both are kept for the model's lifetime.
@@ -71,7 +77,7 @@ class TritonPythonModel:
     def execute(self, requests):
         jobs = []
         for request in requests:
-            prefix = pb_utils.get_input_tensor_by_name(request, "PREFIX").as_numpy()
+            prefix = pb_utils.get_input_tensor_by_name(request, PREFIX).as_numpy()
             sender = request.get_response_sender()
             jobs.append(self.job(np.array(prefix, copy=True), self._answer(sender), sender.is_cancelled))
         pb_utils.Logger.log_verbose(f"decoder: {[r.request_id() for r in requests]}, "
@@ -89,7 +95,7 @@ class TritonPythonModel:
                 response = pb_utils.InferenceResponse(error=error)
             else:
                 out = np.array([text.encode("utf-8") for text in texts], dtype=np.object_).reshape(-1, 1)
-                response = pb_utils.InferenceResponse([pb_utils.Tensor("CAPTION", out)])
+                response = pb_utils.InferenceResponse([pb_utils.Tensor(CAPTION, out)])
             sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
         return finish

@@ -12,21 +12,24 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from embcap.batching import split_rows
+from embcap.contract import EMBEDDING, PREFIX
 
 
-def _providers(accelerator: str, cache_dir: str) -> list:
+def _providers(accelerator: str, cache_dir: str, gpu: int) -> list:
     import onnxruntime as ort
 
     available = set(ort.get_available_providers())
     trt = ("TensorrtExecutionProvider", {
+        "device_id": gpu,
         "trt_engine_cache_enable": True,
         "trt_engine_cache_path": cache_dir,
         "trt_fp16_enable": False,
     })
+    cuda = ("CUDAExecutionProvider", {"device_id": gpu})
     chains = {
         "cpu": ["CPUExecutionProvider"],
-        "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-        "tensorrt": [trt, "CUDAExecutionProvider", "CPUExecutionProvider"],
+        "cuda": [cuda, "CPUExecutionProvider"],
+        "tensorrt": [trt, cuda, "CPUExecutionProvider"],
     }
     chains["auto"] = chains["tensorrt"]
     chain = chains[accelerator]
@@ -48,7 +51,9 @@ class TritonPythonModel:
                 ort.preload_dlls()
             except Exception as exc:
                 pb_utils.Logger.log_warn(f"projector: preloading CUDA libraries failed ({exc})")
-        providers = _providers(params["accelerator"], cache_dir)
+        # The GPU Triton placed this instance on (instance_group, export --gpus).
+        gpu = int(args.get("model_instance_device_id", 0)) if args.get("model_instance_kind") == "GPU" else 0
+        providers = _providers(params["accelerator"], cache_dir, gpu)
         if any(isinstance(p, tuple) for p in providers):
             os.makedirs(cache_dir, exist_ok=True)
         try:
@@ -60,13 +65,13 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(f"projector: running on {self.session.get_providers()}")
 
     def execute(self, requests):
-        arrays = [pb_utils.get_input_tensor_by_name(r, "EMBEDDING").as_numpy() for r in requests]
+        arrays = [pb_utils.get_input_tensor_by_name(r, EMBEDDING).as_numpy() for r in requests]
         try:
             prefix = self.session.run(None, {self.input_name: np.concatenate(arrays)})[0]
         except Exception as exc:
             error = pb_utils.TritonError(f"projector failed: {exc}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
         return [
-            pb_utils.InferenceResponse([pb_utils.Tensor("PREFIX", np.ascontiguousarray(rows))])
+            pb_utils.InferenceResponse([pb_utils.Tensor(PREFIX, np.ascontiguousarray(rows))])
             for rows in split_rows(prefix, [len(a) for a in arrays])
         ]

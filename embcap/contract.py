@@ -1,0 +1,28 @@
+"""The served model's interface, written once: model names, tensor names, the embedding width.
+
+The gateway, the export, the Triton models and the benchmarks import these; the
+Triton config templates receive them as variables. The width a model actually
+serves comes from its checkpoint (`embedding_dim`) and reaches the gateway through
+the served model's config; `EMBEDDING_DIM` is the evaluator's width and every default.
+"""
+
+from __future__ import annotations
+
+ENSEMBLE = "captioner"  # the public model: embedding in, caption out
+PROJECTOR = "projector"  # embedding -> prefix vectors
+DECODER = "decoder"  # prefix vectors -> caption
+MODELS = (PROJECTOR, DECODER, ENSEMBLE)  # the order export writes and Triton's stats are read in
+
+EMBEDDING = "EMBEDDING"  # FP32 [rows, embedding_dim]
+PREFIX = "PREFIX"  # FP32 [rows, prefix_length, hidden_size]
+CAPTION = "CAPTION"  # BYTES [rows, 1], UTF-8
+
+EMBEDDING_DIM = 1024  # what the evaluator sends per row
+
+
+def template_names() -> dict[str, str]:
+    """The contract's names as the config templates' variables (`${ensemble}`, `${embedding_tensor}`, ...)."""
+    return {
+        "ensemble": ENSEMBLE, "projector": PROJECTOR, "decoder": DECODER,
+        "embedding_tensor": EMBEDDING, "prefix_tensor": PREFIX, "caption_tensor": CAPTION,
+    }
