@@ -59,7 +59,7 @@ COPY . .
 
 # De-quantise the default decoder once, into the image (read-only at run time and
 # readable by nobody), and precompile the code: at run time nothing is written here.
-RUN python3 -m embcap prepare \
+RUN python3 -m runtime prepare \
     && chmod -R a+rX /opt/embcap \
     && python3 -m compileall -q /app
 

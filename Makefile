@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 	touch $@
 
 $(EMBCAP_CACHE_DIR)/.prepared: $(VENV)/.installed
-	$(PY) -m embcap prepare
+	$(PY) -m runtime prepare
 	# WordNet (Debian) feeds the training corpus and its tests; serving does not need it.
 	test -f /usr/share/wordnet/data.noun || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  { apt-get install -y -q --no-install-recommends wordnet-base || \

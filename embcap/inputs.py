@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from embcap.text_encoder import EMBEDDING_DIM
+from embcap.contract import EMBEDDING_DIM
 
 CLIPS_PER_EMBEDDING = 15
 # Cosine between a clip and its video's direction, drawn per row; with 15 clips

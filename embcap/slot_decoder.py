@@ -17,7 +17,7 @@ On CUDA one decode step per batch-size bucket is captured as a CUDA graph at
 start-up: nothing is compiled or written to disk, so it works on a read-only root
 with a noexec /tmp.
 
-One module of ~300 lines on purpose: the cache layout, the prefill, the captured
+Longer than 250 lines on purpose: the cache layout, the prefill, the captured
 step and the token choice must change together.
 """
 

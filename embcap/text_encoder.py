@@ -25,9 +25,10 @@ from typing import Sequence
 
 import numpy as np
 
+from embcap.contract import EMBEDDING_DIM
+
 LIFT_SEED = 3841024
 SOURCE_DIM = 384
-EMBEDDING_DIM = 1024
 
 
 @lru_cache(maxsize=None)

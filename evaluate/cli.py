@@ -51,15 +51,10 @@ def in_process_run(checkpoint: Path, embeddings: np.ndarray, batch_size: int, pr
     import torch
     from tqdm import tqdm
 
-    from embcap.checkpoint import load_checkpoint
-    from embcap.decoder_source import resolve_decoder
-    from embcap.generation import CaptionGenerator
-    from embcap.projector import load_projector
+    from embcap.loading import resolve_checkpoint
 
-    ckpt = load_checkpoint(checkpoint)
-    generator = CaptionGenerator.load(ckpt.spec, resolve_decoder(ckpt))
-    projector = load_projector(ckpt.projector_path, ckpt.spec.embedding_dim, generator.hidden_size,
-                               ckpt.spec.prefix_length)
+    resolved = resolve_checkpoint(checkpoint, log=print)
+    generator, projector = resolved.load_generator(), resolved.load_projector()
     result = RunResult()
     for start in tqdm(range(0, len(embeddings), batch_size), desc="generate", disable=not progress):
         rows = list(range(start, min(start + batch_size, len(embeddings))))
@@ -77,7 +72,7 @@ def training_captions(args: argparse.Namespace) -> list[str] | None:
 
         return read_caption_lines(args.baseline_train)[0]
     if args.baseline_corpus:
-        from training.corpus import build_corpus
+        from embcap.corpus import build_corpus
 
         return [c.text for c in build_corpus().train]
     return None

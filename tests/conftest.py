@@ -4,66 +4,29 @@ from __future__ import annotations
 
 import glob
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from runtime.local import ROOT, free_port, stop_process, wait_http
+
 os.environ.setdefault("EMBCAP_CACHE_DIR", str(ROOT / ".cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from embcap.builders import make_tiny_checkpoint, smollm2_decoder_dir  # noqa: E402
-from embcap.triton_server import TritonOptions, TritonProcess, shm_regions  # noqa: E402
+from embcap.decoder_source import smollm2_decoder_dir  # noqa: E402
 from export.options import ExportOptions  # noqa: E402
 from export.repository import export_repository  # noqa: E402
+from runtime.triton import TritonOptions, TritonProcess, shm_regions  # noqa: E402
+from training.builders import make_tiny_checkpoint  # noqa: E402
+
+__all__ = ["ROOT", "free_port", "stop_process", "wait_http"]  # also used by the test modules
 
 # A long queue delay makes concurrent test requests meet in one batch deterministically.
 TEST_QUEUE_DELAY_US = 50_000
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, timeout_s: float, process: subprocess.Popen | None = None, status: int = 200) -> httpx.Response:
-    """Poll `url` until it answers `status`; fail early if `process` dies."""
-    deadline = time.monotonic() + timeout_s
-    last: object = None
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} while waiting for {url}")
-        try:
-            response = httpx.get(url, timeout=2)
-            if response.status_code == status:
-                return response
-            last = response.status_code
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer {status} within {timeout_s} s (last: {last})")
-
-
-def stop_process(process: subprocess.Popen, timeout_s: float = 40) -> int:
-    """SIGTERM, then SIGKILL after `timeout_s`; returns the exit code."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
 
 
 @pytest.fixture(scope="session")

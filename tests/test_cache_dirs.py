@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
-from embcap.cache_dirs import APP_CACHE_ENV, cache_environment, engine_cache_args
+from export.options import ExportOptions
+from runtime.cache_dirs import APP_CACHE_ENV, cache_environment, engine_cache_dir
+from runtime.serve import export_options, parse_args
 
 
 def test_no_app_cache_changes_nothing(tmp_path):
@@ -30,6 +32,8 @@ def test_app_cache_takes_unset_and_tmp_caches_and_keeps_explicit_ones(tmp_path):
 
 def test_engine_cache_reaches_the_export_unless_given():
     env = {"EMBCAP_ENGINE_CACHE_DIR": "/app/cache/embcap-trt-engines"}
-    assert engine_cache_args(env, []) == ["--engine-cache-dir=/app/cache/embcap-trt-engines"]
-    assert engine_cache_args(env, ["--engine-cache-dir=/x"]) == []
-    assert engine_cache_args({}, []) == []
+    assert engine_cache_dir(env) == "/app/cache/embcap-trt-engines"
+    assert engine_cache_dir({}) is None
+    assert export_options(parse_args([]), env).engine_cache_dir == "/app/cache/embcap-trt-engines"
+    assert export_options(parse_args(["--engine-cache-dir=/x"]), env).engine_cache_dir == "/x"
+    assert export_options(parse_args(["--max-batch-size=8"]), {}) == ExportOptions(max_batch_size=8)

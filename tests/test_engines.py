@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from embcap.builders import make_blank_prone_checkpoint
+from training.builders import make_blank_prone_checkpoint
 from embcap.checkpoint import load_checkpoint
 from embcap.decoder_source import resolve_decoder
 from embcap.engines import Cancelled, Job, create_engine, generate_blocking

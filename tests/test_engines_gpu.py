@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def generator(shape: str, dtype: torch.dtype, **generation):
+def generator(shape: str, dtype: torch.dtype, device: str = "cuda", **generation):
     from transformers import AutoTokenizer
 
     from bench.gpu_decoder import build_model
@@ -25,14 +25,14 @@ def generator(shape: str, dtype: torch.dtype, **generation):
 
     folder = os.environ.get("EMBCAP_TOKENIZER_DIR")
     if folder is None:
-        from embcap.builders import smollm2_decoder_dir
+        from embcap.decoder_source import smollm2_decoder_dir
 
         folder = smollm2_decoder_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     spec = CaptionModelSpec(name=shape, prefix_length=4, decoder=DecoderSource(path="random"),
                             generation=GenerationSettings(**generation))
     torch.manual_seed(0)
-    return CaptionGenerator(spec, build_model(shape, len(tokenizer), "cuda", dtype), tokenizer)
+    return CaptionGenerator(spec, build_model(shape, len(tokenizer), device, dtype), tokenizer)
 
 
 def prefix(g, rows: int, seed: int = 0) -> np.ndarray:
@@ -89,3 +89,21 @@ def test_bf16_sampling_is_reproducible_and_never_blank():
         assert engine.capture_seconds > 0
     finally:
         engine.close()
+
+
+def test_an_engine_on_the_gpu_triton_assigns_equals_one_on_the_default_gpu():
+    """The decoder model puts its engine on cuda:<model_instance_device_id> (export --gpus)."""
+    from embcap.engines import create_engine, generate_blocking
+
+    last = torch.cuda.device_count() - 1
+    captions = []
+    for device in ("cuda", f"cuda:{last}"):
+        torch.cuda.set_device(0 if device == "cuda" else last)  # as the decoder model does
+        g = generator("tiny", torch.float32, device=device, max_new_tokens=10, min_new_tokens=10)
+        engine = create_engine("continuous", g, slots=8)
+        try:
+            assert engine.capture_seconds > 0  # CUDA graphs captured on that GPU
+            captions.append(generate_blocking(engine, prefix(g, 5)))
+        finally:
+            engine.close()
+    assert captions[0] == captions[1] and len(captions[0]) == 5

@@ -13,11 +13,11 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from conftest import free_port, start_gateway, stop_process, wait_http
-from embcap.builders import make_tiny_checkpoint
+from training.builders import make_tiny_checkpoint
 from embcap.checkpoint import load_checkpoint, save_spec
 from embcap.deadlines import REQUEST_TIMEOUT_ENV
 from embcap.inputs import realistic_embeddings
-from embcap.triton_server import TritonOptions, TritonProcess
+from runtime.triton import TritonOptions, TritonProcess
 from export.options import ExportOptions
 from export.repository import export_repository
 

@@ -3,7 +3,7 @@
 import numpy as np
 
 from embcap.inputs import CLIPS_PER_EMBEDDING, realistic_embeddings, unit_embeddings
-from embcap.text_encoder import EMBEDDING_DIM
+from embcap.contract import EMBEDDING_DIM
 
 
 def test_realistic_embeddings_have_evaluator_norms() -> None:

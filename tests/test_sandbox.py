@@ -178,7 +178,7 @@ def test_gpu_path_in_the_sandbox(tmp_path):
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    from embcap.builders import smollm2_decoder_dir
+    from embcap.decoder_source import smollm2_decoder_dir
 
     models = tmp_path / "models"
     models.mkdir()
@@ -193,7 +193,7 @@ def test_gpu_path_in_the_sandbox(tmp_path):
     command = [str(SANDBOX), str(models), "--", "env", "PYTHONDONTWRITEBYTECODE=1", f"EMBCAP_CACHE_DIR={cache}",
                "CUDA_VISIBLE_DEVICES=0", sys.executable, "server.py", "--checkpoint", str(ROOT / "models" / "default"),
                "--model-repository", "/tmp/embcap/model_repository", "--bind", "127.0.0.1", "--port", "8000",
-               "--export-arg=--accelerator=tensorrt"]
+               "--accelerator=tensorrt"]
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     try:

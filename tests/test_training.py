@@ -16,7 +16,7 @@ import torch
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from embcap.builders import make_tiny_checkpoint  # noqa: E402
+from training.builders import make_tiny_checkpoint  # noqa: E402
 from embcap.inputs import realistic_embeddings  # noqa: E402
 from evaluate.datasets import DEFAULT_HELDOUT  # noqa: E402
 from tests.conftest import ROOT, start_server, stop_process  # noqa: E402

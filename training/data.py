@@ -7,8 +7,11 @@ others. Every file is checked before training starts; a bad one stops the run wi
 error naming the file, the column and the row.
 
 Captions (today's default recipe): a captions file, or ``wordnet`` for the WordNet corpus of
-`training.corpus`; the conditioning vectors are `embcap.text_encoder.encode_captions` of
+`embcap.corpus`; the conditioning vectors are `embcap.text_encoder.encode_captions` of
 each caption, computed per batch.
+
+Longer than 250 lines: the parquet checks (every file, column and row named in the errors)
+and the caption-embedding path yield the same Examples, so they live together.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embcap.text_encoder import EMBEDDING_DIM
+from embcap.contract import EMBEDDING_DIM
 
 DESCRIPTION = "description"
 VIDEO_ID = "video_id"
@@ -221,7 +224,7 @@ def load_data(spec: str, *, conditioning: str, heldout: str | None, heldout_size
         raise DataError(f"{spec}: captions data is conditioned on the encoder, not {conditioning!r} "
                         "(give parquet files for a column)")
     if spec == WORDNET:
-        from training.corpus import build_corpus, read_captions, write_captions
+        from embcap.corpus import build_corpus, read_captions, write_captions
 
         train_path, held_path = run_dir / "train.txt", run_dir / "heldout.txt"
         if not (train_path.is_file() and held_path.is_file()):
@@ -232,7 +235,7 @@ def load_data(spec: str, *, conditioning: str, heldout: str | None, heldout_size
         held = read_captions(held_path)
         return DataSet(captions_examples([c.text for c in train], [c.source for c in train]),
                        captions_examples([c.text for c in held], [c.source for c in held]),
-                       [f"WordNet corpus (training/corpus.py, seed {seed})"], ENCODER, "corpus split")
+                       [f"WordNet corpus (embcap/corpus.py, seed {seed})"], ENCODER, "corpus split")
     from evaluate.datasets import read_caption_lines
 
     path = Path(spec)

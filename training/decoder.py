@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from embcap.builders import SMOLLM2
+from embcap.decoder_source import SMOLLM2
 from embcap.checkpoint import CaptionModelSpec, Checkpoint, DecoderSource
 from embcap.decoder_source import resolve_decoder
 from training.lora import DEFAULT_LORA_MODULES, LoraSettings, add_lora, set_checkpointing

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bench.gpu_decoder import SHAPES, build_model
+from embcap.contract import EMBEDDING_DIM
 from embcap.projector import Projector
 from training.lora import DEFAULT_LORA_MODULES, LoraSettings, add_lora, set_checkpointing
 
@@ -82,7 +83,7 @@ def measure(args: argparse.Namespace, mode: str, prompt: tuple[list[int], list[i
     model.config.use_cache = False
     model.train()
     hidden = int(model.config.hidden_size)
-    projector = Projector(1024, hidden, args.prefix_length).to(device)
+    projector = Projector(EMBEDDING_DIM, hidden, args.prefix_length).to(device)
     adapter = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": list(projector.parameters()), "lr": 1e-3}]
     if adapter:
@@ -96,7 +97,7 @@ def measure(args: argparse.Namespace, mode: str, prompt: tuple[list[int], list[i
     rng = torch.Generator(device="cpu").manual_seed(args.seed)
 
     def step() -> float:
-        embeddings = torch.randn(args.batch, 1024, generator=rng).to(device)
+        embeddings = torch.randn(args.batch, EMBEDDING_DIM, generator=rng).to(device)
         embeddings = embeddings / embeddings.norm(dim=1, keepdim=True) * 0.7
         targets = torch.randint(0, vocab, (args.batch, args.caption_tokens), generator=rng).to(device)
         prefix = projector(embeddings).to(dtype)

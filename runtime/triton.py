@@ -20,6 +20,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from embcap.contract import ENSEMBLE
+from runtime.threads import worker_environment
+
 HOME_ENV = "TRITONSERVER_HOME"
 NGC_HOME = Path("/opt/tritonserver")
 SHM_DIR = Path("/dev/shm")
@@ -81,6 +84,7 @@ class TritonOptions:
     model_repository: Path
     grpc_port: int = 8001
     metrics_port: int | None = None  # None: metrics off
+    gpu_metrics: bool = False  # nv_gpu_* (utilisation, memory) with the metrics, where a GPU serves
     python_thread_pool: int = 1
     exit_timeout_s: int = 30
     log_verbose: int = 0
@@ -107,14 +111,14 @@ class TritonOptions:
         if self.metrics_port is None:
             args.append("--allow-metrics=false")
         else:
-            args += ["--allow-metrics=true", "--allow-gpu-metrics=false", "--metrics-address=127.0.0.1",
+            args += ["--allow-metrics=true", f"--allow-gpu-metrics={str(self.gpu_metrics).lower()}", "--metrics-address=127.0.0.1",
                      f"--metrics-port={self.metrics_port}"]
         return args
 
 
 def triton_environment(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment in which the Python-backend stub finds this interpreter and its packages."""
-    env = dict(os.environ if base is None else base)
+    env = worker_environment(base)
     python_lib = sysconfig.get_config_var("LIBDIR")  # the stub embeds libpython of this interpreter
     lib_dirs = [str(p) for p in install.library_dirs if p.is_dir()] + ([python_lib] if python_lib else [])
     if env.get("LD_LIBRARY_PATH"):
@@ -122,13 +126,6 @@ def triton_environment(install: TritonInstall, base: dict[str, str] | None = Non
     env["LD_LIBRARY_PATH"] = ":".join(lib_dirs)
     # The stub ignores PYTHONPATH and takes the first python3 on PATH as its prefix.
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    # Spinning OpenMP workers collapse throughput when cores are shared (the gateway,
-    # the other stub): measured 2 s instead of 0.1 s per decode step on 2 busy cores.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
     return env
 
 
@@ -180,7 +177,7 @@ class TritonProcess:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def wait_ready(self, model: str = "captioner", timeout_s: float = 300.0) -> None:
+    def wait_ready(self, model: str = ENSEMBLE, timeout_s: float = 300.0) -> None:
         """Block until the server and `model` are ready; raise if it dies or times out."""
         import tritonclient.grpc as grpcclient
 

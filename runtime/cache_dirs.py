@@ -61,9 +61,7 @@ def cache_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]
     return updates
 
 
-def engine_cache_args(environ: Mapping[str, str], export_args: list[str]) -> list[str]:
-    """`--engine-cache-dir` for the export from $EMBCAP_ENGINE_CACHE_DIR, unless one is given already."""
-    configured = environ.get(ENGINE_CACHE_ENV)
-    if not configured or any(arg.startswith("--engine-cache-dir") for arg in export_args):
-        return []
-    return [f"--engine-cache-dir={configured}"]
+def engine_cache_dir(environ: Mapping[str, str]) -> str | None:
+    """The TensorRT engine folder $EMBCAP_ENGINE_CACHE_DIR names (server.py hands it to the export
+    unless --engine-cache-dir is given), or None."""
+    return environ.get(ENGINE_CACHE_ENV) or None
