@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--pool-requests", type=int, help="distinct request bodies")
     run.add_argument("--decoder-threads", type=int)
     run.add_argument("--export-arg", dest="export_args", action="append",
-                     help="passed to server.py as --export-arg (repeatable), e.g. --export-arg=--max-batch-size=32")
+                     help="an export option for server.py (repeatable), e.g. --export-arg=--max-batch-size=32")
     run.add_argument("--skip", action="append", default=[],
                      choices=("perf_analyzer", "gateway", "baseline", "offline", "engines"))
     run.add_argument("--engines", type=lambda text: [e for e in text.split(",") if e],

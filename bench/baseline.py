@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from bench.model import load_local_model
+from gateway.app import HEALTH_PATHS, INFERENCE_PATHS
 from gateway.protocol import Limits, RequestError, encode_texts, parse_embeddings
 
 
@@ -42,9 +43,9 @@ def create_app(checkpoint: Path, threads: int) -> FastAPI:
         texts = await asyncio.get_running_loop().run_in_executor(worker, model.caption, embeddings)
         return Response(encode_texts(texts), media_type="application/json")
 
-    for path in ("/api/v1/health", "/health", "/"):
+    for path in HEALTH_PATHS:
         app.add_api_route(path, health, methods=["GET"])
-    for path in ("/api/v1/inference", "/api/v1/v2t"):
+    for path in INFERENCE_PATHS:
         app.add_api_route(path, infer, methods=["POST"])
     return app
 

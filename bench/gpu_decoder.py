@@ -16,6 +16,9 @@ divided by its tokens), the time of one request of that many rows, captions/s, a
 the engine's start-up (prompt KV + graph capture). The floor is the decoder's
 weight bytes divided by the card's memory bandwidth. Writes results.json and
 results.md (and results.png where matplotlib is installed) into `--out`.
+
+Longer than 250 lines on purpose: it is carried alone to a bare CUDA host (torch and
+transformers only), so the model builder, both engines' timing and the report stay in one file.
 """
 
 from __future__ import annotations
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     tokenizer_dir = args.tokenizer
     if tokenizer_dir is None:
-        from embcap.builders import smollm2_decoder_dir
+        from embcap.decoder_source import smollm2_decoder_dir
 
         tokenizer_dir = smollm2_decoder_dir()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -3,7 +3,6 @@ decoder loads it: same CaptionGenerator and engines, same thread count, same see
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,19 +37,13 @@ def load_local_model(checkpoint_dir: str | Path, threads: int, engine: str = "hf
     """The checkpoint on the CPU with `threads` torch threads, decoding through `engine`."""
     import torch
 
-    from embcap.checkpoint import load_checkpoint
-    from embcap.decoder_source import resolve_decoder
     from embcap.engines import create_engine
-    from embcap.generation import CaptionGenerator
-    from embcap.projector import load_projector
+    from embcap.loading import resolve_checkpoint
 
     torch.set_num_threads(threads)
-    checkpoint = load_checkpoint(checkpoint_dir)
-    spec = checkpoint.spec
+    resolved = resolve_checkpoint(checkpoint_dir)
+    spec = resolved.spec
     torch.manual_seed(spec.generation.seed)
-    decoder_dir = resolve_decoder(checkpoint, log=lambda _: None)
-    hidden = int(json.loads((decoder_dir / "config.json").read_text())["hidden_size"])
-    projector = load_projector(checkpoint.projector_path, spec.embedding_dim, hidden, spec.prefix_length)
-    generator = CaptionGenerator.load(spec, decoder_dir, device="cpu", dtype=torch.float32)
-    return LocalModel(projector, generator, create_engine(engine, generator, slots), spec.name,
+    generator = resolved.load_generator()
+    return LocalModel(resolved.load_projector(), generator, create_engine(engine, generator, slots), spec.name,
                       spec.generation.model_dump(mode="json"))

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import embedding_pool
+from embcap.contract import EMBEDDING_DIM
 from embcap.engines import DEFAULT_ENGINE, ENGINES
 
 
@@ -53,7 +54,7 @@ def run(checkpoint: Path, batches: list[int], threads: int, pool_requests: int, 
     from bench.model import load_local_model
 
     model = load_local_model(checkpoint, threads, engine, slots=max(batches))
-    rows = embedding_pool(pool_requests, rows_per_request, seed).reshape(-1, 1024)
+    rows = embedding_pool(pool_requests, rows_per_request, seed).reshape(-1, EMBEDDING_DIM)
     model.decode(model.prefix(rows[:min(4, len(rows))]))  # warm-up (allocator, lazy init)
     results = [measure(model, rows, b, min_seconds, min_repeats, max_repeats) for b in batches]
     return {"checkpoint": str(checkpoint), "model": model.name, "threads": threads, "engine": engine,

@@ -25,9 +25,8 @@ import numpy as np
 
 from bench import report
 from embcap.inputs import realistic_embeddings
-from embcap.text_encoder import EMBEDDING_DIM
+from embcap.contract import CAPTION, EMBEDDING, EMBEDDING_DIM, ENSEMBLE
 
-MODEL = "captioner"
 
 
 def _triton_time(client, model: str) -> tuple[int, int]:
@@ -48,7 +47,7 @@ def _inside_ms(client, model: str, before: tuple[int, int], timeout_s: float = 2
 
 
 def measure(gateway_url: str, grpc_url: str, requests: int, rows: int = 4, seed: int = 0,
-            warmup: int = 3, model: str = MODEL) -> dict:
+            warmup: int = 3, model: str = ENSEMBLE) -> dict:
     """Per-request time outside Triton (ms) on both paths, alternating, after `warmup` of each."""
     import tritonclient.grpc as grpcclient
 
@@ -60,7 +59,7 @@ def measure(gateway_url: str, grpc_url: str, requests: int, rows: int = 4, seed:
     try:
         for index, rows_array in enumerate(pool):
             body = json.dumps({"embedding": rows_array.ravel().tolist()}).encode()
-            tensor = grpcclient.InferInput("EMBEDDING", list(rows_array.shape), "FP32")
+            tensor = grpcclient.InferInput(EMBEDDING, list(rows_array.shape), "FP32")
             tensor.set_data_from_numpy(np.ascontiguousarray(rows_array))
             for path in ((ours, direct) if index % 2 else (direct, ours)):  # alternate which goes first
                 before = _triton_time(client, model)
@@ -73,8 +72,8 @@ def measure(gateway_url: str, grpc_url: str, requests: int, rows: int = 4, seed:
                         raise RuntimeError(f"gateway answered {response.status}: {payload[:200]!r}")
                     assert len(json.loads(payload)["texts"]) == rows
                 else:
-                    result = client.infer(model, [tensor], outputs=[grpcclient.InferRequestedOutput("CAPTION")])
-                    assert len(result.as_numpy("CAPTION").reshape(-1)) == rows
+                    result = client.infer(model, [tensor], outputs=[grpcclient.InferRequestedOutput(CAPTION)])
+                    assert len(result.as_numpy(CAPTION).reshape(-1)) == rows
                 elapsed_ms = 1000 * (time.perf_counter() - started)
                 outside = elapsed_ms - _inside_ms(client, model, before)
                 if index >= warmup:

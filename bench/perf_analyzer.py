@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from embcap.contract import EMBEDDING, ENSEMBLE
+
 WHEEL_VERSION = "2.48.0"
 WHEEL_MEMBER = f"tritonclient-{WHEEL_VERSION}.data/data/bin/perf_analyzer"
 LIBRARIES = {"libb64.so.0d": "libb64-*.so.0d", "libcudart.so.12": "libcudart-*.so.12*"}
@@ -75,7 +77,7 @@ def ensure_binary(root: Path | None = None, log=print) -> tuple[Path, dict[str, 
     return binary, env
 
 
-def write_input_data(pool: np.ndarray, path: Path, input_name: str = "EMBEDDING") -> Path:
+def write_input_data(pool: np.ndarray, path: Path, input_name: str = EMBEDDING) -> Path:
     """perf_analyzer's JSON input: one entry per embedding row (the model batches; `-b rows`
     makes each request carry `rows` of them, as the gateway's requests do)."""
     dim = pool.shape[-1]
@@ -102,7 +104,7 @@ def profile_stats(path: Path, rows_per_request: int) -> tuple[float | None, floa
 
 
 def run(grpc_url: str, concurrency: int, requests: int, rows_per_request: int, input_data: Path | None,
-        out_dir: Path, model: str = "captioner", timeout_s: float = 600.0, log=print) -> dict:
+        out_dir: Path, model: str = ENSEMBLE, timeout_s: float = 600.0, log=print) -> dict:
     """One perf_analyzer run at a fixed request count; returns its CSV row as numbers (ms, /s)."""
     binary, env = ensure_binary(log=log)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,8 @@
-"""results.json -> report.md (tables, targets, machine) and plot.png."""
+"""results.json -> report.md (tables, targets, machine) and plot.png.
+
+Longer than 250 lines: the statistics (Estimate, paired ratios, verdicts) and the one report
+they feed (table, plot, verdict lines) change together.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+
+from embcap.contract import ENSEMBLE
 
 TARGETS = {
     "throughput_c16": "captions/s at concurrency 16 >= 4x the naive baseline",
@@ -122,7 +128,7 @@ def _offline_at(offline: dict | None, batch: float) -> dict | None:
 def outside_triton_ms(level: dict) -> float | None:
     """Mean client latency minus the captioner's mean time inside Triton for the same requests
     (Triton statistics): the client + gateway + network share, with decoder jitter cancelled."""
-    server = level.get("extra", {}).get("triton", {}).get("captioner", {}).get("server_ms_per_request")
+    server = level.get("extra", {}).get("triton", {}).get(ENSEMBLE, {}).get("server_ms_per_request")
     mean_all = level.get("mean_all_ms")
     if server is None or mean_all is None or math.isnan(mean_all):
         return None
@@ -137,7 +143,7 @@ def paired_overhead(gateway_c1: dict, pa_c1: dict) -> tuple[float, float] | None
 
 def pairing_problem(level: dict, client_requests: int) -> str | None:
     """Why a level's client mean and Triton's mean do not cover the same requests, if they do not."""
-    counted = level.get("extra", {}).get("triton", {}).get("captioner", {}).get("requests")
+    counted = level.get("extra", {}).get("triton", {}).get(ENSEMBLE, {}).get("requests")
     if counted is None:
         return "no Triton statistics"
     if counted != client_requests:

@@ -8,28 +8,22 @@ Phases run one after the other on the same CPU (never overlapping):
   5. the offline loop (bench.offline) at each batch size
   6. the engines side by side (bench.engines): each decoding engine, normal and realistic inputs, open loop
 then the reports (report.md, plot.png, engines.md, engines.png, results.json) in the run's folder.
+
+Longer than 250 lines: it is the phase list above, each phase a short function over one Plan.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import engine_report, engines, loadgen, machine, overhead, perf_analyzer, report, triton_stats
-from bench.common import (
-    RESULTS,
-    ROOT,
-    THREAD_SETTINGS_NOTE,
-    Child,
-    embedding_pool,
-    free_port,
-    python,
-    spawn,
-    thread_env,
-)
+from bench.common import RESULTS, THREAD_SETTINGS_NOTE, embedding_pool, thread_env
+from runtime.local import ROOT, Child, free_port, spawn
 
 
 @dataclass
@@ -95,24 +89,24 @@ def log(message: str) -> None:
 def start_stack(plan: Plan, out: Path, export_args: list[str] | tuple[str, ...] = ()) -> tuple[Child, str, float]:
     """server.py as the container runs it, on free ports; returns (child, grpc url, cold start s)."""
     port, grpc_port = free_port(), free_port()
-    command = [python(), "server.py", "--checkpoint", str(plan.checkpoint), "--model-repository",
+    command = [sys.executable, "server.py", "--checkpoint", str(plan.checkpoint), "--model-repository",
                str(out / "model_repository"), "--bind", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port),
-               *[f"--export-arg={a}" for a in [*plan.export_args, *export_args]]]
-    child = spawn("server.py", command, out / "logs" / "server.log", f"http://127.0.0.1:{port}")
+               *plan.export_args, *export_args]
+    child = spawn("server.py", command, out / "logs" / "server.log", f"http://127.0.0.1:{port}", thread_env())
     return child, f"127.0.0.1:{grpc_port}", child.wait_healthy(plan.ready_timeout_s)
 
 
 def start_baseline(plan: Plan, out: Path) -> tuple[Child, float]:
     port = free_port()
-    command = [python(), "-m", "bench.baseline", "--checkpoint", str(plan.checkpoint), "--port", str(port),
+    command = [sys.executable, "-m", "bench.baseline", "--checkpoint", str(plan.checkpoint), "--port", str(port),
                "--threads", str(plan.decoder_threads)]
-    child = spawn("baseline", command, out / "logs" / "baseline.log", f"http://127.0.0.1:{port}")
+    child = spawn("baseline", command, out / "logs" / "baseline.log", f"http://127.0.0.1:{port}", thread_env())
     return child, child.wait_healthy(plan.ready_timeout_s)
 
 
 def run_offline(plan: Plan, out: Path, batches: list[int]) -> dict:
     json_path = out / "offline.json"
-    command = [python(), "-m", "bench.offline", "--checkpoint", str(plan.checkpoint),
+    command = [sys.executable, "-m", "bench.offline", "--checkpoint", str(plan.checkpoint),
                "--batches", ",".join(map(str, batches)), "--threads", str(plan.decoder_threads),
                "--pool-requests", str(plan.pool_requests), "--rows-per-request", str(plan.rows_per_request),
                "--seed", str(plan.seed), "--min-seconds", str(plan.offline_min_seconds),

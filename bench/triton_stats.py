@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-MODELS = ("captioner", "projector", "decoder")
+from embcap.contract import DECODER, ENSEMBLE, PROJECTOR
 
 
-def snapshot(grpc_url: str, models=MODELS) -> dict[str, dict[str, float]]:
+def snapshot(grpc_url: str, models=(ENSEMBLE, PROJECTOR, DECODER)) -> dict[str, dict[str, float]]:
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(grpc_url)
