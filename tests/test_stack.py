@@ -11,6 +11,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from conftest import free_port, start_gateway, start_triton, stop_process, wait_http
+from export.options import ExportOptions
+from export.repository import export_repository
+from training.builders import make_tiny_checkpoint
 
 PATHS = ("/api/v1/inference", "/api/v1/v2t")
 
@@ -138,3 +141,20 @@ def test_non_finite_numbers_and_broken_json_are_rejected(tiny_gateway):
         response = httpx.post(tiny_gateway + PATHS[1], content=raw, headers={"content-type": "application/json"})
         assert response.status_code == status
         assert response.json()["detail"]
+
+
+def test_the_gateway_takes_the_width_and_batch_limit_from_the_served_model(smollm2_dir, tmp_path):
+    """A checkpoint of another width (512) and a small max batch: the gateway learns both from Triton."""
+    checkpoint = make_tiny_checkpoint(tmp_path / "narrow", smollm2_dir, embedding_dim=512)
+    repository = export_repository(checkpoint, tmp_path / "repo", ExportOptions(max_batch_size=2, decoder_threads=1),
+                                   log=lambda _: None)
+    triton = start_triton(repository, tmp_path / "triton.log")
+    gateway, base = start_gateway(triton.url, tmp_path / "gateway.log")
+    try:
+        rows = np.random.default_rng(0).standard_normal((5, 512)).astype(np.float32)
+        assert len(caption(base, rows)) == 5  # split into calls of at most 2 rows
+        response = httpx.post(base + PATHS[0], json={"embedding": [0.1] * 768}, timeout=30)  # 1.5 rows
+        assert response.status_code == 422 and "768 numbers, not a multiple of 512" in response.json()["detail"]
+    finally:
+        stop_process(gateway)
+        triton.stop()
