@@ -1,4 +1,8 @@
-"""The checks: each takes the repository and returns one or more results with a reason."""
+"""The checks: each takes the repository and returns one or more results with a reason.
+
+Longer than 250 lines: one short function per check, in the order they run; the list is the
+module.
+"""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ export time (`--engine`, the `engine` parameter below).
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -39,8 +40,8 @@ class TritonPythonModel:
 
         from embcap.checkpoint import load_checkpoint
         from embcap.engines import Cancelled, Job, create_engine
-        from embcap.generation import CaptionGenerator
         from embcap.gpu_probe import resolve_decoder_device
+        from embcap.loading import ResolvedCheckpoint
 
         self.job, self.cancelled_error = Job, Cancelled
         config = json.loads(args["model_config"])
@@ -62,7 +63,8 @@ class TritonPythonModel:
             # stub is a process of its own, so making that GPU current affects this instance only.
             device = f"cuda:{int(args['model_instance_device_id'])}"
             torch.cuda.set_device(device)
-        generator = CaptionGenerator.load(checkpoint.spec, params["decoder_dir"], device=device, dtype=dtype)
+        # The decoder folder the export resolved (a de-quantised GGUF is not resolved again here).
+        generator = ResolvedCheckpoint(checkpoint, Path(params["decoder_dir"])).load_generator(device, dtype)
         self.engine = create_engine(params["engine"], generator, slots=int(config["max_batch_size"]))
         # A Metric must not outlive its MetricFamily: both are kept for the model's lifetime.
         self.families = {stat: _counter(name, text) for stat, (name, text) in COUNTERS.items()}
