@@ -29,7 +29,7 @@ from gateway.protocol import Limits, RequestError, encode_texts, parse_embedding
 def create_app(checkpoint: Path, threads: int) -> FastAPI:
     model = load_local_model(checkpoint, threads)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")  # one request at a time
-    limits = Limits()
+    limits = Limits(embedding_dim=model.embedding_dim)
     app = FastAPI(title="embcap naive baseline", docs_url=None, redoc_url=None)
 
     async def health() -> JSONResponse:

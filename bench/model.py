@@ -16,6 +16,7 @@ class LocalModel:
     engine: object  # an embcap.engines engine over it
     name: str
     settings: dict  # the checkpoint's generation settings, for the report
+    embedding_dim: int  # the row width the checkpoint takes
 
     def prefix(self, embeddings: np.ndarray):
         import torch
@@ -46,4 +47,4 @@ def load_local_model(checkpoint_dir: str | Path, threads: int, engine: str = "hf
     torch.manual_seed(spec.generation.seed)
     generator = resolved.load_generator()
     return LocalModel(resolved.load_projector(), generator, create_engine(engine, generator, slots), spec.name,
-                      spec.generation.model_dump(mode="json"))
+                      spec.generation.model_dump(mode="json"), spec.embedding_dim)
