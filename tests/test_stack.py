@@ -13,6 +13,7 @@ import tritonclient.grpc as grpcclient
 from conftest import free_port, start_gateway, start_triton, stop_process, wait_http
 from export.options import ExportOptions
 from export.repository import export_repository
+from runtime.triton import TritonOptions, TritonProcess
 from training.builders import make_tiny_checkpoint
 
 PATHS = ("/api/v1/inference", "/api/v1/v2t")
@@ -157,4 +158,34 @@ def test_the_gateway_takes_the_width_and_batch_limit_from_the_served_model(smoll
         assert response.status_code == 422 and "768 numbers, not a multiple of 512" in response.json()["detail"]
     finally:
         stop_process(gateway)
+        triton.stop()
+
+
+def test_several_decoder_instances_are_several_engines_and_triton_spreads_the_rows(tiny_checkpoint, tmp_path):
+    """--decoder-instances 2 (per GPU with --gpus): two engines, each counted in its own metric series."""
+    repository = export_repository(tiny_checkpoint, tmp_path / "repo",
+                                   ExportOptions(max_batch_size=4, decoder_instances=2, decoder_threads=1),
+                                   log=lambda _: None)
+    options = TritonOptions(repository, grpc_port=free_port(), metrics_port=free_port())
+    triton = TritonProcess(options, log_file=open(tmp_path / "triton.log", "ab"))
+    triton.start()
+    gateway = None
+    try:
+        triton.wait_ready(timeout_s=120)
+        gateway, base = start_gateway(triton.url, tmp_path / "gateway.log")
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                return await asyncio.gather(*(client.post(base + PATHS[0], json={
+                    "embedding": embeddings(4, seed).reshape(-1).tolist()}) for seed in range(32)))
+
+        assert [r.status_code for r in asyncio.run(burst())] == [200] * 32
+        metrics = httpx.get(f"http://127.0.0.1:{options.metrics_port}/metrics", timeout=10).text
+        rows = {line.split('instance="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines() if line.startswith("embcap_decoded_rows_total{")}
+        assert len(rows) == 2 and sum(rows.values()) == 32 * 4, rows
+        assert min(rows.values()) > 0, f"one instance got every row: {rows}"
+    finally:
+        if gateway is not None:
+            stop_process(gateway)
         triton.stop()

@@ -25,6 +25,10 @@ COUNTERS = {
 }
 
 
+# Rows answered, per model instance: how Triton spreads the work over instances and GPUs (export --gpus).
+ROWS_COUNTER = ("embcap_decoded_rows_total", "Caption rows answered, by model instance and device")
+
+
 def _counter(name, description):
     """A Triton custom metric (shown on Triton's /metrics), or None where the stub lacks the API."""
     try:
@@ -70,6 +74,10 @@ class TritonPythonModel:
         self.families = {stat: _counter(name, text) for stat, (name, text) in COUNTERS.items()}
         self.counters = {stat: (family.Metric(labels={"engine": self.engine.name}) if family else None, 0)
                          for stat, family in self.families.items()}
+        self.rows_family = _counter(*ROWS_COUNTER)
+        instance = {"engine": self.engine.name, "instance": args.get("model_instance_name", "decoder"),
+                    "device": device}
+        self.rows_metric = self.rows_family.Metric(labels=instance) if self.rows_family else None
         capture = getattr(self.engine, "capture_seconds", 0.0)
         pb_utils.Logger.log_info(
             f"decoder: {checkpoint.spec.name} on {device}/{dtype}, engine {self.engine.name}, "
@@ -96,6 +104,8 @@ class TritonPythonModel:
                 error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
                 response = pb_utils.InferenceResponse(error=error)
             else:
+                if self.rows_metric is not None:
+                    self.rows_metric.increment(len(texts))
                 out = np.array([text.encode("utf-8") for text in texts], dtype=np.object_).reshape(-1, 1)
                 response = pb_utils.InferenceResponse([pb_utils.Tensor(CAPTION, out)])
             sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -118,3 +128,4 @@ class TritonPythonModel:
         self.engine.close()
         self.counters.clear()  # the metrics go before their families
         self.families.clear()
+        self.rows_metric = self.rows_family = None
