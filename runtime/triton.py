@@ -26,7 +26,8 @@ from runtime.threads import worker_environment
 HOME_ENV = "TRITONSERVER_HOME"
 NGC_HOME = Path("/opt/tritonserver")
 SHM_DIR = Path("/dev/shm")
-PYTHON_ENV_GLOB = "/tmp/python_env_*"  # the Python backend's own temp folders (hard-coded /tmp)
+PYTHON_ENV_GLOB = "/tmp/python_env_*"
+KILL_GRACE_S = 5  # stop() waits --exit-timeout-secs plus this before SIGKILL  # the Python backend's own temp folders (hard-coded /tmp)
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ class TritonProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout=timeout_s or self.options.exit_timeout_s + 5)
+                self.process.wait(timeout=timeout_s or self.options.exit_timeout_s + KILL_GRACE_S)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()

@@ -24,7 +24,7 @@ from gateway.app import HEALTH_PATHS, create_app
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 from runtime.serve import parse_args  # server.py's options
-from runtime.triton import TritonOptions
+from runtime.triton import KILL_GRACE_S, TritonOptions
 
 DEPLOY = ROOT / "deploy" / "kubernetes"
 KUSTOMIZATIONS = sorted(p.parent for p in DEPLOY.rglob("kustomization.yaml"))
@@ -35,7 +35,6 @@ SERVING = [p for p in KUSTOMIZATIONS if p != MONITORING]
 KUBERNETES_VERSIONS = ("1.29.0", "1.31.0")
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
                       "projected", "secret"}  # Pod Security "restricted": the only volume types allowed
-TRITON_STOP_GRACE_S = 5  # TritonProcess.stop waits --exit-timeout-secs plus this before SIGKILL
 
 
 def _kubectl() -> str:
@@ -286,7 +285,7 @@ def test_graceful_termination(objects):
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
     triton = TritonOptions(model_repository=Path("."))
-    needed = int(command[1]) + parse_args([]).graceful_timeout + triton.exit_timeout_s + TRITON_STOP_GRACE_S
+    needed = int(command[1]) + parse_args([]).graceful_timeout + triton.exit_timeout_s + KILL_GRACE_S
     assert pod["terminationGracePeriodSeconds"] > needed
 
 
