@@ -26,8 +26,8 @@ from runtime.threads import worker_environment
 HOME_ENV = "TRITONSERVER_HOME"
 NGC_HOME = Path("/opt/tritonserver")
 SHM_DIR = Path("/dev/shm")
-PYTHON_ENV_GLOB = "/tmp/python_env_*"
-KILL_GRACE_S = 5  # stop() waits --exit-timeout-secs plus this before SIGKILL  # the Python backend's own temp folders (hard-coded /tmp)
+PYTHON_ENV_GLOB = "/tmp/python_env_*"  # the Python backend's own temp folders (hard-coded /tmp)
+KILL_GRACE_S = 5  # stop() waits --exit-timeout-secs plus this before SIGKILL
 
 
 @dataclass(frozen=True)
