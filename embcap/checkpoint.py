@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Annotated, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -29,6 +29,7 @@ FORMAT_VERSION = 1
 UnusableGpuPolicy = Literal["auto", "serve-cpu", "refuse"]
 DEFAULT_UNUSABLE_GPU_POLICY: UnusableGpuPolicy = "auto"
 POLICIES: tuple[str, ...] = get_args(UnusableGpuPolicy)
+MAX_CANDIDATES = 64  # captions per row with best-of-N (each takes a decode slot)
 
 
 class CheckpointError(ValueError):
@@ -94,6 +95,68 @@ class GenerationSettings(_Strict):
         return self
 
 
+class SentenceTransformerEncoder(_Strict):
+    """A sentence-transformers model folder, or the one shipped inside an installed Python package."""
+
+    kind: Literal["sentence-transformers"] = "sentence-transformers"
+    path: str | None = Field(None, description="model folder, relative to the checkpoint or absolute")
+    package: str | None = Field(None, description="installed Python package whose folder holds the model")
+    lift_seed: int | None = Field(None, description="map the encoder's vectors into the embedding space with the "
+                                                    "fixed orthonormal lift of embcap.text_encoder drawn from this seed")
+    chunk_tokens: int | None = Field(None, ge=1, description="split longer texts into pieces of at most this many "
+                                                            "tokens and average their embeddings")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SentenceTransformerEncoder":
+        if (self.path is None) == (self.package is None):
+            raise ValueError("a sentence-transformers encoder needs exactly one of 'path' or 'package'")
+        return self
+
+
+class OnnxTextEncoder(_Strict):
+    """An ONNX text tower (token ids in, one vector per text out) with a Hugging Face `tokenizer.json`.
+
+    The form an ImageBind text tower takes: ids padded to `context_length` with `pad_id`, the
+    tokenizer adding its start and end tokens, long texts split and averaged as the evaluator does.
+    """
+
+    kind: Literal["onnx"] = "onnx"
+    path: str = Field(description="the ONNX file, relative to the checkpoint or absolute")
+    tokenizer: str = Field(description="a tokenizers `tokenizer.json`, relative to the checkpoint or absolute")
+    context_length: int = Field(77, ge=2, description="token positions of the model's input")
+    pad_id: int = Field(0, ge=0)
+    chunk_tokens: int | None = Field(74, ge=1, description="split longer texts into pieces of at most this many "
+                                                          "tokens (start and end not counted) and average them")
+
+
+TextEncoderSpec = Annotated[Union[SentenceTransformerEncoder, OnnxTextEncoder], Field(discriminator="kind")]
+
+
+class RerankSettings(_Strict):
+    """Best-of-N: each row gets `candidates` captions; the one closest to the input embedding is answered.
+
+    Candidates are scored by the cosine between their embedding by `encoder` (which maps text into
+    the space the input embeddings live in) and the row's input embedding, optionally blended with
+    consensus (each candidate's mean cosine to the row's other candidates). One candidate is plain
+    decoding with `generation`'s settings and needs no encoder.
+    """
+
+    candidates: int = Field(1, ge=1, le=MAX_CANDIDATES, description="captions decoded per row (1: no reranking)")
+    include_greedy: bool = Field(True, description="candidate 0 is the greedy caption")
+    temperature: float = Field(0.7, gt=0.0, description="sampling temperature of the other candidates")
+    top_k: int = Field(50, ge=0, description="sample among the k most likely tokens (0: all)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (1: off)")
+    consensus_weight: float = Field(0.0, ge=0.0, le=1.0,
+                                    description="score = (1 - w) * cosine to the input + w * consensus")
+    encoder: TextEncoderSpec | None = None
+
+    @model_validator(mode="after")
+    def _encoder_when_reranking(self) -> "RerankSettings":
+        if self.candidates > 1 and self.encoder is None:
+            raise ValueError("rerank.candidates > 1 needs rerank.encoder (the text encoder that scores candidates)")
+        return self
+
+
 class CaptionModelSpec(_Strict):
     """Contents of `caption_model.json`."""
 
@@ -105,6 +168,7 @@ class CaptionModelSpec(_Strict):
     projector: str = "projector.safetensors"
     prompt: PromptTemplate = PromptTemplate()
     generation: GenerationSettings = GenerationSettings()
+    rerank: RerankSettings = RerankSettings()
     on_unusable_gpu: UnusableGpuPolicy = Field(
         DEFAULT_UNUSABLE_GPU_POLICY,
         description="GPU visible but unusable: serve-cpu, refuse, or auto (serve on the CPU only if the "
@@ -122,12 +186,16 @@ class Checkpoint:
     def projector_path(self) -> Path:
         return self.root / self.spec.projector
 
+    def resolve_path(self, path: str) -> Path:
+        """A path from the spec: relative to the checkpoint folder unless absolute."""
+        candidate = Path(path)
+        return candidate if candidate.is_absolute() else self.root / candidate
+
     def local_decoder_path(self) -> Path | None:
         """The decoder folder named by `decoder.path`, resolved; None for a GGUF source."""
         if self.spec.decoder.path is None:
             return None
-        path = Path(self.spec.decoder.path)
-        return path if path.is_absolute() else self.root / path
+        return self.resolve_path(self.spec.decoder.path)
 
 
 def load_checkpoint(root: str | Path) -> Checkpoint:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 ENSEMBLE = "captioner"  # the public model: embedding in, caption out
 PROJECTOR = "projector"  # embedding -> prefix vectors
-DECODER = "decoder"  # prefix vectors -> caption
-MODELS = (PROJECTOR, DECODER, ENSEMBLE)  # the order export writes and Triton's stats are read in
+DECODER = "decoder"  # prefix vectors -> caption (or N candidate captions per row)
+RERANKER = "reranker"  # candidates + embedding -> the best candidate (only when N > 1)
+MODELS = (PROJECTOR, DECODER, RERANKER, ENSEMBLE)  # the order export writes and Triton's stats are read in
 
 EMBEDDING = "EMBEDDING"  # FP32 [rows, embedding_dim]
 PREFIX = "PREFIX"  # FP32 [rows, prefix_length, hidden_size]
 CAPTION = "CAPTION"  # BYTES [rows, 1], UTF-8
+CANDIDATES = "CANDIDATES"  # BYTES [rows, N], UTF-8: a row's N candidate captions (decoder -> reranker)
 
 EMBEDDING_DIM = 1024  # what the evaluator sends per row
 
@@ -23,6 +25,12 @@ EMBEDDING_DIM = 1024  # what the evaluator sends per row
 def template_names() -> dict[str, str]:
     """The contract's names as the config templates' variables (`${ensemble}`, `${embedding_tensor}`, ...)."""
     return {
-        "ensemble": ENSEMBLE, "projector": PROJECTOR, "decoder": DECODER,
+        "ensemble": ENSEMBLE, "projector": PROJECTOR, "decoder": DECODER, "reranker": RERANKER,
         "embedding_tensor": EMBEDDING, "prefix_tensor": PREFIX, "caption_tensor": CAPTION,
+        "candidates_tensor": CANDIDATES,
     }
+
+
+def served_models(candidates: int) -> tuple[str, ...]:
+    """The models a repository holds: the reranker stage exists only when each row gets N > 1 candidates."""
+    return tuple(name for name in MODELS if name != RERANKER or candidates > 1)

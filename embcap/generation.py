@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from embcap.checkpoint import PREFIX_PLACEHOLDER, CaptionModelSpec, CheckpointError
+
+if TYPE_CHECKING:
+    from embcap.candidates import CandidatePlan
 
 # What a row gets when it reaches max_new_tokens with no visible text: an empty caption
 # would make the evaluator drop the request's whole batch.
@@ -152,16 +156,52 @@ class CaptionGenerator:
         return self.generate_counting_fallbacks(prefix)[0]
 
     @torch.inference_mode()
-    def generate_counting_fallbacks(self, prefix: np.ndarray | torch.Tensor) -> tuple[list[str], int]:
-        """`generate()`, plus how many rows stayed blank up to max_new_tokens and got BLANK_FALLBACK."""
+    def generate_counting_fallbacks(self, prefix: np.ndarray | torch.Tensor,
+                                    plan: "CandidatePlan | None" = None) -> tuple[list[str], int]:
+        """`generate()`, plus how many rows stayed blank up to max_new_tokens and got BLANK_FALLBACK.
+
+        With a `plan` of C candidates per row (embcap.candidates) the answer holds rows x C captions,
+        row by row: the greedy candidates from one greedy call, the sampled ones from one sampled call
+        with C' return sequences per row, seeded with the plan's seed (reproducible for the same batch).
+        """
         prefix = self.check_prefix(prefix)
         if prefix.shape[0] == 0:
             return [], 0
         embeds = self.prompt_embeddings(prefix)
         settings = self.spec.generation
-        sampling = {"do_sample": False}
-        if settings.do_sample:
-            sampling = {"do_sample": True, "temperature": settings.temperature, "top_k": settings.top_k}
+        if plan is None or plan.count == 1:
+            sampling = {"do_sample": False}
+            if settings.do_sample:
+                sampling = {"do_sample": True, "temperature": settings.temperature, "top_k": settings.top_k}
+            texts = self._generate(embeds, **sampling)
+        else:
+            texts = self._candidates(embeds, plan)
+        blank = sum(not is_visible(text) for text in texts)
+        return [text if is_visible(text) else BLANK_FALLBACK for text in texts], blank
+
+    def _candidates(self, embeds: torch.Tensor, plan: "CandidatePlan") -> list[str]:
+        rows, count = embeds.shape[0], plan.count
+        greedy = [index for index in range(count) if plan.greedy[index]]
+        sampled = [index for index in range(count) if not plan.greedy[index]]
+        texts: list[str] = [""] * (rows * count)
+        if greedy:
+            captions = self._generate(embeds, do_sample=False)
+            for row in range(rows):
+                for index in greedy:
+                    texts[row * count + index] = captions[row]
+        if sampled:
+            torch.manual_seed(plan.sampling.seed)
+            captions = self._generate(embeds, do_sample=True, temperature=plan.sampling.temperature,
+                                      top_k=plan.sampling.top_k, top_p=plan.sampling.top_p,
+                                      num_return_sequences=len(sampled))
+            for row in range(rows):  # generate() returns each row's sequences together
+                for order, index in enumerate(sampled):
+                    texts[row * count + index] = captions[row * len(sampled) + order]
+        return texts
+
+    def _generate(self, embeds: torch.Tensor, **sampling) -> list[str]:
+        """One `generate()` call over [B, L, H] prompt embeddings; the decoded, stripped texts."""
+        settings = self.spec.generation
         tokens = self.model.generate(
             inputs_embeds=embeds,
             attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device),
@@ -173,6 +213,4 @@ class CaptionGenerator:
             logits_processor=[BlankGuard(self.decode, self.stop_ids)],
             **sampling,
         )
-        texts = [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
-        blank = sum(not is_visible(text) for text in texts)
-        return [text if is_visible(text) else BLANK_FALLBACK for text in texts], blank
+        return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]

@@ -5,7 +5,12 @@ of a `SlotKVDecoder`, prefills new rows on their own (after a copy of the prompt
 start's KV, which is the same for every row and computed once), runs one decode
 step for all rows, and applies the caption rules after every token. Rows always
 fill slots 0..n-1: when a row leaves, the last row moves into its slot, so a step
-computes n rows (on a GPU, the smallest captured batch size of at least n):
+computes n rows (on a GPU, the smallest captured batch size of at least n).
+
+With N candidates per prompt (`CandidatePlan`, best-of-N), each prompt takes N slots:
+its prompt is prefilled once and its KV copied into the other N-1 slots, and each
+slot then decodes on its own (greedy, or from its own sampling stream) as a row of
+its own. The caption rules hold per row:
 
 - a stop token ends a row, except before `min_new_tokens` and while the row's text
   is still blank (an empty caption drops the evaluator's whole batch, so stop tokens
@@ -21,8 +26,9 @@ from typing import Hashable
 import numpy as np
 import torch
 
+from embcap.candidates import CandidatePlan, candidate_plan
 from embcap.generation import BLANK_FALLBACK, CaptionGenerator, is_visible
-from embcap.slot_decoder import Sampling, SlotKVDecoder, bucket_sizes
+from embcap.slot_decoder import SlotKVDecoder, bucket_sizes
 
 
 @dataclass
@@ -39,16 +45,18 @@ class Row:
 
 
 class RunningBatch:
-    """Up to `slots` rows decoding together, each at its own position."""
+    """Up to `slots` rows decoding together, each at its own position; `plan` says what each of a
+    prompt's candidates does (default: one candidate per prompt, decoded as `generation` says)."""
 
-    def __init__(self, generator: CaptionGenerator, slots: int, use_graphs: bool | None = None) -> None:
+    def __init__(self, generator: CaptionGenerator, slots: int, use_graphs: bool | None = None,
+                 plan: CandidatePlan | None = None) -> None:
         settings = generator.spec.generation
         self.generator = generator
         self.settings = settings
+        self.plan = plan or candidate_plan(generator.spec, 1)
         self.stop_ids = set(generator.stop_ids)
-        sampling = Sampling(settings.do_sample, settings.temperature, settings.top_k, settings.seed)
         self.decoder = SlotKVDecoder(generator.model, slots, generator.prompt_length + settings.max_new_tokens,
-                                     generator.stop_ids, sampling, use_graphs)
+                                     generator.stop_ids, self.plan.sampling, use_graphs)
         self.buckets = bucket_sizes(slots)
         self.start_length = generator.prompt_start.shape[1]
         self.start_kv = self.decoder.prompt_start(generator.prompt_start) if self.start_length else None
@@ -72,21 +80,24 @@ class RunningBatch:
 
     @torch.inference_mode()
     def add(self, prefix: np.ndarray | torch.Tensor, keys: list[Hashable]) -> list[Row]:
-        """Prefill [N, P, H] prefix rows into free slots; they decode from the next step on."""
+        """Prefill [N, P, H] prefix rows into free slots, each as the plan's C candidates: `keys` holds
+        N * C keys, prompt by prompt (candidates 0..C-1 of prompt 0 first). They decode from the next step."""
+        per_prompt = self.plan.count
         count = len(keys)
-        if count != len(prefix):
-            raise ValueError(f"{len(prefix)} prefix rows but {count} keys")
+        if count != len(prefix) * per_prompt:
+            raise ValueError(f"{len(prefix)} prefix rows x {per_prompt} candidates but {count} keys")
         if count > self.free_slots:
             raise ValueError(f"{count} rows do not fit: {self.free_slots} free slots")
-        if self.active == 0:
-            self.decoder.reseed()  # sampling: a request alone is reproducible
         slots = list(range(self.active, self.active + count))
+        groups = [slots[i:i + per_prompt] for i in range(0, count, per_prompt)]
         embeds = self.generator.prompt_embeddings(torch.as_tensor(prefix))[:, self.start_length:]
         if self.start_kv is not None:
-            self.decoder.copy_prefix(slots, *self.start_kv)
+            self.decoder.copy_prefix([group[0] for group in groups], *self.start_kv)
         rows = [Row(key, slot) for key, slot in zip(keys, slots)]
         ban = torch.tensor([self._ban_stop(row) for row in rows], dtype=torch.bool)
-        first = self.decoder.prefill(slots, embeds, self.start_length, ban)
+        greedy = torch.tensor(self.plan.greedy * len(groups), dtype=torch.bool)
+        streams = torch.tensor(self.plan.streams * len(groups), dtype=torch.long)
+        first = self.decoder.prefill(groups, embeds, self.start_length, ban, greedy, streams)
         for row in rows:
             self.rows[row.slot] = row
         self._record(rows, first.tolist())

@@ -27,10 +27,10 @@ import contextlib
 import os
 import time
 import weakref
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+
+from embcap.sampling import Sampling, choose_tokens
 
 # Decoders whose layers have the Llama layout this forward follows (q/k/v/o and gate/up/down projections,
 # RMSNorm, rotary positions, grouped-query attention; biases allowed).
@@ -38,16 +38,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # EMBCAP_ATTENTION_BACKEND values -> torch.nn.attention.SDPBackend members (a tuning knob; "auto" lets PyTorch pick).
 ATTENTION_BACKENDS = {"auto": "", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen (greedy when `do_sample` is False)."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    seed: int = 0
 
 
 def bucket_sizes(slots: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> list[int]:
@@ -110,7 +100,7 @@ class SlotKVDecoder:
         slots: int,
         max_length: int,
         stop_ids: list[int],
-        sampling: Sampling = Sampling(),
+        sampling: Sampling | None = None,
         use_graphs: bool | None = None,
     ) -> None:
         config = model.config
@@ -161,8 +151,9 @@ class SlotKVDecoder:
         self.positions = torch.zeros(slots, dtype=torch.long, device=device)
         self.ban_stop = torch.zeros(slots, dtype=torch.bool, device=device)
         self.next_tokens = torch.zeros(slots, dtype=torch.long, device=device)
-        self._cpu_rng = torch.Generator().manual_seed(sampling.seed) if device.type == "cpu" else None
-        self.reseed()
+        # Per slot: take the argmax, or draw from this stream (embcap.sampling); set when a row joins.
+        self.greedy = torch.ones(slots, dtype=torch.bool, device=device)
+        self.streams = torch.zeros(slots, dtype=torch.long, device=device)
 
         self.attention_backend = os.environ.get("EMBCAP_ATTENTION_BACKEND", "auto")
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -172,25 +163,12 @@ class SlotKVDecoder:
         self.capture_seconds = 0.0
 
     # ----------------------------------------------------------------- sampling
-    def reseed(self) -> None:
-        """Restart the sampling random stream from the seed (a request alone is then reproducible)."""
-        if self._cpu_rng is not None:
-            self._cpu_rng.manual_seed(self.sampling.seed)
-        else:
-            torch.cuda.manual_seed(self.sampling.seed)
-
-    def _choose(self, logits: torch.Tensor, ban_stop: torch.Tensor) -> torch.Tensor:
-        """[N, V] logits -> [N] token ids; stop tokens are banned in rows where `ban_stop` is set."""
+    def _choose(self, logits: torch.Tensor, ban_stop: torch.Tensor, slots: torch.Tensor | slice,
+                positions: torch.Tensor) -> torch.Tensor:
+        """[N, V] logits of `slots` -> [N] token ids (stop tokens banned where `ban_stop` is set);
+        `positions` are where the chosen tokens will sit (the sampling streams' counters)."""
         logits = logits.float().masked_fill(ban_stop[:, None] & self.stop_mask[None, :], float("-inf"))
-        if not self.sampling.do_sample:
-            return logits.argmax(-1)
-        logits = logits / self.sampling.temperature
-        if 0 < self.sampling.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, self.sampling.top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        # Gumbel-max: argmax(logits + Gumbel noise) samples from softmax(logits), with no host sync.
-        uniform = torch.rand(logits.shape, generator=self._cpu_rng, device=logits.device)
-        return (logits - torch.log(-torch.log(uniform))).argmax(-1)
+        return choose_tokens(logits, self.greedy[slots], self.streams[slots], positions, self.sampling)
 
     def _attention_backends(self):
         """The decode step's attention kernel: PyTorch's choice, or the one EMBCAP_ATTENTION_BACKEND names."""
@@ -225,31 +203,48 @@ class SlotKVDecoder:
 
     # ----------------------------------------------------------------- prefill
     @torch.inference_mode()
-    def prefill(self, slots: list[int], embeds: torch.Tensor, start: int, ban_stop: torch.Tensor) -> torch.Tensor:
-        """Run [N, T, H] prompt embeddings at positions start.. into `slots`; returns the first tokens [N].
+    def prefill(self, groups: list[list[int]], embeds: torch.Tensor, start: int, ban_stop: torch.Tensor,
+                greedy: torch.Tensor | None = None, streams: torch.Tensor | None = None) -> torch.Tensor:
+        """Run [N, T, H] prompt embeddings at positions start.. once per group of slots; returns the first
+        token of every slot, groups in order, [sum of group sizes].
 
-        Positions before `start` must already hold this prompt's KV (see `copy_prefix`).
+        Group i's prompt runs once, in its first slot; its KV is then copied into the group's other slots,
+        which choose their own first tokens from the same logits (the candidates of one row). `ban_stop`,
+        `greedy` and `streams` are per slot, in the same order (default: greedy). Positions before
+        `start` of each group's first slot must already hold the prompt's KV (see `copy_prefix`).
         """
         count, length = embeds.shape[:2]
+        if len(groups) != count or any(not group for group in groups):
+            raise ValueError(f"{count} prompts need {count} non-empty slot groups, got {groups}")
         end = start + length
-        index = torch.tensor(slots, dtype=torch.long, device=self.device)
+        leaders = torch.tensor([group[0] for group in groups], dtype=torch.long, device=self.device)
         cos, sin = self.cos[start:end][None, :, None], self.signed_sin[start:end][None, :, None]  # [1, T, 1, D]
         causal = self._additive(torch.ones(length, end, dtype=torch.bool, device=self.device).tril(diagonal=start))
         x = embeds.to(device=self.device, dtype=self.dtype)
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(i, layer, x, cos, sin)
-            self.keys[i][index, :, start:end] = k.transpose(1, 2)
-            self.values[i][index, :, start:end] = v.transpose(1, 2)
-            keys = self.keys[i][index, :, :end].repeat_interleave(self.group, dim=1)
-            values = self.values[i][index, :, :end].repeat_interleave(self.group, dim=1)
+            self.keys[i][leaders, :, start:end] = k.transpose(1, 2)
+            self.values[i][leaders, :, start:end] = v.transpose(1, 2)
+            keys = self.keys[i][leaders, :, :end].repeat_interleave(self.group, dim=1)
+            values = self.values[i][leaders, :, :end].repeat_interleave(self.group, dim=1)
             attended = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=causal,
                                                       scale=self.scaling)
             x = _linear_add(x, attended.transpose(1, 2).flatten(2), layer.self_attn.o_proj)
             x = self._mlp(i, layer, x)
-        x = x[:, -1]
-        tokens = self._choose(self._logits(x), ban_stop.to(self.device))
-        self.tokens[index] = tokens
-        self.positions[index] = end
+        logits = self._logits(x[:, -1])
+        sizes = torch.tensor([len(group) for group in groups], device=self.device)
+        slots = torch.tensor([slot for group in groups for slot in group], dtype=torch.long, device=self.device)
+        if len(slots) > count:  # the other candidates of each row share its prompt's cache
+            followers = torch.cat([torch.tensor(group[1:], dtype=torch.long) for group in groups]).to(self.device)
+            sources = leaders.repeat_interleave(sizes - 1)
+            self.keys[:, followers, :, :end] = self.keys[:, sources, :, :end]
+            self.values[:, followers, :, :end] = self.values[:, sources, :, :end]
+        self.greedy[slots] = True if greedy is None else greedy.to(self.device)
+        self.streams[slots] = 0 if streams is None else streams.to(self.device)
+        positions = torch.full((len(slots),), end, dtype=torch.long, device=self.device)
+        tokens = self._choose(logits.repeat_interleave(sizes, dim=0), ban_stop.to(self.device), slots, positions)
+        self.tokens[slots] = tokens
+        self.positions[slots] = end
         return tokens
 
     @torch.inference_mode()
@@ -257,7 +252,7 @@ class SlotKVDecoder:
         """KV of a prompt start shared by every row ([1, T, H] embeddings), computed once in slot 0."""
         length = embeds.shape[1]
         ban = torch.zeros(1, dtype=torch.bool, device=self.device)
-        self.prefill([0], embeds, 0, ban)
+        self.prefill([[0]], embeds, 0, ban)
         return self.keys[:, 0, :, :length].clone(), self.values[:, 0, :, :length].clone()
 
     @torch.inference_mode()
@@ -275,6 +270,8 @@ class SlotKVDecoder:
         self.values[:, target] = self.values[:, source]
         self.tokens[target] = self.tokens[source]
         self.positions[target] = self.positions[source]
+        self.greedy[target] = self.greedy[source]
+        self.streams[target] = self.streams[source]
 
     # ------------------------------------------------------------------ decode
     def _decode(self, batch: int) -> None:
@@ -297,7 +294,7 @@ class SlotKVDecoder:
                                                           scale=self.scaling)
             x = _linear_add(x, attended.reshape(batch, -1), layer.self_attn.o_proj)
             x = self._mlp(i, layer, x)
-        self.next_tokens[:batch] = self._choose(self._logits(x), self.ban_stop[:batch])
+        self.next_tokens[:batch] = self._choose(self._logits(x), self.ban_stop[:batch], slice(0, batch), positions + 1)
         tokens.copy_(self.next_tokens[:batch])
         positions.add_(1).clamp_(max=self.max_length - 1)  # free slots run on harmlessly at the end
 
@@ -333,5 +330,4 @@ class SlotKVDecoder:
             torch.cuda.synchronize()
         self.tokens.zero_()
         self.positions.zero_()
-        self.reseed()
         self.capture_seconds = time.perf_counter() - started

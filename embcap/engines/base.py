@@ -18,8 +18,8 @@ class Cancelled(Exception):
 class Job:
     """One request's rows and how to answer it.
 
-    `finish` is called exactly once, with the captions (one per row, in order) or
-    with the exception that failed the request. `cancelled` is polled while the
+    `finish` is called exactly once, with the captions (the engine's `candidates` per row,
+    row by row, in order) or with the exception that failed the request. `cancelled` is polled while the
     rows decode; when it turns true the rows are dropped and `finish` gets Cancelled.
     """
 
@@ -46,6 +46,7 @@ class Engine(Protocol):
 
     name: str
     stats: EngineStats
+    candidates: int  # captions per row in every answer
 
     def submit(self, jobs: list[Job]) -> None:
         """Hand over jobs; they may be answered before this returns (hf) or later (continuous)."""

@@ -7,6 +7,10 @@ that arrive while others decode join at the next step instead of waiting for the
 whole batch, and short captions leave without waiting for long ones. A job whose
 `cancelled()` turns true, or that is still unanswered after the request deadline
 (embcap.deadlines), is answered with Cancelled and its rows leave the batch.
+
+With N candidates per row (best-of-N), each of a job's rows takes N slots of the running
+batch (its prompt prefilled once, see embcap.running_batch); the job is admitted when all
+its rows x N slots are free, and answered with rows x N captions, row by row.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from embcap.deadlines import request_timeout_s
+from embcap.candidates import candidate_plan
 from embcap.engines.base import Cancelled, EngineStats, Job
 from embcap.generation import BLANK_FALLBACK, CaptionGenerator
 from embcap.running_batch import RunningBatch
@@ -37,13 +42,16 @@ class _Pending:
 
 
 class ContinuousEngine:
-    """Iteration-level batching over a `RunningBatch` of `slots` rows, driven by its own thread."""
+    """Iteration-level batching of up to `slots` rows (each `candidates` slots of a `RunningBatch`),
+    driven by its own thread."""
 
     name = "continuous"
 
     def __init__(self, generator: CaptionGenerator, slots: int, use_graphs: bool | None = None,
-                 timeout_s: float | None = None, cancel_poll_s: float = 1.0) -> None:
-        self.batch = RunningBatch(generator, slots, use_graphs)
+                 timeout_s: float | None = None, cancel_poll_s: float = 1.0, candidates: int = 1) -> None:
+        plan = candidate_plan(generator.spec, candidates)
+        self.candidates = plan.count
+        self.batch = RunningBatch(generator, slots * plan.count, use_graphs, plan)
         self.stats = EngineStats()
         self.timeout_s = request_timeout_s() if timeout_s is None else timeout_s
         self.cancel_poll_s = cancel_poll_s
@@ -60,11 +68,17 @@ class ContinuousEngine:
         """Time spent capturing CUDA graphs at start-up (0 on the CPU)."""
         return self.batch.decoder.capture_seconds
 
+    @property
+    def capacity(self) -> int:
+        """Rows that decode at once (each takes `candidates` slots)."""
+        return self.batch.capacity // self.candidates
+
     def submit(self, jobs: list[Job]) -> None:
         """Queue jobs for the loop; a job with more rows than the batch holds fails at once."""
         for job in jobs:
-            if job.rows > self.batch.capacity:
-                job.finish(None, ValueError(f"{job.rows} rows exceed the engine's {self.batch.capacity} slots"))
+            if job.rows > self.capacity:
+                job.finish(None, ValueError(f"{job.rows} rows exceed the engine's {self.capacity} rows "
+                                            f"({self.batch.capacity} slots, {self.candidates} per row)"))
             elif job.rows == 0:
                 job.finish([], None)
             else:
@@ -111,12 +125,13 @@ class ContinuousEngine:
     def _admit(self) -> None:
         """Join backlog jobs (first come, first served) while all of a job's rows fit."""
         prefixes, keys = [], []
-        room = self.batch.free_slots
+        room = self.batch.free_slots // self.candidates
         while self._backlog and self._backlog[0].rows <= room:
             job = self._backlog.popleft()
             number = next(self._numbers)
-            self._pending[number] = _Pending(job, [None] * job.rows, job.rows, job.created + self.timeout_s)
-            keys += [(number, index) for index in range(job.rows)]
+            texts = job.rows * self.candidates
+            self._pending[number] = _Pending(job, [None] * texts, texts, job.created + self.timeout_s)
+            keys += [(number, index) for index in range(texts)]
             prefixes.append(job.prefix)
             room -= job.rows
         if prefixes:
@@ -146,7 +161,7 @@ class ContinuousEngine:
                      if now > entry.deadline or (ask_clients and self._is_cancelled(entry.job))]
         if not cancelled:
             return
-        keys = {(number, index) for number in cancelled for index in range(self._pending[number].job.rows)}
+        keys = {(number, index) for number in cancelled for index in range(len(self._pending[number].texts))}
         self.stats.cancelled_rows += self.batch.drop(keys)
         for number in cancelled:
             self._finish(self._pending.pop(number).job, None,
@@ -154,7 +169,7 @@ class ContinuousEngine:
 
     def _fail_all(self, error: BaseException, backlog: bool = True) -> None:
         self.batch.drop({(number, index) for number, entry in self._pending.items()
-                         for index in range(entry.job.rows)})
+                         for index in range(len(entry.texts))})
         for entry in self._pending.values():
             self._finish(entry.job, None, error)
         self._pending.clear()

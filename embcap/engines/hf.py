@@ -7,6 +7,7 @@ import logging
 import numpy as np
 
 from embcap.batching import split_rows
+from embcap.candidates import candidate_plan
 from embcap.engines.base import EngineStats, Job
 from embcap.generation import BLANK_FALLBACK, CaptionGenerator
 
@@ -14,19 +15,22 @@ log = logging.getLogger(__name__)
 
 
 class HFEngine:
-    """Request-level batching: the rows of all submitted jobs decode together until the longest ends."""
+    """Request-level batching: the rows of all submitted jobs decode together until the longest ends
+    (each row's `candidates` captions too)."""
 
     name = "hf"
 
-    def __init__(self, generator: CaptionGenerator) -> None:
+    def __init__(self, generator: CaptionGenerator, candidates: int = 1) -> None:
         self.generator = generator
+        self.plan = candidate_plan(generator.spec, candidates)
+        self.candidates = self.plan.count
         self.stats = EngineStats()
 
     def submit(self, jobs: list[Job]) -> None:
         """Decode every job's rows in one batch and answer each job before returning."""
         try:
             captions, fallbacks = self.generator.generate_counting_fallbacks(
-                np.concatenate([job.prefix for job in jobs]))
+                np.concatenate([job.prefix for job in jobs]), self.plan)
         except Exception as exc:  # every job of the batch fails with the same error
             for job in jobs:
                 job.finish(None, exc)
@@ -34,7 +38,7 @@ class HFEngine:
         if fallbacks:
             self.stats.blank_fallbacks += fallbacks
             log.warning("%d row(s) stayed blank up to max_new_tokens: answered %r", fallbacks, BLANK_FALLBACK)
-        for job, rows in zip(jobs, split_rows(captions, [job.rows for job in jobs])):
+        for job, rows in zip(jobs, split_rows(captions, [job.rows * self.candidates for job in jobs])):
             job.finish(list(rows), None)
 
     def close(self) -> None:

@@ -3,6 +3,8 @@
 `execute()` turns each request into an engine job answered through the request's
 response sender, hands the jobs to the engine and returns (one final response per
 request: the model is not decoupled, so the ensemble in front of it is unchanged).
+With N > 1 candidates per row (the `candidates` parameter) it answers N captions per row
+(`CANDIDATES`) for the reranker step; with one, the caption itself (`CAPTION`).
 The `continuous` engine answers from its own loop thread as each request's rows
 finish; the `hf` engine answers before `submit()` returns. The engine is chosen at
 export time (`--engine`, the `engine` parameter below).
@@ -14,14 +16,16 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from embcap.contract import CAPTION, PREFIX
+from embcap.contract import CANDIDATES, CAPTION, PREFIX
 
 # EngineStats field -> (Triton custom metric, its help text)
 COUNTERS = {
     "blank_fallbacks": ("embcap_blank_caption_fallbacks_total",
-                        "Caption rows that stayed blank up to max_new_tokens and were answered with the fallback text"),
+                        "Caption rows (candidates, with best-of-N) that stayed blank up to max_new_tokens and "
+                        "were answered with the fallback text"),
     "cancelled_rows": ("embcap_cancelled_rows_total",
-                       "Caption rows dropped mid-decode because their request was cancelled or timed out"),
+                       "Caption rows (candidates, with best-of-N) dropped mid-decode because their request was "
+                       "cancelled or timed out"),
 }
 
 
@@ -69,7 +73,10 @@ class TritonPythonModel:
             torch.cuda.set_device(device)
         # The decoder folder the export resolved (a de-quantised GGUF is not resolved again here).
         generator = ResolvedCheckpoint(checkpoint, Path(params["decoder_dir"])).load_generator(device, dtype)
-        self.engine = create_engine(params["engine"], generator, slots=int(config["max_batch_size"]))
+        self.candidates = int(params["candidates"])
+        self.output = CANDIDATES if self.candidates > 1 else CAPTION
+        self.engine = create_engine(params["engine"], generator, slots=int(config["max_batch_size"]),
+                                    candidates=self.candidates)
         # A Metric must not outlive its MetricFamily: both are kept for the model's lifetime.
         self.families = {stat: _counter(name, text) for stat, (name, text) in COUNTERS.items()}
         self.counters = {stat: (family.Metric(labels={"engine": self.engine.name}) if family else None, 0)
@@ -81,7 +88,8 @@ class TritonPythonModel:
         capture = getattr(self.engine, "capture_seconds", 0.0)
         pb_utils.Logger.log_info(
             f"decoder: {checkpoint.spec.name} on {device}/{dtype}, engine {self.engine.name}, "
-            f"prompt length {generator.prompt_length}, CUDA graphs captured in {capture:.2f} s"
+            f"{self.candidates} candidate(s) per row, prompt length {generator.prompt_length}, "
+            f"CUDA graphs captured in {capture:.2f} s"
         )
 
     def execute(self, requests):
@@ -105,9 +113,10 @@ class TritonPythonModel:
                 response = pb_utils.InferenceResponse(error=error)
             else:
                 if self.rows_metric is not None:
-                    self.rows_metric.increment(len(texts))
-                out = np.array([text.encode("utf-8") for text in texts], dtype=np.object_).reshape(-1, 1)
-                response = pb_utils.InferenceResponse([pb_utils.Tensor(CAPTION, out)])
+                    self.rows_metric.increment(len(texts) // self.candidates)
+                out = np.array([text.encode("utf-8") for text in texts], dtype=np.object_)
+                response = pb_utils.InferenceResponse([pb_utils.Tensor(self.output,
+                                                                       out.reshape(-1, self.candidates))])
             sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
         return finish
