@@ -39,13 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--export-arg", dest="export_args", action="append",
                      help="an export option for server.py (repeatable), e.g. --export-arg=--max-batch-size=32")
     run.add_argument("--skip", action="append", default=[],
-                     choices=("perf_analyzer", "gateway", "baseline", "offline", "engines"))
+                     choices=("perf_analyzer", "gateway", "baseline", "offline", "engines", "candidates"))
     run.add_argument("--engines", type=lambda text: [e for e in text.split(",") if e],
                      help="engines to compare side by side (default hf,continuous)")
     run.add_argument("--engine-levels", type=_ints, help="concurrency levels of the engines phase")
     run.add_argument("--open-loop-requests", type=int)
     run.add_argument("--open-loop-load", type=float, help="open-loop arrival rate as a share of hf's capacity")
     run.add_argument("--overhead-requests", type=int, help="paired gateway-overhead samples per path (0 skips)")
+    run.add_argument("--candidates", type=int, help="candidates per row in the phases before the candidates "
+                                                    "phase (default 1: their baselines write one caption)")
+    run.add_argument("--candidate-counts", type=_ints, help="candidates per row of the candidates phase "
+                                                            "(N=1 and the checkpoint's own are always added)")
+    run.add_argument("--candidate-requests", type=int, help="sequential 4-row requests per N (the evaluator sends 16)")
     run.add_argument("--gateway-url", help="benchmark an already running gateway instead of starting server.py")
     run.add_argument("--grpc-url", help="its Triton gRPC address (for perf_analyzer and statistics)")
     run.add_argument("--out", type=Path, help="results folder (default bench/results/<utc time>-<mode>)")

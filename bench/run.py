@@ -7,7 +7,9 @@ Phases run one after the other on the same CPU (never overlapping):
   4. the naive baseline server (bench.baseline), same load
   5. the offline loop (bench.offline) at each batch size
   6. the engines side by side (bench.engines): each decoding engine, normal and realistic inputs, open loop
-then the reports (report.md, plot.png, engines.md, engines.png, results.json) in the run's folder.
+  7. best-of-N (bench.candidates): latency and captions/s against the candidates per row
+then the reports (report.md, plot.png, engines.md, engines.png, candidates.md, candidates.png, results.json)
+in the run's folder.
 
 Longer than 250 lines: it is the phase list above, each phase a short function over one Plan.
 """
@@ -21,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import engine_report, engines, loadgen, machine, overhead, perf_analyzer, report, triton_stats
+from bench import candidates, engine_report, engines, loadgen, machine, overhead, perf_analyzer, report, triton_stats
 from bench.common import RESULTS, THREAD_SETTINGS_NOTE, embedding_pool, thread_env
 from runtime.local import ROOT, Child, free_port, spawn
 
@@ -49,7 +51,7 @@ class Plan:
     seed: int = 0
     decoder_threads: int = 2
     export_args: list[str] = field(default_factory=list)
-    skip: set[str] = field(default_factory=set)  # of: perf_analyzer, gateway, baseline, offline, engines
+    skip: set[str] = field(default_factory=set)  # of: perf_analyzer, gateway, baseline, offline, engines, candidates
     gateway_url: str | None = None  # an already running stack: no cold start measured
     grpc_url: str | None = None
     out: Path | None = None
@@ -59,6 +61,12 @@ class Plan:
     open_loop_requests: int = 120  # p95 needs many samples for a tight interval
     open_loop_load: float = 0.8  # the open loop's arrival rate, as a share of the hf engine's capacity
     overhead_requests: int = 30  # paired gateway-overhead samples per path (bench/overhead.py); 0 skips
+    # Phases 1-6 measure serving speed against one-caption baselines, so they serve one candidate per row
+    # whatever the checkpoint says; the candidates phase measures N.
+    candidates: int = 1
+    candidate_counts: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # the candidates phase
+    candidate_requests: int = 16  # sequential 4-row requests per N: the evaluator's 16
+    candidate_concurrency: int = 16  # the closed loop for captions/s
 
     @classmethod
     def preset(cls, mode: str, **overrides) -> "Plan":
@@ -67,7 +75,7 @@ class Plan:
                         baseline_waves=1, baseline_min_requests=3, offline_batches=[1, 4, 16],
                         offline_min_seconds=0.0, offline_max_repeats=1, pa_levels=[1], pa_requests_per_level=6,
                         pool_requests=16, engine_levels=[1, 16], open_loop_requests=16,
-                        overhead_requests=10)
+                        overhead_requests=10, candidate_counts=[1], candidate_requests=6)
         elif mode == "full":
             base = dict(mode="full")
         else:
@@ -91,7 +99,7 @@ def start_stack(plan: Plan, out: Path, export_args: list[str] | tuple[str, ...] 
     port, grpc_port = free_port(), free_port()
     command = [sys.executable, "server.py", "--checkpoint", str(plan.checkpoint), "--model-repository",
                str(out / "model_repository"), "--bind", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port),
-               *plan.export_args, *export_args]
+               f"--candidates={plan.candidates}", *plan.export_args, *export_args]
     child = spawn("server.py", command, out / "logs" / "server.log", f"http://127.0.0.1:{port}", thread_env())
     return child, f"127.0.0.1:{grpc_port}", child.wait_healthy(plan.ready_timeout_s)
 
@@ -255,6 +263,11 @@ def _run_phases(plan: Plan, out: Path, results: dict, monitor, started: float) -
         monitor.phase = "engines"
         results["engines"] = engines.run_engines(plan, out, start_stack, warm, log)
 
+    # 7: best-of-N against the candidates per row
+    if "candidates" not in plan.skip:
+        monitor.phase = "candidates"
+        results["candidates"] = candidates.run_candidates(plan, out, start_stack, warm, log)
+
     results["wall_s"] = time.perf_counter() - started
     results["machine"]["other_cpu_cores_by_phase"] = monitor.summary()
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
@@ -262,6 +275,8 @@ def _run_phases(plan: Plan, out: Path, results: dict, monitor, started: float) -
     text = report.write(results, out)
     if results.get("engines"):
         text += "\n" + engine_report.write(results["engines"], out)
+    if results.get("candidates"):
+        text += "\n" + candidates.write(results["candidates"], out)
     print(text, flush=True)
     log(f"done in {results['wall_s']:.0f} s: {out / 'report.md'}, {out / 'plot.png'}")
     return results

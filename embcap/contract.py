@@ -21,6 +21,14 @@ CANDIDATES = "CANDIDATES"  # BYTES [rows, N], UTF-8: a row's N candidate caption
 
 EMBEDDING_DIM = 1024  # what the evaluator sends per row
 
+# The decoding engines (embcap.engines), named here so that choosing one needs no torch.
+ENGINES = ("continuous", "hf")
+DEFAULT_ENGINE = "continuous"
+# Triton's dynamic-batching queue delay in front of each engine: the hf engine needs
+# requests to meet in one batch (bench/RESULTS.md: 20 ms at c=16); the continuous one
+# batches by itself and must not wait.
+QUEUE_DELAY_US = {"continuous": 0, "hf": 20_000}
+
 
 def template_names() -> dict[str, str]:
     """The contract's names as the config templates' variables (`${ensemble}`, `${embedding_tensor}`, ...)."""

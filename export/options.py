@@ -12,7 +12,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from embcap.checkpoint import MAX_CANDIDATES
-from embcap.engines import DEFAULT_ENGINE, ENGINES, QUEUE_DELAY_US
+from embcap.contract import DEFAULT_ENGINE, ENGINES, QUEUE_DELAY_US
 from export.templates import TemplateError
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -85,6 +85,25 @@ def tiny_gateway(tiny_triton, tmp_path_factory):
     stop_process(process)
 
 
+def send_staggered(caption, inputs: dict, gap_s: float = 0.02) -> dict:
+    """Send every input twice from its own thread, `gap_s` apart; the last answer per key."""
+    import threading
+    import time
+
+    answers: dict = {}
+
+    def send(key, delay: float) -> None:
+        time.sleep(delay)
+        answers[key] = caption(inputs[key])
+
+    threads = [threading.Thread(target=send, args=(key, gap_s * i)) for i, key in enumerate(list(inputs) * 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
 def launch_server(checkpoint: Path, work: Path, extra_args: tuple[str, ...] = (),
                   env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """server.py (export + Triton + gateway) as the container runs it, on free ports; no waiting."""

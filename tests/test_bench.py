@@ -39,7 +39,7 @@ def tiny_stack(tiny_checkpoint, tmp_path_factory):
 def test_quick_run_against_a_live_stack_writes_a_well_formed_report(tiny_stack, tiny_checkpoint, tmp_path):
     base, grpc_url = tiny_stack
     plan = Plan.preset("quick", checkpoint=tiny_checkpoint, levels=[1, 4], pool_requests=8, gateway_url=base,
-                       grpc_url=grpc_url, out=tmp_path / "run", pa_requests_per_level=4, skip={"engines"},
+                       grpc_url=grpc_url, out=tmp_path / "run", pa_requests_per_level=4, skip={"engines", "candidates"},
                        overhead_requests=0)
     results = run(plan)
 
@@ -89,7 +89,7 @@ def test_quick_run_against_a_live_stack_writes_a_well_formed_report(tiny_stack, 
 
 def test_a_run_that_starts_its_own_stack_measures_cold_start(tiny_checkpoint, tmp_path):
     plan = Plan.preset("quick", checkpoint=tiny_checkpoint, levels=[2], pool_requests=4, out=tmp_path / "run",
-                       skip={"baseline", "offline", "engines"}, pa_requests_per_level=2)
+                       skip={"baseline", "offline", "engines", "candidates"}, pa_requests_per_level=2)
     results = run(plan)
     assert positive(results["cold_start_s"])
     assert results["stack_exit_code"] == 0
@@ -163,7 +163,7 @@ def test_request_bodies_are_evaluator_shaped():
 
 def test_engines_phase_runs_both_engines_on_both_inputs_and_reports_ratios(tiny_checkpoint, tmp_path):
     plan = Plan.preset("quick", checkpoint=tiny_checkpoint, pool_requests=4, out=tmp_path / "run",
-                       skip={"gateway", "perf_analyzer", "baseline", "offline"}, engine_levels=[1, 4],
+                       skip={"gateway", "perf_analyzer", "baseline", "offline", "candidates"}, engine_levels=[1, 4],
                        open_loop_requests=6)
     phase = run(plan)["engines"]
     assert list(phase["engines"]) == ["hf", "continuous"]  # the reference first: it sets the open loop's rate
@@ -201,3 +201,23 @@ def test_engine_verdicts_come_from_the_same_run_ratios_and_their_intervals():
     got = {t["key"]: t["met"] for t in engine_report.targets({"engines": {"hf": slow, "continuous": fast}})}
     assert got["realistic_c16"] is False and got["normal_c16"] is None
     assert "[MISSED]" in engine_report.ratios_text({"engines": {"hf": slow, "continuous": fast}})
+
+
+def test_candidates_phase_measures_each_n_and_the_shipped_one(tmp_path, smollm2_dir):
+    from bench import candidates
+    from training.builders import make_tiny_checkpoint, minilm_rerank
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "ck", smollm2_dir, rerank=minilm_rerank(2))
+    plan = Plan.preset("quick", checkpoint=checkpoint, pool_requests=4, out=tmp_path / "run", candidate_requests=3,
+                       skip={"gateway", "perf_analyzer", "baseline", "offline", "engines"}, min_requests=2,
+                       candidate_concurrency=2)
+    phase = run(plan)["candidates"]
+    assert phase["shipped"] == 2 and sorted(phase["counts"]) == ["1", "2"]  # N=1 and the checkpoint's own
+    for count, entry in phase["counts"].items():
+        assert entry["exit_code"] == 0 and positive(entry["cold_start_s"])
+        assert entry["sequential"]["ok"] == 3 and entry["sequential"]["concurrency"] == 1
+        assert entry["loaded"]["errors"] == 0 and positive(entry["loaded"]["captions_per_s"]), count
+        assert entry["loaded"]["captions"] == 4 * entry["loaded"]["ok"], "one caption per row, whatever N"
+    text = (tmp_path / "run" / "candidates.md").read_text()
+    assert "| 2 (shipped) |" in text and f"target <= {candidates.P50_TARGET_S:g} s" in text
+    assert (tmp_path / "run" / "candidates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

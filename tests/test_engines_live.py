@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import threading
 import time
 
 import httpx
@@ -12,7 +11,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import free_port, start_gateway, stop_process, wait_http
+from conftest import free_port, send_staggered, start_gateway, stop_process, wait_http
 from training.builders import make_tiny_checkpoint
 from embcap.checkpoint import load_checkpoint, save_spec
 from embcap.deadlines import REQUEST_TIMEOUT_ENV
@@ -56,17 +55,7 @@ def test_staggered_mixed_requests_get_exactly_their_own_captions(engine_gateway)
     engine, base = engine_gateway
     inputs = {rows: realistic_embeddings(rows, seed=rows) for rows in ROW_COUNTS}
     alone = {rows: caption(base, embeddings) for rows, embeddings in inputs.items()}
-    together: dict[int, list[str]] = {}
-
-    def send(rows: int, delay: float) -> None:
-        time.sleep(delay)
-        together[rows] = caption(base, inputs[rows])
-
-    threads = [threading.Thread(target=send, args=(rows, 0.02 * i)) for i, rows in enumerate(ROW_COUNTS * 2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    together = send_staggered(lambda embeddings: caption(base, embeddings), inputs)
     for rows in ROW_COUNTS:
         assert len(together[rows]) == rows, f"{engine}: {rows} rows sent, {len(together[rows])} captions"
         assert together[rows] == alone[rows], f"{engine}: rows sent together differ from rows sent alone"

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_gpu_decoder_bench_runs_on_the_cpu_with_a_tiny_shape(tmp_path, smollm2_dir):
     command = [sys.executable, "-m", "bench.gpu_decoder", "--shape", "tiny", "--device", "cpu", "--batches", "1,4",
-               "--new-tokens", "4", "--repeats", "1", "--profile", "--tokenizer", str(smollm2_dir),
+               "--new-tokens", "4", "--repeats", "1", "--profile", "--candidates", "2,3", "--candidate-rows", "2",
+               "--tokenizer", str(smollm2_dir),
                "--out", str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -26,6 +27,9 @@ def test_gpu_decoder_bench_runs_on_the_cpu_with_a_tiny_shape(tmp_path, smollm2_d
             assert entry["ms_per_step"] > 0 and entry["request_s"] > 0 and entry["captions_per_s"] > 0
     profile = report["engines"][1]["profile"]
     assert profile[0]["kernels"] > 0 and profile[0]["top"]
-    assert "| continuous | 4 |" in (tmp_path / "results.md").read_text()
+    assert [(e["candidates"], e["slots"]) for e in report["candidates"]] == [(2, 4), (3, 6)]
+    assert all(e["ms_per_step"] > 0 and e["request_s"] > 0 for e in report["candidates"])
+    text = (tmp_path / "results.md").read_text()
+    assert "| continuous | 4 |" in text and "| 2 x 3 | 6 |" in text
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "wrote" in done.stdout

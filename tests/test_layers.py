@@ -110,3 +110,17 @@ def test_long_modules_say_why_at_their_top(path):
     if len(lines) > MAX_LINES:
         head = "\n".join(lines[:40])
         assert "Longer than" in head, f"{len(lines)} lines and no reason stated at the top"
+
+
+def test_the_http_process_never_imports_torch():
+    """server.py's own process (gateway + supervisor) stays light: torch loads only in the export, the probe
+    and the Triton stubs, which are other processes."""
+    import subprocess
+    import sys
+
+    code = ("import sys, server, runtime.serve, gateway.app, runtime.supervisor; "
+            "print(sorted(m for m in ('torch', 'transformers', 'sentence_transformers', 'onnxruntime') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

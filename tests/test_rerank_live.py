@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import start_gateway, start_triton, stop_process
+from conftest import send_staggered, start_gateway, start_triton, stop_process
 from embcap.contract import RERANKER
 from embcap.inputs import realistic_embeddings
 from embcap.loading import resolve_checkpoint
@@ -48,17 +45,7 @@ def test_staggered_requests_with_candidates_get_exactly_their_own_captions(reran
     _, _, base = reranked
     inputs = {rows: realistic_embeddings(rows, seed=rows) for rows in ROW_COUNTS}
     alone = {rows: caption(base, embeddings) for rows, embeddings in inputs.items()}
-    together: dict[int, list[str]] = {}
-
-    def send(rows: int, delay: float) -> None:
-        time.sleep(delay)
-        together[rows] = caption(base, inputs[rows])
-
-    threads = [threading.Thread(target=send, args=(rows, 0.03 * i)) for i, rows in enumerate(ROW_COUNTS * 2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    together = send_staggered(lambda embeddings: caption(base, embeddings), inputs, gap_s=0.03)
     for rows in ROW_COUNTS:
         assert len(together[rows]) == rows
         assert together[rows] == alone[rows], "rows sent together differ from rows sent alone"

@@ -6,18 +6,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from embcap.contract import DEFAULT_ENGINE, ENGINES, QUEUE_DELAY_US
 from embcap.engines.base import Cancelled, Engine, EngineStats, Job, generate_blocking
-from embcap.generation import CaptionGenerator
 
-ENGINES = ("continuous", "hf")
-DEFAULT_ENGINE = "continuous"
-# Triton's dynamic-batching queue delay in front of each engine: the hf engine needs
-# requests to meet in one batch (bench/RESULTS.md: 20 ms at c=16); the continuous one
-# batches by itself and must not wait.
-QUEUE_DELAY_US = {"continuous": 0, "hf": 20_000}
+if TYPE_CHECKING:
+    from embcap.generation import CaptionGenerator
 
 
-def create_engine(name: str, generator: CaptionGenerator, slots: int, use_graphs: bool | None = None,
+def create_engine(name: str, generator: "CaptionGenerator", slots: int, use_graphs: bool | None = None,
                   candidates: int = 1) -> Engine:
     """The engine called `name` over a loaded generator; `slots` bounds the rows decoding at once, and
     each row gets `candidates` captions (best-of-N candidates for a reranker; embcap.candidates)."""
