@@ -93,7 +93,7 @@ def sync(device: str) -> None:
 
 
 def measure_engine(name: str, generator, batches: list[int], new_tokens: int, device: str, repeats: int,
-                   profile: bool = False) -> dict:
+                   profile: bool = False, attention_backend: str = "auto") -> dict:
     """Start-up, then per batch size: ms/step, request seconds and captions/s (best of `repeats`)."""
     import numpy as np
     import torch
@@ -101,7 +101,8 @@ def measure_engine(name: str, generator, batches: list[int], new_tokens: int, de
     from embcap.engines import create_engine
 
     started = time.perf_counter()
-    engine = create_engine(name, generator, slots=max(batches))
+    settings = {"attention_backend": attention_backend} if name == "continuous" else {}
+    engine = create_engine(name, generator, slots=max(batches), **settings)
     sync(device)
     result = {"engine": name, "startup_s": time.perf_counter() - started,
               "capture_s": getattr(engine, "capture_seconds", 0.0), "batches": {}}
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="best-of-N counts to measure (continuous engine); empty: none")
     parser.add_argument("--candidate-rows", type=int, default=4, help="rows of the best-of-N request")
     parser.add_argument("--attention", default="auto",
-                        help="continuous engine's attention kernels to compare (EMBCAP_ATTENTION_BACKEND values), "
+                        help="continuous engine's attention kernels to compare (export --attention-backend values), "
                              "e.g. auto,efficient,math")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -350,9 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     backends = [b.strip() for b in args.attention.split(",") if b.strip()]
     for engine in engines:
         for backend in backends if engine == "continuous" else ["auto"]:
-            os.environ["EMBCAP_ATTENTION_BACKEND"] = backend
             result = measure_engine(engine, generator, batches, args.new_tokens, args.device, args.repeats,
-                                    args.profile and backend == backends[0])
+                                    args.profile and backend == backends[0], backend)
             if engine == "continuous" and len(backends) > 1:
                 result["engine"] = f"continuous[{backend}]"
             report["engines"].append(result)

@@ -8,6 +8,10 @@ the served model's config; `EMBEDDING_DIM` is the evaluator's width and every de
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 ENSEMBLE = "captioner"  # the public model: embedding in, caption out
 PROJECTOR = "projector"  # embedding -> prefix vectors
 DECODER = "decoder"  # prefix vectors -> caption (or N candidate captions per row)
@@ -28,6 +32,31 @@ DEFAULT_ENGINE = "continuous"
 # requests to meet in one batch (bench/RESULTS.md: 20 ms at c=16); the continuous one
 # batches by itself and must not wait.
 QUEUE_DELAY_US = {"continuous": 0, "hf": 20_000}
+# The continuous engine's attention kernels on a GPU (embcap.slot_decoder; "auto" lets PyTorch pick).
+ATTENTION_BACKENDS = ("auto", "cudnn", "efficient", "math")
+
+
+class Param:
+    """Keys of the Python-backend models' config `parameters`: the export writes them, model.py reads them."""
+
+    CHECKPOINT_DIR = "checkpoint_dir"
+    DECODER_DIR = "decoder_dir"
+    DEVICE = "device"
+    DTYPE = "dtype"
+    THREADS = "threads"
+    ENGINE = "engine"
+    CANDIDATES = "candidates"
+    REQUEST_TIMEOUT_S = "request_timeout_s"
+    ATTENTION_BACKEND = "attention_backend"
+    MAX_QUEUED_ROWS = "max_queued_rows"
+    ONNX_PATH = "onnx_path"
+    ACCELERATOR = "accelerator"
+    ENGINE_CACHE_DIR = "engine_cache_dir"
+
+
+def parameter_keys() -> set[str]:
+    """Every key of `Param`."""
+    return {value for key, value in vars(Param).items() if key.isupper()}
 
 
 def template_names() -> dict[str, str]:
@@ -42,3 +71,9 @@ def template_names() -> dict[str, str]:
 def served_models(candidates: int) -> tuple[str, ...]:
     """The models a repository holds: the reranker stage exists only when each row gets N > 1 candidates."""
     return tuple(name for name in MODELS if name != RERANKER or candidates > 1)
+
+
+def engine_failure_file(model: str, temp_dir: str | Path | None = None) -> Path:
+    """Where a model's stub leaves the reason its engine failed before it exits: in the stub's $TMPDIR, which
+    runtime.triton gives each tritonserver (and so the supervisor that started it) as a folder of its own."""
+    return Path(temp_dir or os.environ.get("TMPDIR") or tempfile.gettempdir()) / f"embcap-engine-failure-{model}.txt"

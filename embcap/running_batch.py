@@ -49,14 +49,14 @@ class RunningBatch:
     prompt's candidates does (default: one candidate per prompt, decoded as `generation` says)."""
 
     def __init__(self, generator: CaptionGenerator, slots: int, use_graphs: bool | None = None,
-                 plan: CandidatePlan | None = None) -> None:
+                 plan: CandidatePlan | None = None, attention_backend: str = "auto") -> None:
         settings = generator.spec.generation
         self.generator = generator
         self.settings = settings
         self.plan = plan or candidate_plan(generator.spec, 1)
         self.stop_ids = set(generator.stop_ids)
         self.decoder = SlotKVDecoder(generator.model, slots, generator.prompt_length + settings.max_new_tokens,
-                                     generator.stop_ids, self.plan.sampling, use_graphs)
+                                     generator.stop_ids, self.plan.sampling, use_graphs, attention_backend)
         self.buckets = bucket_sizes(slots)
         self.start_length = generator.prompt_start.shape[1]
         self.start_kv = self.decoder.prompt_start(generator.prompt_start) if self.start_length else None
@@ -146,6 +146,12 @@ class RunningBatch:
         for row in dropped:
             self._release(row)
         return len(dropped)
+
+    def forget_from(self, slot: int) -> None:
+        """Drop the rows in slots `slot` and above without touching the device (after a failure: the
+        slots stay contiguous, and whatever the device holds there is overwritten by the next prefill)."""
+        for index in [index for index in self.rows if index >= slot]:
+            del self.rows[index]
 
     def _release(self, row: Row) -> None:
         """Free the row's slot; the row in the last slot moves into it, so slots stay contiguous."""

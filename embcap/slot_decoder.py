@@ -24,19 +24,19 @@ step and the token choice must change together.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import weakref
 import torch
 import torch.nn.functional as F
 
+from embcap.contract import ATTENTION_BACKENDS
 from embcap.sampling import Sampling, choose_tokens
 
 # Decoders whose layers have the Llama layout this forward follows (q/k/v/o and gate/up/down projections,
 # RMSNorm, rotary positions, grouped-query attention; biases allowed).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-# EMBCAP_ATTENTION_BACKEND values -> torch.nn.attention.SDPBackend members (a tuning knob; "auto" lets PyTorch pick).
-ATTENTION_BACKENDS = {"auto": "", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+# embcap.contract.ATTENTION_BACKENDS -> torch.nn.attention.SDPBackend members (a tuning knob).
+SDP_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
@@ -102,6 +102,7 @@ class SlotKVDecoder:
         stop_ids: list[int],
         sampling: Sampling | None = None,
         use_graphs: bool | None = None,
+        attention_backend: str = "auto",
     ) -> None:
         config = model.config
         if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
@@ -155,9 +156,9 @@ class SlotKVDecoder:
         self.greedy = torch.ones(slots, dtype=torch.bool, device=device)
         self.streams = torch.zeros(slots, dtype=torch.long, device=device)
 
-        self.attention_backend = os.environ.get("EMBCAP_ATTENTION_BACKEND", "auto")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"EMBCAP_ATTENTION_BACKEND must be one of {sorted(ATTENTION_BACKENDS)}")
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, not {attention_backend!r}")
+        self.attention_backend = attention_backend
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_seconds = 0.0
@@ -171,12 +172,12 @@ class SlotKVDecoder:
         return choose_tokens(logits, self.greedy[slots], self.streams[slots], positions, self.sampling)
 
     def _attention_backends(self):
-        """The decode step's attention kernel: PyTorch's choice, or the one EMBCAP_ATTENTION_BACKEND names."""
+        """The decode step's attention kernel: PyTorch's choice, or the one `attention_backend` names."""
         if self.attention_backend == "auto":
             return contextlib.nullcontext()
         from torch.nn.attention import sdpa_kernel
 
-        return sdpa_kernel([getattr(torch.nn.attention.SDPBackend, ATTENTION_BACKENDS[self.attention_backend])])
+        return sdpa_kernel([getattr(torch.nn.attention.SDPBackend, SDP_BACKENDS[self.attention_backend])])
 
     # ------------------------------------------------------------------ layers
     def _qkv(self, index: int, layer, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor):

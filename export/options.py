@@ -12,7 +12,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from embcap.checkpoint import MAX_CANDIDATES
-from embcap.contract import DEFAULT_ENGINE, ENGINES, QUEUE_DELAY_US
+from embcap.deadlines import request_timeout_s
+from embcap.contract import ATTENTION_BACKENDS, DEFAULT_ENGINE, ENGINES, QUEUE_DELAY_US
 from export.templates import TemplateError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -62,6 +63,14 @@ class ExportOptions:
     projector_threads: int = _option(1, "ONNX Runtime threads of the projector on the CPU")
     reranker_threads: int = _option(2, "threads of the reranker's text encoder on the CPU")
     engine_cache_dir: str = _option("/tmp/embcap-trt-engines", "writable folder for TensorRT engines")
+    request_timeout_s: float | None = _option(None, "seconds a request may decode before the continuous engine drops "
+                                                    "its rows (default: $EMBCAP_REQUEST_TIMEOUT_S, else 55; the "
+                                                    "gateway's Triton deadline is the same setting)")
+    max_queued_rows: int | None = _option(None, "rows the continuous engine queues before it refuses requests at "
+                                                "once (default: 32 x max_batch_size); it also refuses those its "
+                                                "measured rate cannot answer before the deadline")
+    attention_backend: str = _option("auto", "the continuous engine's attention kernels on a GPU",
+                                     choices=ATTENTION_BACKENDS)
 
     def validate(self) -> None:
         """Raise OptionError naming every out-of-range option."""
@@ -82,10 +91,22 @@ class ExportOptions:
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (self.accelerator in ACCELERATORS, f"accelerator must be one of {ACCELERATORS}"),
             (self.dtype in DTYPES, f"dtype must be one of {DTYPES}"),
+            (self.request_timeout_s is None or self.request_timeout_s > 0, "request_timeout_s must be > 0"),
+            (self.max_queued_rows is None or self.max_queued_rows >= 1, "max_queued_rows must be >= 1"),
+            (self.attention_backend in ATTENTION_BACKENDS, f"attention_backend must be one of {ATTENTION_BACKENDS}"),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:
             raise OptionError("invalid export options: " + "; ".join(problems))
+
+    @property
+    def effective_request_timeout_s(self) -> float:
+        """The decode deadline: the one asked for, else the gateway's ($EMBCAP_REQUEST_TIMEOUT_S or its default)."""
+        return request_timeout_s() if self.request_timeout_s is None else self.request_timeout_s
+
+    @property
+    def effective_max_queued_rows(self) -> int:
+        return 32 * self.max_batch_size if self.max_queued_rows is None else self.max_queued_rows
 
     @property
     def effective_queue_delay_us(self) -> int:
@@ -114,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
         elif meta["choices"]:
             kwargs["choices"] = meta["choices"]
         else:
-            kwargs["type"] = int if option.type in ("int", "int | None") else str
+            kwargs["type"] = {"int": int, "int | None": int, "float | None": float}.get(option.type, str)
         parser.add_argument(_flag(option.name), **kwargs)
 
 

@@ -68,6 +68,8 @@ def render_configs(resolved: ResolvedCheckpoint, options: ExportOptions, device:
             "device": device, "dtype": options.dtype, "threads": options.decoder_threads,
             "engine": options.engine, "candidates": candidates,
             "decoder_output": CANDIDATES if candidates > 1 else CAPTION,
+            "request_timeout_s": options.effective_request_timeout_s,
+            "max_queued_rows": options.effective_max_queued_rows, "attention_backend": options.attention_backend,
         },
         RERANKER: {
             **common, **placement, "candidates": candidates, "instance_count": 1,

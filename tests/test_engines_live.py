@@ -24,7 +24,7 @@ ROW_COUNTS = (1, 3, 4, 33)
 
 
 def start(repository, log_path, metrics: bool = False) -> TritonProcess:
-    """A ready tritonserver on free ports (the decoder reads EMBCAP_* settings from this environment)."""
+    """A ready tritonserver on free ports."""
     options = TritonOptions(repository, grpc_port=free_port(), metrics_port=free_port() if metrics else None)
     triton = TritonProcess(options, log_file=open(log_path, "ab"))
     triton.start()
@@ -87,11 +87,9 @@ def slow_triton(tiny_checkpoint, tmp_path_factory, smollm2_dir):
     spec = load_checkpoint(checkpoint).spec
     save_spec(checkpoint, spec.model_copy(update={"generation": spec.generation.model_copy(
         update={"max_new_tokens": 3000, "min_new_tokens": 3000})}))
-    options = ExportOptions(max_batch_size=4, decoder_threads=1)
+    options = ExportOptions(max_batch_size=4, decoder_threads=1, request_timeout_s=1)
     repository = export_repository(checkpoint, work / "repo", options, log=lambda _: None)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(REQUEST_TIMEOUT_ENV, "1")
-        triton = start(repository, work / "triton.log", metrics=True)
+    triton = start(repository, work / "triton.log", metrics=True)
     yield triton
     triton.stop()
 

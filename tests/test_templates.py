@@ -132,3 +132,20 @@ def test_gpus_without_a_gpu_or_with_repeats_fail_at_export(tiny_checkpoint, tmp_
         export_repository(tiny_checkpoint, tmp_path / "repo", ExportOptions(gpus=(0,), device="cpu"),
                           log=lambda _: None)
     assert not (tmp_path / "repo").exists()
+
+
+def test_parameter_keys_are_the_contracts_and_models_read_them_through_it(tiny_checkpoint, tmp_path):
+    from embcap.contract import parameter_keys
+    from training.builders import make_tiny_checkpoint, minilm_rerank
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "ck", tiny_checkpoint / "decoder", rerank=minilm_rerank(2))
+    resolved = resolve_checkpoint(checkpoint)
+    configs = render_configs(resolved, ExportOptions(request_timeout_s=7.5, max_queued_rows=12), "cpu", tmp_path)
+    assert set(configs) == {"projector", "decoder", "reranker", "captioner"}
+    for name, text in configs.items():
+        keys = set(parse_model_config(text).parameters)
+        assert keys <= parameter_keys(), f"{name}: {sorted(keys - parameter_keys())} not in embcap.contract.Param"
+    decoder = parse_model_config(configs["decoder"]).parameters
+    assert decoder["request_timeout_s"].string_value == "7.5" and decoder["max_queued_rows"].string_value == "12"
+    for model_py in TEMPLATES.glob("*/1/model.py"):
+        assert 'params["' not in model_py.read_text(), f"{model_py} reads a parameter by a bare string"

@@ -9,16 +9,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from embcap.contract import DEFAULT_ENGINE, ENGINES, QUEUE_DELAY_US
-from embcap.engines.base import Cancelled, Engine, EngineStats, Job, generate_blocking
+from embcap.engines.base import Cancelled, Engine, EngineFailed, EngineStats, Job, Overloaded, generate_blocking
 
 if TYPE_CHECKING:
     from embcap.generation import CaptionGenerator
 
 
 def create_engine(name: str, generator: "CaptionGenerator", slots: int, use_graphs: bool | None = None,
-                  candidates: int = 1) -> Engine:
+                  candidates: int = 1, **continuous) -> Engine:
     """The engine called `name` over a loaded generator; `slots` bounds the rows decoding at once, and
-    each row gets `candidates` captions (best-of-N candidates for a reranker; embcap.candidates)."""
+    each row gets `candidates` captions (best-of-N candidates for a reranker; embcap.candidates).
+    `continuous` are the continuous engine's own settings (timeout_s, max_queued_rows, on_failure,
+    attention_backend); the hf engine has none."""
     if name == "hf":
         from embcap.engines.hf import HFEngine
 
@@ -26,9 +28,9 @@ def create_engine(name: str, generator: "CaptionGenerator", slots: int, use_grap
     if name == "continuous":
         from embcap.engines.continuous import ContinuousEngine
 
-        return ContinuousEngine(generator, slots, use_graphs, candidates=candidates)
+        return ContinuousEngine(generator, slots, use_graphs, candidates=candidates, **continuous)
     raise ValueError(f"unknown engine {name!r}: choose one of {ENGINES}")
 
 
-__all__ = ["Cancelled", "DEFAULT_ENGINE", "ENGINES", "Engine", "EngineStats", "Job", "QUEUE_DELAY_US",
-           "create_engine", "generate_blocking"]
+__all__ = ["Cancelled", "DEFAULT_ENGINE", "ENGINES", "Engine", "EngineFailed", "EngineStats", "Job", "Overloaded",
+           "QUEUE_DELAY_US", "create_engine", "generate_blocking"]

@@ -11,6 +11,18 @@ whole batch, and short captions leave without waiting for long ones. A job whose
 With N candidates per row (best-of-N), each of a job's rows takes N slots of the running
 batch (its prompt prefilled once, see embcap.running_batch); the job is admitted when all
 its rows x N slots are free, and answered with rows x N captions, row by row.
+
+Failures stay with the jobs they belong to: a failed admission (a prefill that raises, out
+of memory included) fails the joining jobs only; a failed step fails the rows decoding in
+it and the loop goes on. Steps that keep failing (`failure_limit` in a row, as a sticky
+CUDA error does) or a loop that dies make the engine failed for good: `failure` says why,
+every job still waiting is answered with EngineFailed, later submissions fail at once,
+and `on_failure` is told (the Triton model then has its process restarted).
+
+Admission control: a request is refused at once with Overloaded, instead of waiting past its
+deadline for a 504, when the rows ahead of it (decoding and queued) cannot be answered within
+the request deadline at the rate the engine has measured (rows answered per second of busy
+loop), or when the backlog already holds `max_queued_rows`.
 """
 
 from __future__ import annotations
@@ -21,16 +33,39 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from embcap.deadlines import request_timeout_s
 from embcap.candidates import candidate_plan
-from embcap.engines.base import Cancelled, EngineStats, Job
+from embcap.deadlines import request_timeout_s
+from embcap.engines.base import Cancelled, EngineFailed, EngineStats, Job, Overloaded, answer
 from embcap.generation import BLANK_FALLBACK, CaptionGenerator
 from embcap.running_batch import RunningBatch
 
 log = logging.getLogger(__name__)
+FAILURE_LIMIT = 3  # consecutive failed steps that make the engine failed for good
+RATE_WINDOW = 64  # answered requests the rows-per-second estimate averages over
+MIN_RATE_BUSY_S = 0.5  # busy time measured before the estimate is trusted
+
+
+class RowRate:
+    """Rows answered per second of busy loop, over the last RATE_WINDOW answered requests."""
+
+    def __init__(self) -> None:
+        self.samples: collections.deque[tuple[int, float]] = collections.deque(maxlen=RATE_WINDOW)
+        self.busy_s = 0.0  # busy time since the last answer
+
+    def busy(self, seconds: float) -> None:
+        self.busy_s += seconds
+
+    def answered(self, rows: int) -> None:
+        self.samples.append((rows, self.busy_s))
+        self.busy_s = 0.0
+
+    def rows_per_s(self) -> float | None:
+        busy = sum(seconds for _, seconds in self.samples)
+        return sum(rows for rows, _ in self.samples) / busy if busy >= MIN_RATE_BUSY_S else None
 
 
 @dataclass
@@ -48,18 +83,29 @@ class ContinuousEngine:
     name = "continuous"
 
     def __init__(self, generator: CaptionGenerator, slots: int, use_graphs: bool | None = None,
-                 timeout_s: float | None = None, cancel_poll_s: float = 1.0, candidates: int = 1) -> None:
+                 timeout_s: float | None = None, cancel_poll_s: float = 1.0, candidates: int = 1,
+                 max_queued_rows: int | None = None, failure_limit: int = FAILURE_LIMIT,
+                 on_failure: Callable[[str], None] | None = None, attention_backend: str = "auto") -> None:
         plan = candidate_plan(generator.spec, candidates)
         self.candidates = plan.count
-        self.batch = RunningBatch(generator, slots * plan.count, use_graphs, plan)
+        self.batch = RunningBatch(generator, slots * plan.count, use_graphs, plan, attention_backend)
+        self.device = self.batch.decoder.device
         self.stats = EngineStats()
         self.timeout_s = request_timeout_s() if timeout_s is None else timeout_s
         self.cancel_poll_s = cancel_poll_s
+        self.max_queued_rows = max_queued_rows
+        self.failure_limit = failure_limit
+        self.on_failure = on_failure
+        self.failure: str | None = None
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._queued = 0  # rows in the inbox and the backlog
+        self._queued_lock = threading.Lock()
         self._stopping = threading.Event()
         self._backlog: collections.deque[Job] = collections.deque()
         self._pending: dict[int, _Pending] = {}
         self._numbers = iter(range(1 << 62))
+        self._failed_in_a_row = 0
+        self.rate = RowRate()
         self._thread = threading.Thread(target=self._loop, name="continuous-engine", daemon=True)
         self._thread.start()
 
@@ -73,42 +119,81 @@ class ContinuousEngine:
         """Rows that decode at once (each takes `candidates` slots)."""
         return self.batch.capacity // self.candidates
 
+    @property
+    def active_rows(self) -> int:
+        return self.batch.active // self.candidates
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued
+
     def submit(self, jobs: list[Job]) -> None:
-        """Queue jobs for the loop; a job with more rows than the batch holds fails at once."""
+        """Queue jobs for the loop; a job that cannot be served (too many rows, a full backlog, a failed
+        engine) is answered at once."""
         for job in jobs:
-            if job.rows > self.capacity:
-                job.finish(None, ValueError(f"{job.rows} rows exceed the engine's {self.capacity} rows "
-                                            f"({self.batch.capacity} slots, {self.candidates} per row)"))
+            if self.failure is not None:
+                answer(job, None, EngineFailed(self.failure))
+            elif job.rows > self.capacity:
+                answer(job, None, ValueError(f"{job.rows} rows exceed the engine's {self.capacity} rows "
+                                             f"({self.batch.capacity} slots, {self.candidates} per row)"))
             elif job.rows == 0:
-                job.finish([], None)
+                answer(job, [], None)
             else:
-                self._inbox.put(job)
+                refusal = self._reserve(job.rows)
+                if refusal is None:
+                    self._inbox.put(job)
+                else:
+                    self.stats.refused_rows += job.rows
+                    answer(job, None, Overloaded(refusal))
+
+    def estimated_wait_s(self, rows: int = 0) -> float | None:
+        """Seconds until `rows` more rows would be answered, at the measured rate (None: not measured yet)."""
+        rate = self.rate.rows_per_s()
+        return None if rate is None else (self.active_rows + self._queued + rows) / rate
+
+    def _reserve(self, rows: int) -> str | None:
+        """Count `rows` as queued, or say why they are refused."""
+        with self._queued_lock:
+            if self.max_queued_rows is not None and self._queued + rows > self.max_queued_rows:
+                return f"{self._queued} rows are already waiting (limit {self.max_queued_rows}): try again shortly"
+            wait = self.estimated_wait_s(rows)
+            if wait is not None and wait > self.timeout_s and self._queued > 0:
+                return (f"{self.active_rows + self._queued} rows are ahead at {self.rate.rows_per_s():.2f} rows/s: "
+                        f"about {wait:.0f} s, past the {self.timeout_s:g} s deadline; try again shortly")
+            self._queued += rows
+            return None
+
+    def _release(self, rows: int) -> None:
+        with self._queued_lock:
+            self._queued -= rows
 
     def close(self) -> None:
-        """Stop the loop; unanswered jobs get an error."""
+        """Stop the loop; every job not yet answered (running, in the backlog or still in the inbox) gets an error."""
         self._stopping.set()
         self._inbox.put(None)
         self._thread.join(timeout=30)
-        self._fail_all(RuntimeError("the decoder is shutting down"))
+        self._fail_everything(RuntimeError("the decoder is shutting down"))
 
     # ------------------------------------------------------------------ loop
     def _loop(self) -> None:
-        last_poll = time.monotonic()
-        while not self._stopping.is_set():
-            self._collect()
-            try:
+        try:
+            if self.device.type == "cuda":  # the current device is per thread: this one runs every step
+                import torch
+
+                torch.cuda.set_device(self.device)
+            last_poll = time.monotonic()
+            while not self._stopping.is_set():
+                self._collect()
                 self._admit()
-                self.batch.step()
-                self._answer_finished()
-            except Exception as exc:  # a broken step fails the requests in flight, not the loop
-                log.exception("decode step failed")
-                self._fail_all(exc, backlog=False)
-            # Deadlines cost nothing to check; asking whether a client went away is a round trip
-            # to the Triton server per request, so that is asked only every `cancel_poll_s`.
-            poll = time.monotonic() - last_poll >= self.cancel_poll_s
-            self._drop_cancelled(ask_clients=poll)
-            if poll:
-                last_poll = time.monotonic()
+                self._step()
+                # Deadlines cost nothing to check; asking whether a client went away is a round trip
+                # to the Triton server per request, so that is asked only every `cancel_poll_s`.
+                poll = time.monotonic() - last_poll >= self.cancel_poll_s
+                self._drop_cancelled(ask_clients=poll)
+                if poll:
+                    last_poll = time.monotonic()
+        except BaseException as exc:  # noqa: BLE001 - whatever ends the loop ends the engine, with its reason
+            self._fail_for_good(f"the decode loop died: {type(exc).__name__}: {exc}")
 
     def _collect(self) -> None:
         """Move newly submitted jobs to the backlog; block briefly only when there is nothing to do."""
@@ -123,22 +208,62 @@ class ContinuousEngine:
             pass
 
     def _admit(self) -> None:
-        """Join backlog jobs (first come, first served) while all of a job's rows fit."""
+        """Join backlog jobs (first come, first served) while all of a job's rows fit; a failed prefill
+        fails only the jobs that were joining."""
+        joining: list[int] = []
         prefixes, keys = [], []
         room = self.batch.free_slots // self.candidates
+        now = time.monotonic()
         while self._backlog and self._backlog[0].rows <= room:
             job = self._backlog.popleft()
+            self._release(job.rows)
             number = next(self._numbers)
             texts = job.rows * self.candidates
             self._pending[number] = _Pending(job, [None] * texts, texts, job.created + self.timeout_s)
             keys += [(number, index) for index in range(texts)]
             prefixes.append(job.prefix)
+            joining.append(number)
             room -= job.rows
-        if prefixes:
+            self.stats.admitted_jobs += 1
+            self.stats.queue_wait_s += now - job.created
+        if not prefixes:
+            return
+        active, started = self.batch.active, time.perf_counter()
+        try:
             self.batch.add(np.concatenate(prefixes), keys)
+            self.rate.busy(time.perf_counter() - started)
+        except Exception as exc:
+            log.exception("admitting %d request(s) failed", len(joining))
+            self.stats.failed_steps += 1
+            self.batch.forget_from(active)
+            for number in joining:
+                answer(self._pending.pop(number).job, None, exc)
 
-    def _answer_finished(self) -> None:
-        for row in self.batch.take_finished():
+    def _step(self) -> None:
+        """One decode step; a failure fails the rows in it, and `failure_limit` failures in a row end the engine."""
+        rows = self.batch.active
+        if not rows:
+            return
+        started = time.perf_counter()
+        try:
+            self.batch.step()
+            finished = self.batch.take_finished()
+        except Exception as exc:
+            log.exception("decode step failed")
+            self.stats.failed_steps += 1
+            self._failed_in_a_row += 1
+            self._fail_running(exc)
+            if self._failed_in_a_row >= self.failure_limit:
+                raise EngineFailed(f"{self._failed_in_a_row} decode steps failed in a row, the last with "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            return
+        self._failed_in_a_row = 0
+        self.stats.record_step(rows, time.perf_counter() - started)
+        self.rate.busy(time.perf_counter() - started)
+        self._answer(finished)
+
+    def _answer(self, finished) -> None:
+        for row in finished:
             number, index = row.key
             entry = self._pending[number]
             entry.texts[index] = row.text
@@ -148,44 +273,66 @@ class ContinuousEngine:
                 log.warning("a row stayed blank up to max_new_tokens: answered %r", BLANK_FALLBACK)
             if entry.left == 0:
                 del self._pending[number]
-                self._finish(entry.job, entry.texts, None)
+                self.rate.answered(entry.job.rows)
+                answer(entry.job, entry.texts, None)
 
     def _drop_cancelled(self, ask_clients: bool) -> None:
         """Answer and forget jobs past their deadline (or, with `ask_clients`, whose client went away)."""
         now = time.monotonic()
         for job in [job for job in self._backlog
-                    if now > job.created + self.timeout_s or (ask_clients and self._is_cancelled(job))]:
+                    if now > job.created + self.timeout_s or (ask_clients and _is_cancelled(job))]:
             self._backlog.remove(job)
-            self._finish(job, None, Cancelled("request cancelled or timed out before it started"))
+            self._release(job.rows)
+            answer(job, None, Cancelled("request cancelled or timed out before it started"))
         cancelled = [number for number, entry in self._pending.items()
-                     if now > entry.deadline or (ask_clients and self._is_cancelled(entry.job))]
+                     if now > entry.deadline or (ask_clients and _is_cancelled(entry.job))]
         if not cancelled:
             return
         keys = {(number, index) for number in cancelled for index in range(len(self._pending[number].texts))}
         self.stats.cancelled_rows += self.batch.drop(keys)
         for number in cancelled:
-            self._finish(self._pending.pop(number).job, None,
-                         Cancelled(f"request cancelled or past its {self.timeout_s:g} s deadline while decoding"))
+            answer(self._pending.pop(number).job, None,
+                    Cancelled(f"request cancelled or past its {self.timeout_s:g} s deadline while decoding"))
 
-    def _fail_all(self, error: BaseException, backlog: bool = True) -> None:
-        self.batch.drop({(number, index) for number, entry in self._pending.items()
-                         for index in range(len(entry.texts))})
+    # --------------------------------------------------------------- failures
+    def _fail_running(self, error: BaseException) -> None:
+        """Answer every decoding job with `error`; their rows leave without touching the device."""
+        self.batch.forget_from(0)
         for entry in self._pending.values():
-            self._finish(entry.job, None, error)
+            answer(entry.job, None, error)
         self._pending.clear()
-        while backlog and self._backlog:
-            self._finish(self._backlog.popleft(), None, error)
 
-    @staticmethod
-    def _is_cancelled(job: Job) -> bool:
-        try:
-            return bool(job.cancelled())
-        except Exception:  # a request whose state cannot be read is treated as alive
-            return False
+    def _fail_everything(self, error: BaseException) -> None:
+        self._fail_running(error)
+        while self._backlog:
+            job = self._backlog.popleft()
+            self._release(job.rows)
+            answer(job, None, error)
+        while True:
+            try:
+                job = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self._release(job.rows)
+                answer(job, None, error)
 
-    @staticmethod
-    def _finish(job: Job, texts: list[str] | None, error: BaseException | None) -> None:
-        try:
-            job.finish(texts, error)
-        except Exception:
-            log.exception("answering a request failed")
+    def _fail_for_good(self, reason: str) -> None:
+        self.failure = reason
+        log.error("continuous engine failed: %s", reason)
+        self._fail_everything(EngineFailed(reason))
+        if self.on_failure is not None:
+            try:
+                self.on_failure(reason)
+            except Exception:
+                log.exception("reporting the engine's failure failed")
+        # A job submitted while the failure was being recorded may have reached the inbox just after it was
+        # drained: answer it too (submit() refuses everything from now on).
+        self._fail_everything(EngineFailed(reason))
+
+
+def _is_cancelled(job: Job) -> bool:
+    try:
+        return bool(job.cancelled())
+    except Exception:  # a request whose state cannot be read is treated as alive
+        return False

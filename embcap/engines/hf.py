@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
 from embcap.batching import split_rows
 from embcap.candidates import candidate_plan
-from embcap.engines.base import EngineStats, Job
+from embcap.engines.base import EngineStats, Job, answer
 from embcap.generation import BLANK_FALLBACK, CaptionGenerator
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,10 @@ class HFEngine:
 
     name = "hf"
 
+    failure = None  # a failed generate() fails its batch only: nothing outlives a call
+    active_rows = 0  # rows decode only inside submit()
+    queued_rows = 0
+
     def __init__(self, generator: CaptionGenerator, candidates: int = 1) -> None:
         self.generator = generator
         self.plan = candidate_plan(generator.spec, candidates)
@@ -28,18 +33,21 @@ class HFEngine:
 
     def submit(self, jobs: list[Job]) -> None:
         """Decode every job's rows in one batch and answer each job before returning."""
+        started = time.perf_counter()
         try:
             captions, fallbacks = self.generator.generate_counting_fallbacks(
                 np.concatenate([job.prefix for job in jobs]), self.plan)
         except Exception as exc:  # every job of the batch fails with the same error
+            self.stats.failed_steps += 1
             for job in jobs:
-                job.finish(None, exc)
+                answer(job, None, exc)
             return
+        self.stats.record_step(sum(job.rows for job in jobs), time.perf_counter() - started)
         if fallbacks:
             self.stats.blank_fallbacks += fallbacks
             log.warning("%d row(s) stayed blank up to max_new_tokens: answered %r", fallbacks, BLANK_FALLBACK)
         for job, rows in zip(jobs, split_rows(captions, [job.rows * self.candidates for job in jobs])):
-            job.finish(list(rows), None)
+            answer(job, list(rows), None)
 
     def close(self) -> None:
         """Nothing runs in the background."""

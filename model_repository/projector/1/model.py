@@ -12,7 +12,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from embcap.batching import split_rows
-from embcap.contract import EMBEDDING, PREFIX
+from embcap.contract import EMBEDDING, PREFIX, Param
 
 
 def _providers(accelerator: str, cache_dir: str, gpu: int) -> list:
@@ -41,26 +41,26 @@ class TritonPythonModel:
         import onnxruntime as ort
 
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
-        threads = int(params["threads"])
+        threads = int(params[Param.THREADS])
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        cache_dir = params["engine_cache_dir"]
-        if params["accelerator"] != "cpu" and hasattr(ort, "preload_dlls"):
+        cache_dir = params[Param.ENGINE_CACHE_DIR]
+        if params[Param.ACCELERATOR] != "cpu" and hasattr(ort, "preload_dlls"):
             try:  # CUDA/cuDNN from the pip nvidia-* wheels are found only when preloaded
                 ort.preload_dlls()
             except Exception as exc:
                 pb_utils.Logger.log_warn(f"projector: preloading CUDA libraries failed ({exc})")
         # The GPU Triton placed this instance on (instance_group, export --gpus).
         gpu = int(args.get("model_instance_device_id", 0)) if args.get("model_instance_kind") == "GPU" else 0
-        providers = _providers(params["accelerator"], cache_dir, gpu)
+        providers = _providers(params[Param.ACCELERATOR], cache_dir, gpu)
         if any(isinstance(p, tuple) for p in providers):
             os.makedirs(cache_dir, exist_ok=True)
         try:
-            self.session = ort.InferenceSession(params["onnx_path"], options, providers=providers)
+            self.session = ort.InferenceSession(params[Param.ONNX_PATH], options, providers=providers)
         except Exception as exc:  # a TensorRT/CUDA start-up failure must not stop serving
             pb_utils.Logger.log_warn(f"projector: {providers} failed ({exc}); falling back to CPU")
-            self.session = ort.InferenceSession(params["onnx_path"], options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(params[Param.ONNX_PATH], options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         pb_utils.Logger.log_info(f"projector: running on {self.session.get_providers()}")
 

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from embcap.contract import CANDIDATES, CAPTION, EMBEDDING
+from embcap.contract import CANDIDATES, CAPTION, EMBEDDING, Param
 
 
 class TritonPythonModel:
@@ -23,9 +23,9 @@ class TritonPythonModel:
         from embcap.rerank import Reranker
 
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
-        threads = int(params["threads"])
+        threads = int(params[Param.THREADS])
         torch.set_num_threads(threads)
-        checkpoint = load_checkpoint(params["checkpoint_dir"])
+        checkpoint = load_checkpoint(params[Param.CHECKPOINT_DIR])
         device, providers = "cpu", None
         if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
             device = f"cuda:{int(args['model_instance_device_id'])}"
