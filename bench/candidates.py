@@ -4,7 +4,10 @@ For each N, server.py is started with `--candidates N` and measured on realistic
 (embcap.inputs: captions end at their own lengths): first the evaluator's way, one 4-row
 request at a time, then a closed loop at `candidate_concurrency` for captions/s. The
 verdict: the shipped N's (the checkpoint's `rerank.candidates`) 4-row p50 at most
-`P50_TARGET_S`, printed beside N=1's.
+`P50_TARGET_S`, printed beside N=1's. Triton's statistics over the sequential requests
+give the reranker stage's cost: its time per request inside Triton against its own
+compute (the rest is the ensemble step's queueing and transfer), which is also how long
+reranking inside the decoder (BLS from its loop) would hold every decoding row.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from bench import loadgen
+from bench import loadgen, triton_stats
 from bench.common import embedding_pool
 from bench.report import Estimate, median_se_ms, ratio_estimate, throughput_rel_se, verdict
 
@@ -23,6 +26,7 @@ VERDICT_WORDS = {True: "MET", False: "MISSED", None: "n/a"}
 def run_candidates(plan, out: Path, start_stack: Callable, warm: Callable, log: Callable[[str], None]) -> dict:
     """Measure every N in `plan.candidate_counts`; `start_stack(plan, folder, export_args)` -> (child, grpc, cold s)."""
     from embcap.checkpoint import load_checkpoint
+    from embcap.contract import served_models
 
     shipped = load_checkpoint(plan.checkpoint).spec.rerank.candidates
     counts = sorted(set(plan.candidate_counts) | {1, shipped})
@@ -32,16 +36,24 @@ def run_candidates(plan, out: Path, start_stack: Callable, warm: Callable, log: 
         folder = out / f"candidates-{count}"
         (folder / "logs").mkdir(parents=True, exist_ok=True)
         log(f"candidates {count}: starting server.py")
-        stack, _, cold = start_stack(plan, folder, [f"--candidates={count}"])
+        stack, grpc_url, cold = start_stack(plan, folder, [f"--candidates={count}"])
         entry: dict = {"cold_start_s": cold}
+        models = served_models(count)
         try:
             warm(stack.base_url, bodies, plan)
             log(f"candidates {count}: {plan.candidate_requests} sequential {plan.rows_per_request}-row requests, "
                 f"then concurrency {plan.candidate_concurrency}")
+
+            def before(concurrency):
+                return triton_stats.snapshot(grpc_url, models)
+
+            def after(concurrency, snap):
+                return {"triton": triton_stats.delta(snap, triton_stats.snapshot(grpc_url, models))}
+
             sequential, loaded = loadgen.sweep(
                 stack.base_url, bodies, plan.rows_per_request, [1, plan.candidate_concurrency],
                 lambda c: plan.candidate_requests if c == 1 else plan.requests_for(c), plan.level_duration_s,
-                plan.timeout_s)
+                plan.timeout_s, before, after)
             entry["sequential"], entry["loaded"] = sequential.to_dict(), loaded.to_dict()
         finally:
             entry["exit_code"] = stack.stop()
@@ -75,7 +87,20 @@ def write(phase: dict, out: Path) -> str:
     met = verdict(estimate, P50_TARGET_S, higher_is_better=False)
     summary = (f"shipped N={phase['shipped']}: 4-row p50 {estimate.text(2, ' s')} (target <= {P50_TARGET_S:g} s; "
                f"N=1: {_p50_s(base['sequential']).text(2, ' s')}): {VERDICT_WORDS[met]}")
-    lines += ["", summary]
+    lines += ["", summary, "", "Inside Triton, per sequential request (ms): the reranker stage's time against its own "
+              "compute; the difference is the ensemble step's queueing and transfer.", "",
+              "| N | decoder | reranker | reranker compute | ensemble step overhead |", "|---:|---:|---:|---:|---:|"]
+    for count in counts:
+        stats = phase["counts"][str(count)]["sequential"].get("extra", {}).get("triton", {})
+        decoder, reranker = stats.get("decoder"), stats.get("reranker")
+        if decoder is None:
+            continue
+        if reranker is None:
+            lines.append(f"| {count} | {decoder['server_ms_per_request']:.1f} | - | - | - |")
+        else:
+            lines.append(f"| {count} | {decoder['server_ms_per_request']:.1f} | "
+                         f"{reranker['server_ms_per_request']:.1f} | {reranker['compute_ms_per_request']:.1f} | "
+                         f"{reranker['server_ms_per_request'] - reranker['compute_ms_per_request']:.1f} |")
     text = "\n".join(lines) + "\n"
     (out / "candidates.md").write_text(text)
     _plot(phase, counts, out / "candidates.png")

@@ -6,6 +6,7 @@ from embcap.contract import DECODER, ENSEMBLE, PROJECTOR
 
 
 def snapshot(grpc_url: str, models=(ENSEMBLE, PROJECTOR, DECODER)) -> dict[str, dict[str, float]]:
+    """Triton's cumulative statistics of each of `models` now."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(grpc_url)

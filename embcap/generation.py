@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ from embcap.checkpoint import PREFIX_PLACEHOLDER, CaptionModelSpec, CheckpointEr
 
 if TYPE_CHECKING:
     from embcap.candidates import CandidatePlan
+    from embcap.lean_llama import LeanLlama
 
 # What a row gets when it reaches max_new_tokens with no visible text: an empty caption
 # would make the evaluator drop the request's whole batch.
@@ -91,17 +93,19 @@ class BlankGuard:
 class CaptionGenerator:
     """Turns [B, P, H] prefix vectors into B captions with one batched, KV-cached decode.
 
-    This is the reference path (Hugging Face `generate()`); the loaded model,
-    tokenizer and prompt embeddings are shared with the continuous engine.
+    This is the reference path (Hugging Face `generate()`); the tokenizer, the prompt
+    embeddings and the weights are shared with the continuous engine, which reads them in
+    its own layout (`lean`). A generator loaded with `lean=True` holds only that layout:
+    the continuous engine serves it, `generate()` does not.
     """
 
     def __init__(self, spec: CaptionModelSpec, model, tokenizer) -> None:
-        """Wrap a loaded causal LM and its tokenizer (see `load` to read them from a folder)."""
+        """Wrap a loaded causal LM (Hugging Face, or embcap.lean_llama's) and its tokenizer (see `load`)."""
         self.spec = spec
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        self.device = model.device
+        self.dtype = model.dtype
         self.hidden_size = int(self.model.config.hidden_size)
         self.stop_ids = stop_token_ids(self.tokenizer, spec)
         pad = self.tokenizer.pad_token_id
@@ -119,13 +123,28 @@ class CaptionGenerator:
         decoder_dir: str | Path,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
+        lean: bool = False,
+        log=lambda _: None,
     ) -> "CaptionGenerator":
-        """Load the Hugging Face decoder folder onto `device` in `dtype`."""
+        """Load the Hugging Face decoder folder onto `device` in `dtype`, straight from its files (no CPU copy
+        first). With `lean`, only the continuous engine's layout is built (no Hugging Face model)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(decoder_dir)
-        model = AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=dtype).to(torch.device(device))
+        if lean:
+            from embcap.lean_llama import LeanLlama
+
+            model = LeanLlama.from_pretrained(decoder_dir, device, dtype, log)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=dtype, device_map=torch.device(device))
         return cls(spec, model, tokenizer)
+
+    @cached_property
+    def lean(self) -> "LeanLlama":
+        """The weights in the continuous engine's layout (the model itself when it was loaded lean)."""
+        from embcap.lean_llama import LeanLlama
+
+        return self.model if isinstance(self.model, LeanLlama) else LeanLlama.from_hf(self.model)
 
     @property
     def prompt_length(self) -> int:
@@ -201,6 +220,9 @@ class CaptionGenerator:
 
     def _generate(self, embeds: torch.Tensor, **sampling) -> list[str]:
         """One `generate()` call over [B, L, H] prompt embeddings; the decoded, stripped texts."""
+        if not hasattr(self.model, "generate"):
+            raise TypeError("this generator holds the continuous engine's weights only (loaded lean): "
+                            "generate() needs the Hugging Face model")
         settings = self.spec.generation
         tokens = self.model.generate(
             inputs_embeds=embeds,

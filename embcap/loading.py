@@ -53,13 +53,16 @@ class ResolvedCheckpoint:
         return load_projector(self.checkpoint.projector_path, self.spec.embedding_dim, self.hidden_size,
                               self.spec.prefix_length)
 
-    def load_generator(self, device: str = "cpu", dtype: "torch.dtype | None" = None) -> "CaptionGenerator":
-        """The decoder and tokenizer on `device` (float32 unless `dtype` says otherwise)."""
+    def load_generator(self, device: str = "cpu", dtype: "torch.dtype | None" = None, lean: bool = False,
+                       log: Callable[[str], None] = lambda _: None) -> "CaptionGenerator":
+        """The decoder and tokenizer on `device` (float32 unless `dtype` says otherwise); `lean`: only the
+        continuous engine's weights (embcap.lean_llama), read straight onto the device."""
         import torch
 
         from embcap.generation import CaptionGenerator
 
-        return CaptionGenerator.load(self.spec, self.decoder_dir, device=device, dtype=dtype or torch.float32)
+        return CaptionGenerator.load(self.spec, self.decoder_dir, device=device, dtype=dtype or torch.float32,
+                                     lean=lean, log=log)
 
 
 def resolve_checkpoint(root: str | Path, log: Callable[[str], None] = lambda _: None) -> ResolvedCheckpoint:

@@ -55,7 +55,7 @@ class RunningBatch:
         self.settings = settings
         self.plan = plan or candidate_plan(generator.spec, 1)
         self.stop_ids = set(generator.stop_ids)
-        self.decoder = SlotKVDecoder(generator.model, slots, generator.prompt_length + settings.max_new_tokens,
+        self.decoder = SlotKVDecoder(generator.lean, slots, generator.prompt_length + settings.max_new_tokens,
                                      generator.stop_ids, self.plan.sampling, use_graphs, attention_backend)
         self.buckets = bucket_sizes(slots)
         self.start_length = generator.prompt_start.shape[1]

@@ -9,9 +9,8 @@ Why a forward of our own instead of the model's `forward()`: Hugging Face's cach
 keep one length for the whole batch (transformers 5.24's StaticLayer writes at a
 single device-side counter), so rows cannot sit at different positions; and the
 generic forward builds masks and caches with host-side logic that CUDA graphs
-cannot capture. The layers' own weights are used as they are, with the q/k/v and
-gate/up projections fused into one matrix each (the originals become views of
-it, so no memory is duplicated and the model keeps working).
+cannot capture. The weights are the engine's own (embcap.lean_llama: q/k/v and
+gate/up fused at load time); Hugging Face's modules are neither used nor changed.
 
 On CUDA one decode step per batch-size bucket is captured as a CUDA graph at
 start-up: nothing is compiled or written to disk, so it works on a read-only root
@@ -25,16 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-import weakref
+
 import torch
 import torch.nn.functional as F
 
 from embcap.contract import ATTENTION_BACKENDS
+from embcap.lean_llama import LeanLayer, LeanLlama, unsupported
 from embcap.sampling import Sampling, choose_tokens
 
-# Decoders whose layers have the Llama layout this forward follows (q/k/v/o and gate/up/down projections,
-# RMSNorm, rotary positions, grouped-query attention; biases allowed).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # embcap.contract.ATTENTION_BACKENDS -> torch.nn.attention.SDPBackend members (a tuning knob).
 SDP_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -53,42 +50,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
-def _linear_add(residual: torch.Tensor, x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
-    """residual + linear(x), the addition done by the matrix multiply itself (one kernel, not two)."""
-    if linear.bias is not None:
-        return residual + linear(x)
-    out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), linear.weight.t())
+def _linear_add(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """residual + x @ weight.T (+ bias), the addition done by the matrix multiply itself (one kernel, not two)."""
+    if bias is not None:
+        return residual + F.linear(x, weight, bias)
+    out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), weight.t())
     return out.view(residual.shape)
-
-
-def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A Llama RMSNorm module's arithmetic as one fused kernel (its weight and epsilon)."""
-    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
-    return F.rms_norm(x, norm.weight.shape, norm.weight, eps)
-
-
-# First linear of a fused group -> (weight, bias), so a second decoder over the same model fuses nothing twice.
-_FUSED: "weakref.WeakKeyDictionary[torch.nn.Linear, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _fuse_linears(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) for several linears on the same input; the originals become views of it."""
-    if linears[0] in _FUSED:
-        return _FUSED[linears[0]]
-    weight = torch.cat([linear.weight.data for linear in linears], dim=0)
-    has_bias = [linear.bias is not None for linear in linears]
-    if any(has_bias) and not all(has_bias):
-        raise ValueError("cannot fuse linears where only some have a bias")
-    bias = torch.cat([linear.bias.data for linear in linears]) if all(has_bias) else None
-    start = 0
-    for linear in linears:
-        rows = linear.weight.shape[0]
-        linear.weight.data = weight[start:start + rows]
-        if bias is not None:
-            linear.bias.data = bias[start:start + rows]
-        start += rows
-    _FUSED[linears[0]] = (weight, bias)
-    return weight, bias
 
 
 class SlotKVDecoder:
@@ -96,7 +63,7 @@ class SlotKVDecoder:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: LeanLlama,
         slots: int,
         max_length: int,
         stop_ids: list[int],
@@ -104,46 +71,34 @@ class SlotKVDecoder:
         use_graphs: bool | None = None,
         attention_backend: str = "auto",
     ) -> None:
-        config = model.config
-        if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"the continuous engine runs {', '.join(SUPPORTED_MODEL_TYPES)} decoders, not "
-                             f"{getattr(config, 'model_type', None)!r}: export with --engine hf")
-        body = model.get_decoder()
-        self.layers = list(body.layers)
-        self.final_norm = body.norm
-        self.embed = model.get_input_embeddings()
-        self.lm_head = model.get_output_embeddings()
-        attention = self.layers[0].self_attn
-        self.head_dim = int(attention.head_dim)
-        self.scaling = float(attention.scaling)
-        self.heads = int(config.num_attention_heads)
-        self.kv_heads = int(config.num_key_value_heads)
+        problems = unsupported(model.config, max_length)
+        if problems:
+            raise ValueError(f"the continuous engine does not implement {'; '.join(problems)}: export with --engine hf")
+        self.model = model
+        self.layers: list[LeanLayer] = list(model.layers)
+        shape = model.shape
+        self.head_dim, self.scaling, self.eps = shape.head_dim, shape.scaling, shape.eps
+        self.heads, self.kv_heads = shape.heads, shape.kv_heads
         self.group = self.heads // self.kv_heads
+        self.intermediate = shape.intermediate
         self.slots = slots
         self.sampling = sampling
-        weight = self.lm_head.weight
-        self.device, self.dtype = weight.device, weight.dtype
-        self.vocab_size = int(weight.shape[0])
-
-        self.qkv = [_fuse_linears(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj) for l in self.layers]
-        self.gate_up = [_fuse_linears(l.mlp.gate_proj, l.mlp.up_proj) for l in self.layers]
-        self.intermediate = int(self.layers[0].mlp.gate_proj.weight.shape[0])
+        self.device, self.dtype = model.device, model.dtype
+        self.vocab_size = int(model.lm_head.shape[0])
 
         device = self.device
         # The cache length is padded to a multiple of 16 so attention kernels need no aligned copy of the mask.
         max_length = -(-max_length // 16) * 16
         self.max_length = max_length
-        shape = (len(self.layers), slots, self.kv_heads, max_length, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=self.dtype, device=device)
-        self.values = torch.zeros(shape, dtype=self.dtype, device=device)
+        cache = (len(self.layers), slots, self.kv_heads, max_length, self.head_dim)
+        self.keys = torch.zeros(cache, dtype=self.dtype, device=device)
+        self.values = torch.zeros(cache, dtype=self.dtype, device=device)
         self.arange = torch.arange(max_length, device=device)
         self.slot_index = torch.arange(slots, device=device)
-        with torch.no_grad():
-            probe = torch.zeros(1, dtype=self.dtype, device=device)
-            cos, sin = body.rotary_emb(probe, self.arange[None])
+        cos, sin = model.rotary(max_length)  # [max_length, head_dim]
         half = self.head_dim // 2
-        self.cos = cos[0]  # [max_length, head_dim]
-        self.signed_sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
+        self.cos = cos
+        self.signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
         self.stop_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=device)
         self.stop_mask[torch.tensor(stop_ids, dtype=torch.long, device=device)] = True
@@ -180,10 +135,13 @@ class SlotKVDecoder:
         return sdpa_kernel([getattr(torch.nn.attention.SDPBackend, SDP_BACKENDS[self.attention_backend])])
 
     # ------------------------------------------------------------------ layers
-    def _qkv(self, index: int, layer, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor):
+    def _norm(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """RMSNorm with the model's epsilon, as one fused kernel."""
+        return F.rms_norm(x, weight.shape, weight, self.eps)
+
+    def _qkv(self, layer: LeanLayer, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor):
         """x [..., H] -> rotated q [..., heads, D], rotated k and v [..., kv_heads, D] (cos/sin [..., 1, D])."""
-        weight, bias = self.qkv[index]
-        qkv = F.linear(_rms_norm(layer.input_layernorm, x), weight, bias).unflatten(-1, (-1, self.head_dim))
+        qkv = F.linear(self._norm(layer.input_norm, x), layer.qkv, layer.qkv_bias).unflatten(-1, (-1, self.head_dim))
         rotary = self.heads + self.kv_heads
         qk = _rotate(qkv[..., :rotary, :], cos, signed_sin)
         return qk[..., :self.heads, :], qk[..., self.heads:, :], qkv[..., rotary:, :]
@@ -192,15 +150,15 @@ class SlotKVDecoder:
         """A boolean attention mask as the additive float mask attention kernels use (made once per step)."""
         return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
 
-    def _mlp(self, index: int, layer, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, layer: LeanLayer, x: torch.Tensor) -> torch.Tensor:
         """x + the layer's MLP of x."""
-        weight, bias = self.gate_up[index]
-        gate, up = F.linear(_rms_norm(layer.post_attention_layernorm, x), weight, bias).split(self.intermediate, -1)
-        return _linear_add(x, layer.mlp.act_fn(gate) * up, layer.mlp.down_proj)
+        gate, up = F.linear(self._norm(layer.post_norm, x), layer.gate_up, layer.gate_up_bias).split(
+            self.intermediate, -1)
+        return _linear_add(x, self.model.act_fn(gate) * up, layer.down, layer.down_bias)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """[N, H] last hidden states -> [N, V] logits."""
-        return self.lm_head(_rms_norm(self.final_norm, x))
+        return F.linear(self._norm(self.model.final_norm, x), self.model.lm_head)
 
     # ----------------------------------------------------------------- prefill
     @torch.inference_mode()
@@ -223,15 +181,15 @@ class SlotKVDecoder:
         causal = self._additive(torch.ones(length, end, dtype=torch.bool, device=self.device).tril(diagonal=start))
         x = embeds.to(device=self.device, dtype=self.dtype)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(i, layer, x, cos, sin)
+            q, k, v = self._qkv(layer, x, cos, sin)
             self.keys[i][leaders, :, start:end] = k.transpose(1, 2)
             self.values[i][leaders, :, start:end] = v.transpose(1, 2)
             keys = self.keys[i][leaders, :, :end].repeat_interleave(self.group, dim=1)
             values = self.values[i][leaders, :, :end].repeat_interleave(self.group, dim=1)
             attended = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=causal,
                                                       scale=self.scaling)
-            x = _linear_add(x, attended.transpose(1, 2).flatten(2), layer.self_attn.o_proj)
-            x = self._mlp(i, layer, x)
+            x = _linear_add(x, attended.transpose(1, 2).flatten(2), layer.o, layer.o_bias)
+            x = self._mlp(layer, x)
         logits = self._logits(x[:, -1])
         sizes = torch.tensor([len(group) for group in groups], device=self.device)
         slots = torch.tensor([slot for group in groups for slot in group], dtype=torch.long, device=self.device)
@@ -281,9 +239,9 @@ class SlotKVDecoder:
         slot = self.slot_index[:batch]
         cos, sin = self.cos[positions][:, None], self.signed_sin[positions][:, None]  # [B, 1, D]
         mask = self._additive(self.arange[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, L]
-        x = self.embed(tokens)  # [B, H]
+        x = self.model.embed(tokens)  # [B, H]
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(i, layer, x, cos, sin)
+            q, k, v = self._qkv(layer, x, cos, sin)
             keys, values = self.keys[i], self.values[i]
             keys[slot, :, positions] = k
             values[slot, :, positions] = v
@@ -293,8 +251,8 @@ class SlotKVDecoder:
                 attended = F.scaled_dot_product_attention(q.view(batch, self.kv_heads, self.group, self.head_dim),
                                                           keys[:batch], values[:batch], attn_mask=mask,
                                                           scale=self.scaling)
-            x = _linear_add(x, attended.reshape(batch, -1), layer.self_attn.o_proj)
-            x = self._mlp(i, layer, x)
+            x = _linear_add(x, attended.reshape(batch, -1), layer.o, layer.o_bias)
+            x = self._mlp(layer, x)
         self.next_tokens[:batch] = self._choose(self._logits(x), self.ban_stop[:batch], slice(0, batch), positions + 1)
         tokens.copy_(self.next_tokens[:batch])
         positions.add_(1).clamp_(max=self.max_length - 1)  # free slots run on harmlessly at the end

@@ -13,7 +13,7 @@ from embcap.candidate_encoders import check_text_encoder
 from embcap.contract import CANDIDATES, CAPTION, DECODER, ENSEMBLE, PROJECTOR, RERANKER, served_models
 from embcap.gpu_probe import resolve_decoder_device
 from embcap.loading import ResolvedCheckpoint, resolve_checkpoint
-from embcap.slot_decoder import SUPPORTED_MODEL_TYPES
+from embcap.lean_llama import unsupported
 from export.onnx_projector import PARITY_TOLERANCE, export_projector_onnx, onnx_parity_error
 from export.options import ExportOptions
 from export.templates import TemplateError, render_config, render_snippet
@@ -99,9 +99,18 @@ def export_repository(
     options.validate()
     resolved = resolve_checkpoint(checkpoint_dir, log=log)
     log(f"[1/4] checkpoint {resolved.checkpoint.root} ({resolved.spec.name})")
-    if options.engine == "continuous" and resolved.model_type not in SUPPORTED_MODEL_TYPES:
-        raise TemplateError(f"the continuous engine runs {', '.join(SUPPORTED_MODEL_TYPES)} decoders; this one is "
-                            f"{resolved.model_type!r}: export with --engine hf")
+    if options.engine == "continuous":
+        from transformers import AutoConfig, AutoTokenizer
+
+        from embcap.generation import prompt_ids
+
+        ids = prompt_ids(AutoTokenizer.from_pretrained(resolved.decoder_dir), resolved.spec)
+        max_length = len(ids.before) + resolved.spec.prefix_length + len(ids.after) + \
+            resolved.spec.generation.max_new_tokens
+        problems = unsupported(AutoConfig.from_pretrained(resolved.decoder_dir), max_length)
+        if problems:
+            raise TemplateError(f"the continuous engine does not implement what {resolved.decoder_dir / 'config.json'} "
+                                f"asks for: {'; '.join(problems)}; export with --engine hf")
     log(f"[2/4] decoder {resolved.decoder_dir} (hidden size {resolved.hidden_size})")
     projector = resolved.load_projector()
     device = _resolve_device(options.device)

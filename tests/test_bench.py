@@ -218,6 +218,9 @@ def test_candidates_phase_measures_each_n_and_the_shipped_one(tmp_path, smollm2_
         assert entry["sequential"]["ok"] == 3 and entry["sequential"]["concurrency"] == 1
         assert entry["loaded"]["errors"] == 0 and positive(entry["loaded"]["captions_per_s"]), count
         assert entry["loaded"]["captions"] == 4 * entry["loaded"]["ok"], "one caption per row, whatever N"
+    reranker = phase["counts"]["2"]["sequential"]["extra"]["triton"]["reranker"]
+    assert reranker["requests"] == 3 and reranker["compute_ms_per_request"] > 0
+    assert "reranker" not in phase["counts"]["1"]["sequential"]["extra"]["triton"]  # N=1: no reranker stage
     text = (tmp_path / "run" / "candidates.md").read_text()
     assert "| 2 (shipped) |" in text and f"target <= {candidates.P50_TARGET_S:g} s" in text
     assert (tmp_path / "run" / "candidates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -107,3 +107,40 @@ def test_an_engine_on_the_gpu_triton_assigns_equals_one_on_the_default_gpu():
         finally:
             engine.close()
     assert captions[0] == captions[1] and len(captions[0]) == 5
+
+
+def test_sampled_candidates_on_an_explicit_gpu_are_reproducible_and_equal_the_default_gpus():
+    """Each row samples from its own stream on the device: the same on cuda:N as on cuda, from any thread."""
+    from embcap.engines import create_engine, generate_blocking
+
+    last = torch.cuda.device_count() - 1
+    answers = []
+    for device in ("cuda", f"cuda:{last}"):
+        torch.cuda.set_device(0 if device == "cuda" else last)
+        g = generator("tiny", torch.float32, device=device, max_new_tokens=10, min_new_tokens=10, do_sample=True,
+                      temperature=1.0, top_k=50, seed=5)
+        engine = create_engine("continuous", g, slots=4, candidates=4)
+        try:
+            first, second = (generate_blocking(engine, prefix(g, 3)) for _ in range(2))
+            assert first == second and len(first) == 12
+            answers.append(first)
+        finally:
+            engine.close()
+    assert answers[0] == answers[1]
+
+
+def test_candidates_in_captured_graphs_equal_eager_candidates():
+    from embcap.candidates import candidate_plan
+    from embcap.running_batch import RunningBatch
+
+    g = generator("tiny", torch.float32, max_new_tokens=8, min_new_tokens=8)
+    results = []
+    for graphs in (True, False):
+        batch = RunningBatch(g, slots=12, use_graphs=graphs, plan=candidate_plan(g.spec, 4))
+        batch.add(prefix(g, 3, seed=6), list(range(12)))
+        finished = []
+        while batch.active:
+            batch.step()
+            finished += batch.take_finished()
+        results.append(sorted((row.key, tuple(row.tokens)) for row in finished))
+    assert results[0] == results[1]

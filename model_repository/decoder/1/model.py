@@ -85,11 +85,13 @@ class TritonPythonModel:
             # stub is a process of its own, so making that GPU current affects this instance only.
             device = f"cuda:{int(args['model_instance_device_id'])}"
             torch.cuda.set_device(device)
-        # The decoder folder the export resolved (a de-quantised GGUF is not resolved again here).
-        generator = ResolvedCheckpoint(checkpoint, Path(params[Param.DECODER_DIR])).load_generator(device, dtype)
+        # The decoder folder the export resolved (a de-quantised GGUF is not resolved again here). The
+        # continuous engine reads only its own layout of the weights, straight onto the device.
+        engine = params[Param.ENGINE]
+        generator = ResolvedCheckpoint(checkpoint, Path(params[Param.DECODER_DIR])).load_generator(
+            device, dtype, lean=engine == "continuous", log=pb_utils.Logger.log_info)
         self.candidates = int(params[Param.CANDIDATES])
         self.output = CANDIDATES if self.candidates > 1 else CAPTION
-        engine = params[Param.ENGINE]
         settings = {"timeout_s": float(params[Param.REQUEST_TIMEOUT_S]),
                     "max_queued_rows": int(params[Param.MAX_QUEUED_ROWS]),
                     "attention_backend": params[Param.ATTENTION_BACKEND],
