@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from doctor import PLACEHOLDER_HOTKEY, dockerfile, dockerignore, ss58
+from runtime import CHECKPOINT_ENV
 
 PASS, FAIL, WARN, SKIP = "PASS", "FAIL", "WARN", "SKIP"
 WORKDIR = "/app"
@@ -156,13 +157,19 @@ def check_dockerignore(options: Options) -> list[Result]:
 
 
 def _git_files(repo: Path, folder: str) -> set[str] | None:
-    """Files git tracks under `folder` (None when `repo` is not a git work tree)."""
+    """Files under `folder` as the last commit holds them, less those changed since (None when `repo` is not
+    a git work tree): what the evaluator's clone gets."""
     if not (repo / ".git").exists() or shutil.which("git") is None:
         return None
-    run = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "--", folder], capture_output=True)
-    if run.returncode != 0:
-        return None
-    return {name for name in run.stdout.decode().split("\0") if name}
+    committed = subprocess.run(["git", "-C", str(repo), "ls-tree", "-r", "-z", "--name-only", "HEAD", "--", folder],
+                               capture_output=True)
+    if committed.returncode != 0:
+        no_commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "-q", "HEAD"], capture_output=True)
+        return set() if no_commit.returncode != 0 else None
+    changed = subprocess.run(["git", "-C", str(repo), "diff", "-z", "--name-only", "HEAD", "--", folder],
+                             capture_output=True)
+    names = {name for name in committed.stdout.decode().split("\0") if name}
+    return names - {name for name in changed.stdout.decode().split("\0") if name}
 
 
 def _checkpoint_files(checkpoint_dir: Path) -> tuple[list[Path], list[str], list[str]]:
@@ -192,24 +199,58 @@ def _checkpoint_files(checkpoint_dir: Path) -> tuple[list[Path], list[str], list
     return files, problems, notes
 
 
+def served_checkpoint(repo: Path) -> str | None:
+    """The checkpoint the image serves, relative to the repository (from the Dockerfile's EMBCAP_CHECKPOINT)."""
+    path = repo / "Dockerfile"
+    if not path.is_file():
+        return None
+    value = dockerfile.env(dockerfile.final_stage(dockerfile.parse(path.read_text(errors="replace")))).get(
+        CHECKPOINT_ENV)
+    if not value:
+        return None
+    return value.removeprefix(WORKDIR + "/").rstrip("/")
+
+
+def _check_served(options: Options) -> list[Result]:
+    served = served_checkpoint(options.repo)
+    if served is None or served == options.checkpoint.rstrip("/"):
+        return []
+    return [Result("served-checkpoint", WARN,
+                   f"the image serves {served} ({CHECKPOINT_ENV} in the Dockerfile), not {options.checkpoint}: "
+                   f"the evaluator scores {served}; train into it (--out {served}) or copy {options.checkpoint} there")]
+
+
 def check_models(options: Options) -> list[Result]:
     models = options.repo / "models"
     checkpoint_dir = options.repo / options.checkpoint
     if not models.is_dir() or not any(models.iterdir()):
         return [Result("models", FAIL, "no models/ folder (or it is empty): the evaluator mounts it at /app/models")]
+    served = _check_served(options)
     if not (checkpoint_dir / "caption_model.json").is_file():
-        return [Result("models", FAIL, f"{options.checkpoint}/caption_model.json not found: server.py serves "
-                                       f"/app/{options.checkpoint} by default")]
+        return [Result("models", FAIL, f"{options.checkpoint}/caption_model.json not found"), *served]
     files, problems, notes = _checkpoint_files(checkpoint_dir)
     if problems:
-        return [Result("models", FAIL, "; ".join(problems))]
+        return [Result("models", FAIL, "; ".join(problems)), *served]
     results = [Result("models", PASS, f"{options.checkpoint}: caption_model.json names {len(files) - 1} file(s), "
-                                      f"all present" + (f"; {notes[0]}" if notes else ""))]
-    results += _check_weight_files(options.repo, files)
+                                      f"all present" + (f"; {notes[0]}" if notes else "")), *served]
+    results.append(_check_complete(checkpoint_dir))
+    results += _check_weight_files(options.repo, files, options.checkpoint)
     return results
 
 
-def _check_weight_files(repo: Path, files: list[Path]) -> list[Result]:
+def _check_complete(checkpoint_dir: Path) -> Result:
+    from embcap.checkpoint import load_checkpoint
+    from embcap.completeness import checkpoint_problems
+
+    checkpoint = load_checkpoint(checkpoint_dir)
+    problems = checkpoint_problems(checkpoint)
+    if problems:
+        return Result("checkpoint-complete", FAIL, "; ".join(problems))
+    parts = "projector, decoder config, weights and tokenizer" if checkpoint.local_decoder_path() else "projector"
+    return Result("checkpoint-complete", PASS, f"{parts} open")
+
+
+def _check_weight_files(repo: Path, files: list[Path], checkpoint: str) -> list[Result]:
     results = []
     tracked = _git_files(repo, "models")
     relative = [str(f.relative_to(repo)) for f in files]
@@ -219,10 +260,13 @@ def _check_weight_files(repo: Path, files: list[Path]) -> list[Result]:
     else:
         untracked = [name for name in relative if name not in tracked]
         if untracked:
-            results.append(Result("models-committed", FAIL, f"not committed (the evaluator clones the repository): "
-                                                            f"{', '.join(untracked[:4])}"))
+            more = f" and {len(untracked) - 4} more" if len(untracked) > 4 else ""
+            results.append(Result("models-committed", FAIL,
+                                  f"{len(untracked)} of {len(relative)} checkpoint file(s) not committed (the evaluator "
+                                  f"clones the repository): {', '.join(untracked[:4])}{more}; commit them: "
+                                  f"git add {checkpoint} && git commit"))
         else:
-            results.append(Result("models-committed", PASS, f"all {len(relative)} checkpoint files are tracked by git"))
+            results.append(Result("models-committed", PASS, f"all {len(relative)} checkpoint files are committed"))
 
     pointers = [name for f, name in zip(files, relative) if f.stat().st_size < 1024 and f.read_bytes().startswith(LFS_POINTER)]
     large = [f"{name} ({f.stat().st_size / 2**20:.0f} MiB)" for f, name in zip(files, relative)

@@ -191,7 +191,35 @@ def test_doctor_fails_with_the_reason(broken, name):
     assert code == 1, output
     assert rows[check][0] == "FAIL" and reason in rows[check][1], output
     others = {n for n, (status, _) in rows.items() if status == "FAIL"} - {check}
-    assert others <= {"models-committed", "weights-size", "models", "hadolint"}, f"unrelated failures {others}:\n{output}"
+    assert others <= {"models-committed", "weights-size", "models", "hadolint", "checkpoint-complete"}, \
+        f"unrelated failures {others}:\n{output}"
+
+
+@NEEDS_TOOLS
+def test_incomplete_checkpoint_elsewhere_uncommitted_is_named_with_what_to_do(broken, tiny_checkpoint):
+    """A checkpoint without decoder/tokenizer.json used to pass ("names 10 file(s), all present")."""
+    shutil.copytree(tiny_checkpoint, broken / "models" / "mine")
+    (broken / "models" / "mine" / "decoder" / "tokenizer.json").unlink()
+    code, rows, output = doctor(broken, "--skip-export", "--hotkey", ALICE, "--checkpoint", "models/mine")
+    assert code == 1, output
+    assert rows["checkpoint-complete"][0] == "FAIL" and "decoder/tokenizer.json is missing" in rows[
+        "checkpoint-complete"][1], output
+    status, reason = rows["served-checkpoint"]  # the image serves models/default, whatever --checkpoint says
+    assert status == "WARN" and "the image serves models/default" in reason, output
+    files = len([p for p in (broken / "models" / "mine").rglob("*") if p.is_file()])
+    status, reason = rows["models-committed"]
+    assert status == "FAIL" and f"{files} of {files} checkpoint file(s) not committed" in reason, output
+    assert f"and {files - 4} more" in reason and "git add models/mine && git commit" in reason, output
+
+
+def test_export_refuses_a_checkpoint_without_its_tokenizer(tiny_checkpoint, tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    (checkpoint / "decoder" / "tokenizer.json").unlink()
+    run = subprocess.run([sys.executable, "-m", "export", str(checkpoint), "--out", str(tmp_path / "repo")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "decoder/tokenizer.json is missing" in run.stderr, run.stderr
+    assert run.stderr.count("export failed") == 1 and not (tmp_path / "repo").exists()
 
 
 def test_export_failure_is_reported(broken):
