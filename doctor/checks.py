@@ -196,6 +196,16 @@ def _checkpoint_files(checkpoint_dir: Path) -> tuple[list[Path], list[str], list
                             "the Dockerfile: the container cannot find the decoder")
         else:
             notes.append(f"decoder from package {source.gguf_package} ({source.gguf_file}), installed in the image")
+    encoder = checkpoint.spec.rerank.encoder
+    if encoder is not None and getattr(encoder, "package", None):
+        notes.append(f"reranking encoder from package {encoder.package}")
+    elif encoder is not None:
+        from embcap.candidate_encoders import encoder_files
+
+        for path in encoder_files(checkpoint):
+            if not path.exists():
+                problems.append(f"reranking encoder file {path} is missing")
+            files += [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path] if path.exists() else []
     return files, problems, notes
 
 

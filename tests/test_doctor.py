@@ -244,3 +244,27 @@ def test_hotkey_command_writes_exactly_and_refuses_bad_input(tmp_path):
     make = subprocess.run(["make", "-s", "-C", str(ROOT), "-n", "hotkey", "HOTKEY=" + ALICE], capture_output=True,
                           text=True)
     assert f"-m doctor hotkey {ALICE}" in make.stdout
+
+
+@NEEDS_TOOLS
+def test_a_reranking_encoders_files_count_as_the_checkpoints(broken, tiny_checkpoint, smollm2_dir):
+    import json
+
+    from training.builders import make_onnx_text_tower
+
+    mine = broken / "models" / "mine"
+    shutil.copytree(tiny_checkpoint, mine)
+    make_onnx_text_tower(mine / "tower", smollm2_dir)
+    spec = json.loads((mine / "caption_model.json").read_text())
+    spec["rerank"] = {"candidates": 2, "encoder": {"kind": "onnx", "path": "tower/model.onnx",
+                                                   "tokenizer": "tower/tokenizer.json"}}
+    (mine / "caption_model.json").write_text(json.dumps(spec))
+    git(broken, "add", "models/mine")
+    git(broken, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "mine")
+    git(broken, "rm", "-q", "--cached", "models/mine/tower/model.onnx")
+    code, rows, output = doctor(broken, "--skip-export", "--hotkey", ALICE, "--checkpoint", "models/mine")
+    status, reason = rows["models-committed"]
+    assert status == "FAIL" and "1 of" in reason and "tower/model.onnx" in reason, output
+    (mine / "tower" / "tokenizer.json").unlink()
+    code, rows, output = doctor(broken, "--skip-export", "--hotkey", ALICE, "--checkpoint", "models/mine")
+    assert code == 1 and "reranking encoder file" in output and "tokenizer.json is missing" in output, output
