@@ -16,14 +16,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from doctor import PLACEHOLDER_HOTKEY, dockerfile, dockerignore, ss58
+from doctor import PLACEHOLDER_HOTKEY, dockerfile, dockerignore, lfs, ss58
 from runtime import CHECKPOINT_ENV
 
 PASS, FAIL, WARN, SKIP = "PASS", "FAIL", "WARN", "SKIP"
 WORKDIR = "/app"
 PORT = "8000"
-GITHUB_FILE_LIMIT = 100 * 1024 * 1024  # GitHub refuses larger files: the evaluator could not clone them
-LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 COMPOSE_FILES = ("docker-compose.yml", "docker-compose.yaml", "compose.yml", "compose.yaml")
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
@@ -278,17 +276,7 @@ def _check_weight_files(repo: Path, files: list[Path], checkpoint: str) -> list[
         else:
             results.append(Result("models-committed", PASS, f"all {len(relative)} checkpoint files are committed"))
 
-    pointers = [name for f, name in zip(files, relative) if f.stat().st_size < 1024 and f.read_bytes().startswith(LFS_POINTER)]
-    large = [f"{name} ({f.stat().st_size / 2**20:.0f} MiB)" for f, name in zip(files, relative)
-             if f.stat().st_size > GITHUB_FILE_LIMIT]
-    total = sum(f.stat().st_size for f in files)
-    if pointers:
-        results.append(Result("weights-size", FAIL, f"Git LFS pointers, not weights: {', '.join(pointers[:3])}"))
-    elif large:
-        results.append(Result("weights-size", FAIL, f"over GitHub's 100 MiB file limit: {', '.join(large[:3])}"))
-    else:
-        results.append(Result("weights-size", PASS, f"{total / 2**20:.1f} MiB in {len(files)} files, "
-                                                    f"largest {max(f.stat().st_size for f in files) / 2**20:.1f} MiB"))
+    results.append(_check_sizes(repo, files))
     unreadable = [name for f, name in zip(files, relative) if not f.stat().st_mode & stat.S_IROTH]
     if unreadable:
         results.append(Result("weights-readable", WARN,
@@ -296,6 +284,26 @@ def _check_weight_files(repo: Path, files: list[Path], checkpoint: str) -> list[
                               "nobody, so a local mount of this tree fails; a fresh clone is fine (git keeps no "
                               "such modes): chmod a+r"))
     return results
+
+
+def _check_sizes(repo: Path, files: list[Path]) -> Result:
+    """The weights as a Hugging Face repository carries them (doctor.lfs): pulled, LFS-routed, in size."""
+    found = lfs.inspect(repo, files)
+    if found.pointers:
+        return Result("weights-size", FAIL, f"Git LFS pointers, not weights: {', '.join(found.pointers[:3])}; "
+                                            "fetch them with: git lfs pull")
+    if found.not_routed:
+        names = ", ".join(f"{name} ({size / 2**20:.0f} MiB)" for name, size in found.not_routed[:3])
+        lines = sorted({lfs.attribute_line(name) for name, _ in found.not_routed})
+        return Result("weights-size", FAIL, f"over Hugging Face's {lfs.HF_LFS_THRESHOLD // 2**20} MiB limit for "
+                                            f"files outside Git LFS: {names}; add to .gitattributes: "
+                                            + " | ".join(lines))
+    summary = (f"{found.total_bytes / 2**20:.1f} MiB in {len(files)} files, largest "
+               f"{found.largest_bytes / 2**20:.1f} MiB; files over {lfs.HF_LFS_THRESHOLD // 2**20} MiB are in Git LFS")
+    if found.total_bytes > lfs.MAX_HUGGING_FACE_BYTES:
+        return Result("weights-size", WARN, f"{summary}; the total is over the evaluator's "
+                                            f"{lfs.MAX_HUGGING_FACE_BYTES // 2**30} GiB MAX_HUGGING_FACE_BYTES")
+    return Result("weights-size", PASS, summary)
 
 
 # --- hotkey ---------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def good_copy(tmp_path_factory) -> Path:
     """The files the evaluator looks at, copied into a fresh git repository that passes."""
     repo = tmp_path_factory.mktemp("good") / "repo"
     repo.mkdir()
-    for name in ("Dockerfile", ".dockerignore", "docker-compose.yml", "requirements.txt"):
+    for name in ("Dockerfile", ".dockerignore", "docker-compose.yml", "requirements.txt", ".gitattributes"):
         shutil.copy2(ROOT / name, repo / name)
     shutil.copytree(ROOT / "models" / "default", repo / "models" / "default")
     for path in (repo / "models").rglob("*"):
@@ -169,7 +169,9 @@ BREAKAGES = {
     "uncommitted-weights": (lambda r: git(r, "rm", "-q", "--cached", "models/default/projector.safetensors"),
                             "models-committed", "not committed"),
     "lfs-pointer": (lambda r: (r / "models/default/projector.safetensors").write_text(
-        "version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 10045912\n"), "weights-size", "LFS"),
+        "version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 10045912\n"), "weights-size", "git lfs pull"),
+    "not-in-lfs": (lambda r: (r / ".gitattributes").write_text(""), "weights-size",
+                   "add to .gitattributes: *.safetensors filter=lfs diff=lfs merge=lfs -text"),
     "compose-invalid": (lambda r: edit(r / "docker-compose.yml", "pids_limit: 100", "pids_limit: lots"),
                         "compose", "does not validate"),
     "compose-writable-root": (lambda r: edit(r / "docker-compose.yml", "    read_only: true\n    cap_drop", "    cap_drop"),
@@ -268,3 +270,35 @@ def test_a_reranking_encoders_files_count_as_the_checkpoints(broken, tiny_checkp
     (mine / "tower" / "tokenizer.json").unlink()
     code, rows, output = doctor(broken, "--skip-export", "--hotkey", ALICE, "--checkpoint", "models/mine")
     assert code == 1 and "reranking encoder file" in output and "tokenizer.json is missing" in output, output
+
+
+def big_weights(repo: Path, gib: float) -> Path:
+    """A materialised (sparse) weight file of `gib` GiB in the served checkpoint's decoder-side folder."""
+    path = repo / "models" / "default" / "big" / "weights.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as file:
+        file.truncate(int(gib * 2**30))
+    return path
+
+
+@pytest.mark.parametrize("gib, status", [(0.3, "PASS"), (19.0, "WARN")])
+def test_lfs_tracked_weights_of_any_size_pass_and_a_huge_total_warns(broken, gib, status):
+    from doctor import lfs
+    from doctor.checks import _check_sizes
+
+    path = big_weights(broken, gib)
+    files = [path, broken / "models" / "default" / "projector.safetensors"]
+    result = _check_sizes(broken, files)  # the rule itself: a 300 MiB file is fine in LFS, 19 GiB is a warning
+    assert result.status == status, result
+    assert lfs.inspect(broken, files).not_routed == []
+    (broken / ".gitattributes").write_text("*.onnx filter=lfs diff=lfs merge=lfs -text\n")
+    result = _check_sizes(broken, files)
+    assert result.status == "FAIL" and "models/default/big/weights.safetensors" in result.reason
+    assert "*.safetensors filter=lfs diff=lfs merge=lfs -text" in result.reason
+
+
+def test_this_repositorys_default_model_stays_under_githubs_file_limit():
+    from doctor.lfs import GITHUB_FILE_LIMIT
+
+    sizes = {path.name: path.stat().st_size for path in (ROOT / "models" / "default").rglob("*") if path.is_file()}
+    assert sizes and max(sizes.values()) < GITHUB_FILE_LIMIT, sizes
