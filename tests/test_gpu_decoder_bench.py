@@ -33,3 +33,14 @@ def test_gpu_decoder_bench_runs_on_the_cpu_with_a_tiny_shape(tmp_path, smollm2_d
     assert "| continuous | 4 |" in text and "| 2 x 3 | 6 |" in text
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "wrote" in done.stdout
+
+
+def test_startup_bench_times_a_tiny_decoder_from_process_start_to_healthy(tmp_path):
+    command = [sys.executable, "-m", "bench.startup", "--shapes", "tiny", "--out", str(tmp_path), "--timeout-s", "240"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "startup.json").read_text())
+    assert row["shape"] == "tiny" and row["healthy_s"] > 0
+    assert row["weights_load_s"] is not None and row["weights_gb"] > 0.001, "the decoder logs its weights' load"
+    assert "| tiny |" in (tmp_path / "startup.md").read_text()
+    assert not (tmp_path / "work" / "tiny" / "checkpoint").exists()
