@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluate.client import ENDPOINTS, HEALTH, NotReady, run_requests, wait_ready
+from tooling.evaluator import ENDPOINTS, HEALTH, NotReady, run_requests, wait_ready
 from evaluate.curve import curve_markdown, in_process_runs, parse_counts, plot_curve
 from evaluate.datasets import load_dataset
 from evaluate.judges import load_judge

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from evaluate.client import LOSS_REASONS, RunResult
+from tooling.evaluator import LOSS_REASONS, RunResult
 from evaluate.judges import Judge
 
 

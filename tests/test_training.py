@@ -16,7 +16,7 @@ import torch
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from training.builders import make_tiny_checkpoint  # noqa: E402
+from tooling.builders import make_tiny_checkpoint  # noqa: E402
 from embcap.inputs import realistic_embeddings  # noqa: E402
 from evaluate.datasets import DEFAULT_HELDOUT  # noqa: E402
 from tests.conftest import ROOT, start_server, stop_process  # noqa: E402
@@ -194,6 +194,7 @@ def test_doctor_accepts_the_checkpoint(trained_checkpoint, tmp_path):
     checkpoint, _ = trained_checkpoint
     repo = tmp_path / "repo"
     shutil.copytree(checkpoint, repo / "models" / "trained")
+    shutil.copy2(ROOT / ".gitattributes", repo / ".gitattributes")  # weight files go to Git LFS, as on Hugging Face
     os.symlink(ROOT / "export", repo / "export")
     options = Options(repo=repo, checkpoint="models/trained")
     results = {r.check: r for r in check_models(options) + check_export(options)}
