@@ -7,6 +7,7 @@ model is built in its layout, imported, and served by both engines.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -216,6 +217,10 @@ def test_the_import_exports_and_says_where_it_came_from(imported, reference, tmp
     assert "`inference.max_new_tokens` = 300" in card  # the evaluator's override that generate_batch never read
     assert load_checkpoint(imported).spec.generation.max_new_tokens == MAX_NEW
     assert not list(imported.parent.glob(".checkpoint.*"))  # no staging folder left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask
+               for path in [imported, *imported.rglob("*")])  # the container reads it as nobody
     export_repository(imported, tmp_path / "repo", ExportOptions(max_batch_size=4, decoder_threads=1), log=quiet)
 
 

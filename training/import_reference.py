@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import shutil
 import sys
 import tempfile
@@ -209,6 +210,7 @@ def import_reference(src: str | Path, out: str | Path, *, arch: Architecture = L
         checkpoint = load_checkpoint(staging)
         load_projector(checkpoint.projector_path, spec.embedding_dim, arch.embed_dim, spec.prefix_length)
         (staging / CARD_FILE).write_text(model_card(spec, config, files, layout, weights_hash, tokenizer_hash, dtype))
+        _as_umask_allows(staging)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -238,6 +240,16 @@ def _write(staging: Path, spec: CaptionModelSpec, state: dict, arch: Architectur
     save_spec(staging, spec)
     log(f"[5/5] projector {IMAGEBIND_DIM} -> {spec.prefix_length} x {arch.embed_dim}, caption_model.json, "
         f"{len(spec.generation.stop_tokens)} stop tokens")
+
+
+def _as_umask_allows(root: Path) -> None:
+    """Modes as a plain write would give them: the staging folder is private and safetensors writes 0600
+    files, but the container reads the checkpoint as nobody."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def model_card(spec: CaptionModelSpec, config: ReferenceConfig, files: SourceFiles, layout: PromptLayout,
