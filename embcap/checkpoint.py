@@ -64,6 +64,10 @@ class PromptTemplate(_Strict):
     template: str = "Video:\n{prefix}\nCaption the previous video.\n"
     chat: bool = Field(False, description="wrap the template as a user turn with the tokenizer's chat template")
     add_bos: bool = Field(False, description="prepend the tokenizer's BOS token")
+    prefix_slots: tuple[int, ...] | None = Field(
+        None, min_length=1,
+        description="which of the P prefix vectors fills each position at {prefix}, in order (default: 0..P-1 "
+                    "once each); an imported reference model repeats some, as its embedding layer did")
 
     @model_validator(mode="after")
     def _one_placeholder(self) -> "PromptTemplate":
@@ -173,6 +177,14 @@ class CaptionModelSpec(_Strict):
         DEFAULT_UNUSABLE_GPU_POLICY,
         description="GPU visible but unusable: serve-cpu, refuse, or auto (serve on the CPU only if the "
                     "decoder answers in time there); server.py --on-unusable-gpu overrides it")
+
+    @model_validator(mode="after")
+    def _slots_name_prefix_vectors(self) -> "CaptionModelSpec":
+        slots = self.prompt.prefix_slots
+        if slots is not None and not all(0 <= slot < self.prefix_length for slot in slots):
+            raise ValueError(f"prompt.prefix_slots {list(slots)} must index the {self.prefix_length} prefix "
+                             f"vectors (0..{self.prefix_length - 1})")
+        return self
 
 
 class Checkpoint:
