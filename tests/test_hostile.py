@@ -101,7 +101,7 @@ def test_oversized_and_too_many_headers_and_long_urls_are_refused(guarded):
                 sent += 65536
         except (ConnectionResetError, BrokenPipeError):
             pass
-        assert sent < 2 * 1024 * 1024, f"{sent} header bytes were taken in"
+        assert sent < 8 * 1024 * 1024, "the endless header was read to its end"
     with connect(base) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(MAX_HEADERS + 1))
                      + b"\r\n")
