@@ -103,7 +103,7 @@ def create_app(
             check_body_headers(request.headers)
             admission.check(1)  # a full queue refuses at once, before the parse
             known = request.app.state.captioner.known_shape
-            values = await in_parser(decode_values, body, known and settings.max_rows * known.embedding_dim)
+            values = await in_parser(decode_values, body, known and Limits(settings.max_rows, known.embedding_dim))
             ready, problem = await request.app.state.readiness.wait(settings.startup_wait_s)
             if not ready:
                 raise BackendError(503, "not_ready", f"model is not ready: {problem}")

@@ -87,7 +87,7 @@ def _first_non_number(values: list) -> int | None:
     return None
 
 
-def _prescan(body: bytes, max_values: int | None) -> None:
+def _prescan(body: bytes, limits: Limits | None) -> None:
     """Refuse a large body without parsing it when a scan tells: a byte no number holds, too many numbers."""
     rest = body.translate(None, NUMBER_BYTES)
     if rest != KEY_REST:
@@ -97,18 +97,19 @@ def _prescan(body: bytes, max_values: int | None) -> None:
                 raise _invalid(f"embedding contains {constant.decode()} (at byte {body.index(constant, start)}): "
                                "only finite numbers are allowed")
         return  # anything else: the parse names it exactly
-    if max_values is not None and body.count(b",") + 1 > max_values:
-        raise _invalid(f"'embedding' holds about {body.count(b',') + 1} numbers, more than the {max_values} "
-                       "that the row limit allows", "batch_too_large")
+    numbers = body.count(b",") + 1
+    if limits is not None and numbers > limits.max_rows * limits.embedding_dim:
+        raise _invalid(f"batch of about {numbers // limits.embedding_dim} rows exceeds the limit of "
+                       f"{limits.max_rows}", "batch_too_large")
 
 
-def decode_values(body: bytes, max_values: int | None = None) -> list:
-    """The request's flat list of numbers, or RequestError naming what is wrong with the body. `max_values`
-    (rows x width, when known) lets a large body with too many numbers be refused before it is parsed."""
+def decode_values(body: bytes, limits: Limits | None = None) -> list:
+    """The request's flat list of numbers, or RequestError naming what is wrong with the body. `limits`
+    (when the served width is known) lets a large body with too many rows be refused before it is parsed."""
     if not body:
         raise RequestError(400, "empty_body", "request body is empty; expected {\"embedding\": [...]}")
     if len(body) > PRESCAN_BYTES:
-        _prescan(body, max_values)
+        _prescan(body, limits)
     payload = _load_json(body)
     if not isinstance(payload, dict):
         raise _invalid(f"body must be a JSON object, got {type(payload).__name__}", "invalid_request")

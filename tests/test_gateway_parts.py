@@ -85,13 +85,13 @@ def test_body_headers_other_than_utf8_json_are_415(headers, code):
 
 
 def test_large_bodies_are_refused_by_a_scan_before_any_parse():
-    from gateway.protocol import decode_values
+    from gateway.protocol import Limits, decode_values
 
     numbers = b"0.1234567, " * 200_000  # 2.2 MB: above the scan's threshold
     with pytest.raises(RequestError, match="contains NaN"):
         decode_values(b'{"embedding": [' + numbers + b"NaN]}")
-    with pytest.raises(RequestError, match="more than the 1024"):
-        decode_values(b'{"embedding": [' + numbers + b"1]}", max_values=1024)
+    with pytest.raises(RequestError, match="batch of about 195 rows exceeds the limit of 4"):
+        decode_values(b'{"embedding": [' + numbers + b"1]}", Limits(max_rows=4))
     with pytest.raises(RequestError, match=r"\[200000\] is str"):  # what the scan cannot name, the parse does
         decode_values(b'{"embedding": [' + numbers + b'"x"]}')
     assert len(decode_values(b'{"embedding": [' + numbers + b"1]}")) == 200_001
