@@ -133,8 +133,9 @@ class Supervisor:
     def _record(self) -> None:
         """Write what this instance leaves on disk into the repository lock (for a successor's sweep)."""
         if self.lock is not None:
-            self.lock.write(Record(pid=os.getpid(), instance_id=self.instance_id, shm_prefix=shm_prefix(self.instance_id),
-                                   temp_root=tempfile.gettempdir(), exports=not self.args.skip_export))
+            self.lock.write(Record(pid=os.getpid(), instance_id=self.instance_id,
+                                   shm_prefix=shm_prefix(self.instance_id), temp_root=tempfile.gettempdir(),
+                                   exports=not self.args.skip_export))
 
     async def _start_triton(self, options: TritonOptions) -> asyncio.Task:
         """Start tritonserver with its output piped through us; returns the task copying it."""
