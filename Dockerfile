@@ -42,8 +42,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     OMP_NUM_THREADS=1 \
     OPENBLAS_NUM_THREADS=1 \
     MKL_NUM_THREADS=1 \
-    RAYON_NUM_THREADS=1 \
-    TOKENIZERS_PARALLELISM=false
+    RAYON_NUM_THREADS=1
 
 WORKDIR /app
 
@@ -73,7 +72,7 @@ RUN python3 -m runtime prepare \
 
 # Threads count against the sandbox's pids_limit of 100, and gRPC sizes its pools from the CPU
 # count with no setting to cap them: tritonserver and the gateway would take 48 threads on a
-# 64-CPU host. The shim reports at most EMBCAP_CPU_CAP CPUs to that sizing (runtime/cpu_cap.c);
+# 64-CPU machine. The shim reports at most EMBCAP_CPU_CAP CPUs to that sizing (runtime/cpu_cap.c);
 # set after the build steps, which it does not concern.
 COPY --from=cpu-cap /src/cpu_cap.so /opt/embcap/lib/cpu_cap.so
 ENV LD_PRELOAD=/opt/embcap/lib/cpu_cap.so \
