@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluate.client import ENDPOINTS, HEALTH, BatchResult, RunResult, run_requests, wait_ready
-from evaluate.datasets import load_dataset
+from evaluate.datasets import NORMS, cached_encoding, load_dataset
 from evaluate.judges import load_judge
 from evaluate.report import build_report, markdown, retrieval_baseline, score_rows, write_report
 
@@ -26,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="'heldout' (built-in split), a captions file, or parquet file/folder")
     parser.add_argument("--limit", type=int, default=None, help="score a seeded random subset of N rows")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--norms", choices=("as-is", "realistic"), default="as-is",
+    parser.add_argument("--norms", choices=NORMS, default="as-is",
                         help="'realistic': send each row as the mean of 15 unit vectors around it (norm mostly "
                              "0.5-0.9, like the evaluator's video embeddings); 'as-is': the dataset's (unit) vectors")
     parser.add_argument("--batch-size", type=int, default=4, help="rows per request (the evaluator sends 4)")
@@ -78,21 +77,6 @@ def training_captions(args: argparse.Namespace) -> list[str] | None:
     return None
 
 
-def cached_encoding(captions: list[str]) -> np.ndarray:
-    """encode_captions() of many captions, cached under the embcap cache by content hash."""
-    from embcap.decoder_source import cache_dir
-    from embcap.text_encoder import encode_captions
-
-    digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
-    path = cache_dir() / "embeddings" / f"{digest}.npy"
-    if path.is_file():
-        return np.load(path)
-    vectors = encode_captions(captions, batch_size=128, progress=True).astype(np.float16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, vectors)
-    return vectors
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     progress = not args.quiet
@@ -109,25 +93,27 @@ def main(argv: list[str] | None = None) -> dict:
     judge_name, judge = load_judge(args.judge)
     captions = run.captions(len(dataset))
     scores = score_rows(judge, captions, dataset.references)
-    extra = {}
+    extra, others = {}, {}
     for spec in args.also_judge:
         try:
             name, other = load_judge(spec)
-            extra[name] = score_rows(other, captions, dataset.references)
+            others[name], extra[name] = other, score_rows(other, captions, dataset.references)
         except (FileNotFoundError, ValueError, ImportError) as exc:
             print(f"judge {spec!r} skipped: {exc}", file=sys.stderr)
-    baseline = None
+    baseline, extra_baseline = None, {}
     train = training_captions(args)
     if train:
         baseline = retrieval_baseline(judge, dataset.embeddings, dataset.references, train,
                                       cached_encoding(train).astype(np.float32))
+        # the same picked captions, judged by every other judge
+        extra_baseline = {name: score_rows(other, baseline[1], dataset.references) for name, other in others.items()}
     settings = {"batch_size": args.batch_size, "endpoint": ENDPOINTS.get(args.endpoint, args.endpoint),
                 "timeout_s": args.timeout, "health": args.health, "limit": args.limit, "seed": args.seed,
                 "norms": args.norms,
                 "baseline_train_captions": len(train) if train else None}
     report = build_report(dataset_name=dataset.name, references=dataset.references, sources=dataset.sources,
                           run=run, scores=scores, judge_name=judge_name, target=target, settings=settings,
-                          extra_judges=extra, baseline=baseline)
+                          extra_judges=extra, baseline=baseline, extra_baselines=extra_baseline)
     stem = args.name or time.strftime("evaluate-%Y%m%d-%H%M%S")
     json_path, md_path = write_report(report, args.out, stem)
     print(markdown(report))
