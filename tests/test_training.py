@@ -338,3 +338,20 @@ def test_log_reader_keeps_the_last_record_of_a_repeated_step(tmp_path):
     log.write_text("".join(json.dumps({"step": s, "loss": loss}) + "\n" for s, loss in
                            [(1, 3.0), (2, 2.5), (3, 2.4), (2, 2.6), (3, 2.3), (4, 2.0)]))
     assert [(e["step"], e["loss"]) for e in read_log(log)] == [(1, 3.0), (2, 2.6), (3, 2.3), (4, 2.0)]
+
+
+def test_heldout_evaluation_judges_retrieval_by_every_judge(tiny_checkpoint, tmp_path):
+    """`make evaluate-heldout`'s command on a small split: the retrieval baseline is scored by the second judge too."""
+    from evaluate.cli import main as evaluate_main
+
+    lines = DEFAULT_HELDOUT.read_text().splitlines()
+    (tmp_path / "held.txt").write_text("\n".join(lines[:6]) + "\n")
+    (tmp_path / "train.txt").write_text("\n".join(line.split("\t")[1] for line in lines[6:40]) + "\n")
+    report = evaluate_main(["--checkpoint", str(tiny_checkpoint), "--dataset", str(tmp_path / "held.txt"),
+                            "--norms", "realistic", "--also-judge", SECOND_JUDGE, "--baseline-train",
+                            str(tmp_path / "train.txt"), "--quiet", "--out", str(tmp_path), "--name", "held"])
+    assert report["dataset"] == "held.txt (realistic norms)" and report["rows"] == 6
+    second = report["other_judges_retrieval_baseline"][SECOND_JUDGE]
+    assert second == pytest.approx(report["retrieval_baseline"], abs=2e-4)
+    assert report["other_judges"][SECOND_JUDGE] == pytest.approx(report["mean_similarity"], abs=2e-4)
+    assert f"nearest-training-caption baseline, judge {SECOND_JUDGE}" in (tmp_path / "held.md").read_text()

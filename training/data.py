@@ -34,6 +34,7 @@ CONDITIONING_COLUMNS = ("video_embed", "description_embed")
 DEFAULT_CONDITIONING = "video_embed"
 ENCODER = "encoder"  # conditioning by the project's text encoder (captions data)
 WORDNET = "wordnet"
+CORPUS_SPLIT = "corpus split"  # DataSet.split of the WordNet corpus, whose held-out rows are evaluate's heldout.txt
 NORM_TOLERANCE = 1e-3
 CAPTIONS_FORMAT = ("a captions file: UTF-8 text, one caption per line, or 'SOURCE<TAB>caption' (SOURCE is a tag such "
                    "as scene or sentence, reported per tag); blank lines and lines starting with # are skipped")
@@ -257,7 +258,7 @@ def load_data(spec: str, *, conditioning: str, heldout: str | None, heldout_size
         held = read_captions(held_path)
         return DataSet(captions_examples([c.text for c in train], [c.source for c in train]),
                        captions_examples([c.text for c in held], [c.source for c in held]),
-                       [f"WordNet corpus (embcap/corpus.py, seed {seed})"], ENCODER, "corpus split")
+                       [f"WordNet corpus (embcap/corpus.py, seed {seed})"], ENCODER, CORPUS_SPLIT)
     captions, sources = read_captions_file(spec)
     data = captions_examples(captions, sources, spec)
     if heldout:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from training.data import CORPUS_SPLIT
+
 RECORD_FILE = "training.json"
 CARD_FILE = "MODEL_CARD.md"
 PLOT_FILE = "training.png"
@@ -104,6 +106,10 @@ def model_card(record: dict) -> str:
         shape, score = next(iter(final.items()))
         lines += ["", f"Examples ({shape} inputs, reference -> generated):"]
         lines += [f"- {ref!r} -> {gen!r}" for ref, gen in score["examples"]]
+    lines += ["", "## Reproduce", f"- `{record['command']}` (resumable: re-run it with the same `--run-dir`)"]
+    if data["split"] == CORPUS_SPLIT:
+        lines.append("- Score this folder again on all of `heldout.txt`, both input shapes, both judges and retrieval: "
+                     "`make evaluate-heldout CHECKPOINT=<this folder>` (`python -m evaluate`)")
     return "\n".join(lines) + "\n"
 
 
