@@ -163,7 +163,8 @@ def write_plot(log_path: Path, record: dict, out: Path) -> Path:
                         label=f"{judge} ({record['scores']['eval_inputs']} inputs, {history[0]['rows']} rows)")
             base = history[0].get("retrieval", {}).get(judge)
             if base is not None:
-                bottom.axhline(base, color=colour, linestyle="--", linewidth=1, label=f"{judge}: nearest caption")
+                bottom.axhline(base, color=colour, linestyle="--", linewidth=1,
+                               label=f"{judge}: nearest training caption ({history[0]['rows']} rows)")
         for shape, score in record["scores"]["final"].items():
             if judge in score["judges"]:
                 bottom.plot([record["steps"]], [score["judges"][judge]], "*" if shape == "realistic" else "s",
