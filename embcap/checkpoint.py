@@ -30,6 +30,10 @@ UnusableGpuPolicy = Literal["auto", "serve-cpu", "refuse"]
 DEFAULT_UNUSABLE_GPU_POLICY: UnusableGpuPolicy = "auto"
 POLICIES: tuple[str, ...] = get_args(UnusableGpuPolicy)
 MAX_CANDIDATES = 64  # captions per row with best-of-N (each takes a decode slot)
+# What the projector does to each embedding before its first layer (embcap.projector applies it, inside
+# the ONNX graph too): "unit" scales it to length 1, so the evaluator's norms (0.5-0.9) look like training's.
+InputNorm = Literal["none", "unit"]
+INPUT_NORMS: tuple[str, ...] = get_args(InputNorm)
 
 
 class CheckpointError(ValueError):
@@ -170,6 +174,8 @@ class CaptionModelSpec(_Strict):
     prefix_length: int = Field(2, ge=1, description="number of prefix vectors P")
     decoder: DecoderSource
     projector: str = "projector.safetensors"
+    input_norm: InputNorm = Field("none", description="'unit': each embedding is scaled to length 1 before the "
+                                                      "projector (in PyTorch, ONNX and TensorRT alike)")
     prompt: PromptTemplate = PromptTemplate()
     generation: GenerationSettings = GenerationSettings()
     rerank: RerankSettings = RerankSettings()
