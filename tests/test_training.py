@@ -173,13 +173,17 @@ SECOND_JUDGE = "embcap.text_encoder:encode_captions"
 
 
 @pytest.fixture(scope="module")
-def trained_checkpoint(parquet_dir, tiny_decoder, tmp_path_factory) -> tuple[Path, dict]:
-    """A tiny LoRA run on evaluator-shaped inputs with periodic and final held-out scores by two judges."""
+def trained_checkpoint(parquet_dir, tiny_decoder, tmp_path_factory, smollm2_dir) -> tuple[Path, dict]:
+    """A tiny LoRA run on evaluator-shaped inputs with periodic and final held-out scores by two judges, served
+    best-of-2 with a (tiny) ONNX text tower as a miner's reranking encoder."""
+    from tooling.builders import make_onnx_text_tower
+
     run = tmp_path_factory.mktemp("trained")
+    make_onnx_text_tower(run / "tower", smollm2_dir)
     report = train_main(tiny_args(parquet_dir, tiny_decoder, run / "run", "--lora", "--steps", "4", "--eval-every",
                                   "2", "--eval-samples", "4", "--final-eval-samples", "6", "--augment", "realistic",
-                                  "--eval-norms", "realistic", "--also-judge", SECOND_JUDGE,
-                                  "--out", str(run / "checkpoint")))
+                                  "--eval-norms", "realistic", "--also-judge", SECOND_JUDGE, "--candidates", "2",
+                                  "--rerank-encoder", str(run / "tower"), "--out", str(run / "checkpoint")))
     return run / "checkpoint", report
 
 
@@ -192,6 +196,10 @@ def test_checkpoint_records_how_it_was_trained(trained_checkpoint):
     assert record["data"]["split"] == "by video_id"
     assert record["command"].startswith("python -m training --data ") and record["stopped_by"] == "steps"
     assert record["input_norm"] == "unit"
+    spec = json.loads((checkpoint / "caption_model.json").read_text())
+    assert spec["rerank"]["candidates"] == 2 and spec["rerank"]["encoder"]["path"] == "text_encoder/model.onnx"
+    assert (checkpoint / "text_encoder" / "tokenizer.json").is_file() and record["rerank"] == spec["rerank"]
+    assert "best-of-2" in (checkpoint / "MODEL_CARD.md").read_text()
     noise = record["noise_model"]
     assert noise["augment"] == "realistic" and noise["fraction"] == 0.75 and noise["noise_std"] == 0.0
     assert noise["clips_per_embedding"] == 15 and noise["source"] == "embcap.inputs.realistic_around"
@@ -356,3 +364,17 @@ def test_heldout_evaluation_judges_retrieval_by_every_judge(tiny_checkpoint, tmp
     assert second == pytest.approx(report["retrieval_baseline"], abs=2e-4)
     assert report["other_judges"][SECOND_JUDGE] == pytest.approx(report["mean_similarity"], abs=2e-4)
     assert f"nearest-training-caption baseline, judge {SECOND_JUDGE}" in (tmp_path / "held.md").read_text()
+
+
+def test_best_of_n_needs_an_encoder_for_conditioning_the_project_does_not_know(parquet_dir, tiny_decoder, tmp_path,
+                                                                              capsys):
+    from training.train import DEFAULT_CANDIDATES, parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(tiny_args(parquet_dir, tiny_decoder, tmp_path, "--candidates", "4"))
+    assert "needs --rerank-encoder" in capsys.readouterr().err
+    assert parse_args(tiny_args(parquet_dir, tiny_decoder, tmp_path)).candidates == 1  # video_embed: no reranker
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a dog runs\na cat sleeps\n" * 8)
+    args = parse_args(["--data", str(captions), "--run-dir", str(tmp_path / "run")])
+    assert args.condition == "encoder" and args.candidates == DEFAULT_CANDIDATES  # the project's own space reranks

@@ -35,6 +35,18 @@ def _projector_line(record: dict) -> str:
             f"vectors; prompt `{record['template']!r}`; greedy decoding, at most {record['max_new_tokens']} new tokens")
 
 
+def _serving_line(record: dict) -> str:
+    rerank = record.get("rerank") or {}
+    if rerank.get("candidates", 1) <= 1:
+        return "- Served: one caption per row, greedy"
+    encoder = rerank.get("encoder", {})
+    where = encoder.get("package") or encoder.get("path")
+    return (f"- Served: best-of-{rerank['candidates']} (`rerank` in caption_model.json): the greedy caption and "
+            f"{rerank['candidates'] - 1} sampled ones (temperature {rerank.get('temperature')}, top-k "
+            f"{rerank.get('top_k')}) per row, the one whose embedding by `{where}` is closest to the input answered; "
+            "the scores below are greedy (`python -m evaluate --candidates 1,2,4,8,16` gives the curve)")
+
+
 def final_table(record: dict) -> list[str]:
     """Markdown rows: each input shape x judge, the model beside nearest-caption retrieval on the same rows."""
     final = record["scores"]["final"]
@@ -84,7 +96,7 @@ def model_card(record: dict) -> str:
                if "total_minutes" in record else f"{record['train_minutes']} min")
     lines = [f"# `{record['name']}`", "",
              f"Written by `python -m training`; the same record is in `{RECORD_FILE}`, the curves in `{PLOT_FILE}`.",
-             "", "## Model", _decoder_line(record), _projector_line(record),
+             "", "## Model", _decoder_line(record), _projector_line(record), _serving_line(record),
              "", "## Data",
              f"- Files: {', '.join(f'`{f}`' for f in data['files'])}",
              f"- Conditioning: `{data['conditioning']}`"

@@ -34,9 +34,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from embcap.checkpoint import (INPUT_NORMS, CaptionModelSpec, DecoderSource, GenerationSettings, PromptTemplate,
-                               save_spec)
+from embcap.checkpoint import (INPUT_NORMS, MAX_CANDIDATES, CaptionModelSpec, DecoderSource, GenerationSettings,
+                               OnnxTextEncoder, PromptTemplate, RerankSettings, SentenceTransformerEncoder, save_spec)
 from embcap.engines import DEFAULT_ENGINE, ENGINES
+from tooling.builders import minilm_rerank
 from embcap.generation import CaptionGenerator
 from embcap.projector import Projector, save_projector, seeded_projector
 from evaluate.datasets import NORMS, cached_encoding, shape_inputs
@@ -47,6 +48,9 @@ from training.record import CARD_FILE, LOG_FILE, PLOT_FILE, RECORD_FILE, model_c
 from training.scoring import AUTO_JUDGE, Retrieval, Score, load_judges, score_checkpoint, score_model
 
 DEFAULT_TEMPLATE = "Video:\n{prefix}\nCaption:"
+# Best-of-N of the default recipe: the largest N measured that keeps the CPU latency target (README, "Best-of-N").
+DEFAULT_CANDIDATES = 16
+RERANK_ENCODER_DIR = "text_encoder"  # where --rerank-encoder is copied inside the checkpoint
 STATE_FILE = "state.pt"
 AS_IS, REALISTIC = NORMS
 # Settings a resumed run must share with the run it continues.
@@ -55,12 +59,34 @@ IDENTITY = ("data", "heldout", "condition", "decoder", "lora", "lora_rank", "lor
             "augment", "augment_fraction", "noise_std", "input_norm")
 
 
+def rerank_settings(args: argparse.Namespace) -> RerankSettings:
+    """Best-of-N for the written checkpoint: the project's own conditioning space reranks with MiniLM lifted
+    (embcap.text_encoder); any other needs --rerank-encoder, copied into the checkpoint."""
+    if args.candidates == 1:
+        return RerankSettings()
+    if args.rerank_encoder is not None:
+        return RerankSettings(candidates=args.candidates, encoder=copied_encoder_spec(args.rerank_encoder))
+    return minilm_rerank(args.candidates)
+
+
+def copied_encoder_spec(folder: Path) -> SentenceTransformerEncoder | OnnxTextEncoder:
+    """The spec of an encoder folder once copied to the checkpoint's RERANK_ENCODER_DIR: an ONNX text tower
+    (model.onnx + tokenizer.json) or a sentence-transformers folder (modules.json)."""
+    if (folder / "model.onnx").is_file() and (folder / "tokenizer.json").is_file():
+        return OnnxTextEncoder(path=f"{RERANK_ENCODER_DIR}/model.onnx", tokenizer=f"{RERANK_ENCODER_DIR}/tokenizer.json")
+    if (folder / "modules.json").is_file():
+        return SentenceTransformerEncoder(path=RERANK_ENCODER_DIR)
+    raise ValueError(f"--rerank-encoder {folder}: neither model.onnx + tokenizer.json nor a sentence-transformers "
+                     "folder (modules.json)")
+
+
 def make_spec(args: argparse.Namespace, decoder: DecoderSource, stop_tokens: tuple[str, ...] = ()) -> CaptionModelSpec:
-    """The caption_model.json of the trained model (greedy, deterministic decoding)."""
+    """The caption_model.json of the trained model (greedy decoding; best-of-N when --candidates asks)."""
     return CaptionModelSpec(
         name=args.name, prefix_length=args.prefix_length, decoder=decoder, input_norm=args.input_norm,
         prompt=PromptTemplate(template=args.template),
         generation=GenerationSettings(max_new_tokens=args.max_new_tokens, min_new_tokens=1, stop_tokens=stop_tokens),
+        rerank=rerank_settings(args),
     )
 
 
@@ -173,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--prefix-length", type=int, default=4, help="prefix vectors P the projector makes")
     model.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt, {prefix} marks the prefix vectors")
     model.add_argument("--max-new-tokens", type=int, default=32, help="generation limit in caption_model.json")
+    model.add_argument("--candidates", default="auto",
+                       help=f"best-of-N written into caption_model.json: captions decoded per row, the one closest "
+                            f"to the input served (auto: {DEFAULT_CANDIDATES} when conditioned by the project's text "
+                            "encoder, which then reranks; 1 otherwise, or N with --rerank-encoder)")
+    model.add_argument("--rerank-encoder", type=Path, default=None,
+                       help="a text encoder into the input embeddings' space (an ONNX text tower with model.onnx "
+                            "and tokenizer.json, or a sentence-transformers folder), copied into the checkpoint "
+                            "to rerank candidates (default: none; the project's encoder for its own conditioning)")
     model.add_argument("--name", default=None, help="the checkpoint's name (default: from decoder and data)")
     model.add_argument("--device", default="auto", help="auto (CUDA in bfloat16 when present, else CPU float32), "
                                                         "cpu or cuda[:N]")
@@ -239,6 +273,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.augment = resolve(args.augment, args.condition)
     if args.eval_norms == "auto":
         args.eval_norms = AS_IS if args.condition == VIDEO_CONDITIONING else REALISTIC
+    if args.candidates == "auto":
+        args.candidates = DEFAULT_CANDIDATES if args.condition == ENCODER or args.rerank_encoder else 1
+    try:
+        args.candidates = int(args.candidates)
+    except ValueError:
+        parser.error(f"--candidates takes a number or auto, not {args.candidates!r}")
+    if not 1 <= args.candidates <= MAX_CANDIDATES:
+        parser.error(f"--candidates must be between 1 and {MAX_CANDIDATES}")
+    if args.candidates > 1 and args.condition != ENCODER and args.rerank_encoder is None:
+        parser.error(f"--candidates {args.candidates} on {args.condition} conditioning needs --rerank-encoder: a text "
+                     "encoder into that space to choose between the candidates")
+    if args.rerank_encoder is not None:
+        try:
+            copied_encoder_spec(args.rerank_encoder)
+        except ValueError as exc:
+            parser.error(str(exc))
     args.out = args.out or args.run_dir / "checkpoint"
     return args
 
@@ -407,6 +457,8 @@ def write_checkpoint(run: Run, out: Path) -> Path:
         decoders.write_decoder(model, run.tokenizer, staging / "decoder", getattr(torch, run.args.save_dtype))
         spec = spec.model_copy(update={"decoder": DecoderSource(path="decoder")})
     save_projector(run.projector.cpu(), staging / spec.projector)
+    if run.args.rerank_encoder is not None:
+        shutil.copytree(run.args.rerank_encoder, staging / RERANK_ENCODER_DIR)
     save_spec(staging, spec)
     out.mkdir(parents=True, exist_ok=True)
     for item in staging.iterdir():
@@ -516,7 +568,7 @@ def training_record(run: Run, final_loss: float | None, train_minutes: float, fi
     return {
         "name": run.spec.name, "command": shlex.join(["python", "-m", "training", *argv]).replace(f"{Path.cwd()}/", ""),
         "decoder": args.decoder, "prefix_length": args.prefix_length, "template": args.template,
-        "max_new_tokens": args.max_new_tokens,
+        "max_new_tokens": args.max_new_tokens, "rerank": run.spec.rerank.model_dump(mode="json", exclude_none=True),
         "lora": None if run.lora is None else {"rank": run.lora.rank, "alpha": run.lora.alpha,
                                                  "dropout": run.lora.dropout, "modules": list(run.lora.modules)},
         "data": {"files": data.files, "conditioning": data.conditioning, "target": "description",
