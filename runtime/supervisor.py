@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from embcap.checkpoint import SPEC_FILE
-from embcap.contract import ENSEMBLE
+from embcap.contract import ENSEMBLE, engine_failure_file
 from embcap.gpu_probe import ProbeReport
 from export import EXPORT_FAILED
 from export.options import ExportOptions, to_argv
@@ -226,11 +226,22 @@ class Supervisor:
                 try:
                     for pid, model in stubs.items():
                         if not running(pid):
-                            return f"the Python-backend stub of model '{model}' died"
+                            return self._stub_death(model)
                 except Exception as exc:  # e.g. OSError EMFILE: out of file descriptors; Triton itself is still seen
                     log.warning("watchdog: cannot check the Python-backend stubs (%s); checking again", exc)
         finally:
             self.watching = False
+
+    def _stub_death(self, model: str) -> str:
+        """Why a stub died: the reason its engine left before exiting (embcap.contract.engine_failure_file),
+        else that it died."""
+        try:
+            reason = engine_failure_file(model, self.triton.temp_dir).read_text(errors="replace").strip()
+        except OSError:
+            reason = ""
+        if reason:
+            return f"the engine of model '{model}' failed ({reason[:300]}); its stub exited"
+        return f"the Python-backend stub of model '{model}' died"
 
     async def stop(self) -> None:
         if self.export_process is not None and self.export_process.returncode is None:
