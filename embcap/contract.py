@@ -54,6 +54,11 @@ class Param:
     ENGINE_CACHE_DIR = "engine_cache_dir"
 
 
+# How the engine's refusal of a request it cannot answer in time begins; it reaches the gateway inside Triton's
+# UNAVAILABLE error, which the gateway then answers as over capacity (503, Retry-After) rather than unreachable.
+OVERLOAD_MARK = "over capacity:"
+
+
 def parameter_keys() -> set[str]:
     """Every key of `Param`."""
     return {value for key, value in vars(Param).items() if key.isupper()}

@@ -138,7 +138,7 @@ def create_app(
                 **({"request_id_replaced": True} if replaced else {})})
             unread = (isinstance(exc, BodyTooLarge) and not exc.drained) or exc.code == "busy"
             retry = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, OverCapacity) else \
-                {"Retry-After": "1"} if exc.code == "busy" else None
+                {"Retry-After": "1"} if exc.code in ("busy", "over_capacity") else None
             return _error(exc.status, exc.code, exc.message, rid, close=unread, headers=retry)
         finally:
             metrics.in_flight.dec()

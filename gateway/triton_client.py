@@ -9,7 +9,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from embcap.contract import CAPTION, EMBEDDING, ENSEMBLE
+from embcap.contract import CAPTION, EMBEDDING, ENSEMBLE, OVERLOAD_MARK
 from embcap.deadlines import DEFAULT_REQUEST_TIMEOUT_S
 from gateway.protocol import BackendError
 
@@ -23,8 +23,11 @@ CHANNEL_ARGS = [
 ]
 
 
-def _backend_error(exc: InferenceServerException, what: str) -> BackendError:
+def backend_error(exc: InferenceServerException, what: str) -> BackendError:
+    """The gateway's answer to a failed Triton call: 503 unreachable or over capacity, 504 too slow, else 502."""
     status = str(exc.status() or "")
+    if "UNAVAILABLE" in status and OVERLOAD_MARK in (exc.message() or ""):
+        return BackendError(503, "over_capacity", f"the decoder is over capacity ({what}): {exc.message()}")
     if "UNAVAILABLE" in status:
         return BackendError(503, "triton_unavailable", f"Triton is not reachable ({what}): {exc.message()}")
     if "DEADLINE_EXCEEDED" in status:
@@ -70,7 +73,7 @@ class TritonCaptioner:
             if not await self.client.is_model_ready(self.model, client_timeout=self.health_timeout_s):
                 return False, f"model '{self.model}' is not ready"
         except InferenceServerException as exc:
-            return False, _backend_error(exc, "health").message
+            return False, backend_error(exc, "health").message
         return True, None
 
     @property
@@ -85,7 +88,7 @@ class TritonCaptioner:
                 config = (await self.client.get_model_config(self.model,
                                                              client_timeout=self.health_timeout_s * 5)).config
             except InferenceServerException as exc:
-                raise _backend_error(exc, "model config") from None
+                raise backend_error(exc, "model config") from None
             inputs = {tensor.name: list(tensor.dims) for tensor in config.input}
             if EMBEDDING not in inputs:
                 raise BackendError(502, "contract_mismatch",
@@ -102,7 +105,7 @@ class TritonCaptioner:
                 request_id=request_id, client_timeout=self.timeout_s,
             )
         except InferenceServerException as exc:
-            raise _backend_error(exc, "inference") from None
+            raise backend_error(exc, "inference") from None
         captions = result.as_numpy(CAPTION)
         return [] if captions is None else [c.decode("utf-8", "replace") for c in captions.reshape(-1)]
 

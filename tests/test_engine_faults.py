@@ -257,3 +257,17 @@ def test_rows_that_cannot_be_answered_before_the_deadline_are_refused_at_once(sl
         assert all(error is None or isinstance(error, (Cancelled, Overloaded)) for _, error in got.values())
     finally:
         engine.close()
+
+
+def test_the_gateway_answers_an_engine_refusal_as_over_capacity():
+    from tritonclient.utils import InferenceServerException
+
+    from embcap.contract import OVERLOAD_MARK
+    from gateway.triton_client import backend_error
+
+    refused = InferenceServerException(f"in ensemble 'captioner', decoder failed: {OVERLOAD_MARK} 9 rows are "
+                                       "already waiting (limit 8); try again shortly", status="StatusCode.UNAVAILABLE")
+    error = backend_error(refused, "inference")
+    assert (error.status, error.code) == (503, "over_capacity") and "9 rows are already waiting" in error.message
+    down = backend_error(InferenceServerException("connection refused", status="StatusCode.UNAVAILABLE"), "health")
+    assert (down.status, down.code) == (503, "triton_unavailable")

@@ -41,6 +41,7 @@ from typing import Callable
 import numpy as np
 
 from embcap.candidates import candidate_plan
+from embcap.contract import OVERLOAD_MARK
 from embcap.deadlines import request_timeout_s
 from embcap.engines.base import Cancelled, EngineFailed, EngineStats, Job, Overloaded, answer
 from embcap.generation import BLANK_FALLBACK, CaptionGenerator
@@ -158,11 +159,13 @@ class ContinuousEngine:
         """Count `rows` as queued, or say why they are refused."""
         with self._queued_lock:
             if self.max_queued_rows is not None and self._queued + rows > self.max_queued_rows:
-                return f"{self._queued} rows are already waiting (limit {self.max_queued_rows}): try again shortly"
+                return (f"{OVERLOAD_MARK} {self._queued} rows are already waiting (limit {self.max_queued_rows}); "
+                        "try again shortly")
             wait = self.estimated_wait_s(rows)
             if wait is not None and wait > self.timeout_s and self._queued > 0:
-                return (f"{self.active_rows + self._queued} rows are ahead at {self.rate.rows_per_s():.2f} rows/s: "
-                        f"about {wait:.0f} s, past the {self.timeout_s:g} s deadline; try again shortly")
+                return (f"{OVERLOAD_MARK} {self.active_rows + self._queued} rows are ahead at "
+                        f"{self.rate.rows_per_s():.2f} rows/s: about {wait:.0f} s, past the {self.timeout_s:g} s "
+                        "deadline; try again shortly")
             self._queued += rows
             return None
 
