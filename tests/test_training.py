@@ -378,3 +378,27 @@ def test_best_of_n_needs_an_encoder_for_conditioning_the_project_does_not_know(p
     captions.write_text("a dog runs\na cat sleeps\n" * 8)
     args = parse_args(["--data", str(captions), "--run-dir", str(tmp_path / "run")])
     assert args.condition == "encoder" and args.candidates == DEFAULT_CANDIDATES  # the project's own space reranks
+
+
+def test_a_merged_decoder_is_written_in_hugging_faces_shard_layout_and_serves(tiny_decoder, tmp_path, smollm2_dir):
+    """An 8B decoder becomes several safetensors shards plus their index: the layout Hugging Face reads, the
+    continuous engine loads straight onto its device, and doctor accepts in a Git LFS repository."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from doctor.checks import PASS, Options, check_models
+    from embcap.lean_llama import LeanLlama
+    from training.decoder import write_decoder
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_decoder)
+    repo = tmp_path / "repo"
+    checkpoint = make_tiny_checkpoint(repo / "models" / "big", smollm2_dir)
+    write_decoder(model, AutoTokenizer.from_pretrained(tiny_decoder), checkpoint / "decoder", torch.float32, "3MB")
+    shards = sorted((checkpoint / "decoder").glob("model-*-of-*.safetensors"))
+    index = json.loads((checkpoint / "decoder" / "model.safetensors.index.json").read_text())
+    assert len(shards) > 1 and set(index["weight_map"].values()) == {shard.name for shard in shards}
+    lean = LeanLlama.from_pretrained(checkpoint / "decoder")
+    torch.testing.assert_close(lean.lm_head, model.get_output_embeddings().weight.detach())
+    shutil.copy2(ROOT / ".gitattributes", repo / ".gitattributes")
+    results = {r.check: r for r in check_models(Options(repo=repo, checkpoint="models/big"))}
+    for name in ("models", "checkpoint-complete", "weights-size"):
+        assert results[name].status == PASS, results[name]

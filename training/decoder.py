@@ -20,7 +20,9 @@ from training.lora import DEFAULT_LORA_MODULES, LoraSettings, add_lora, set_chec
 
 DEFAULT_DECODER = f"gguf:{SMOLLM2.gguf_package}:{SMOLLM2.gguf_file}"
 # GitHub refuses files over 100 MiB, and the evaluator clones models/ from it.
-SHARD_SIZE = "90MB"
+# Hugging Face's own shard layout (model-0000k-of-0000n.safetensors + index), what a miner's repository carries
+# in Git LFS; --max-shard-size 90MB keeps every file under GitHub's 100 MiB instead.
+SHARD_SIZE = "5GB"
 
 
 def parse_source(spec: str) -> DecoderSource:
@@ -100,8 +102,9 @@ def merged_decoder(model):
     return model
 
 
-def write_decoder(model, tokenizer, out: Path, dtype: torch.dtype = torch.bfloat16) -> None:
-    """save_pretrained in `dtype` (the model is cast in place), in shards under GitHub's file limit, with the
+def write_decoder(model, tokenizer, out: Path, dtype: torch.dtype = torch.bfloat16,
+                  max_shard_size: str = SHARD_SIZE) -> None:
+    """save_pretrained in `dtype` (the model is cast in place), in shards of at most `max_shard_size`, with the
     tokenizer. bfloat16 halves the files (SmolLM2's fp32 embedding table alone is 108 MiB); serving casts to
     its own dtype when it loads them."""
     if out.exists():
@@ -116,7 +119,7 @@ def write_decoder(model, tokenizer, out: Path, dtype: torch.dtype = torch.bfloat
         for parameter in model.parameters():
             if parameter.data.untyped_storage().nbytes() != parameter.numel() * parameter.element_size():
                 parameter.data = parameter.data.clone()
-    model.save_pretrained(out, max_shard_size=SHARD_SIZE)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)
 
 

@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="checkpoint folder to write (default: RUN_DIR/checkpoint)")
     run.add_argument("--save-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                      help="dtype of a decoder written into the checkpoint")
+    run.add_argument("--max-shard-size", default=decoders.SHARD_SIZE,
+                     help="largest safetensors shard of a decoder written into the checkpoint (Hugging Face's "
+                          "layout, in Git LFS on a miner's repository; 90MB keeps files under GitHub's 100 MiB)")
     run.add_argument("--save-every", type=int, default=50, help="steps between resume states")
     run.add_argument("--eval-every", type=int, default=300, help="steps between held-out scores (0: none)")
     run.add_argument("--eval-samples", type=int, default=32, help="held-out rows scored during training")
@@ -454,7 +457,8 @@ def write_checkpoint(run: Run, out: Path) -> Path:
     spec = run.spec
     if run.lora is not None or run.source.path is not None:
         model = decoders.merged_decoder(run.model)
-        decoders.write_decoder(model, run.tokenizer, staging / "decoder", getattr(torch, run.args.save_dtype))
+        decoders.write_decoder(model, run.tokenizer, staging / "decoder", getattr(torch, run.args.save_dtype),
+                               run.args.max_shard_size)
         spec = spec.model_copy(update={"decoder": DecoderSource(path="decoder")})
     save_projector(run.projector.cpu(), staging / spec.projector)
     if run.args.rerank_encoder is not None:
