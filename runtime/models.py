@@ -6,11 +6,13 @@ from pathlib import Path
 
 import psutil
 
-from embcap.contract import DECODER, PROJECTOR
+from embcap.contract import DECODER, PROJECTOR, RERANKER
 from embcap.gpu_probe import ProbeReport
 from export.templates import parse_model_config
 
-MODEL_RUNTIMES = {DECODER: "torch", PROJECTOR: "onnxruntime"}  # which runtime puts each model on a GPU
+# Which runtime puts each model on a GPU (the reranker: torch for a sentence-transformers encoder, the usual
+# kind; an ONNX text tower runs in ONNX Runtime's CUDA provider where the image has it).
+MODEL_RUNTIMES = {DECODER: "torch", PROJECTOR: "onnxruntime", RERANKER: "torch"}
 
 
 def python_stubs(triton_pid: int) -> dict[int, str]:
