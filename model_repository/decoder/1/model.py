@@ -85,11 +85,22 @@ class TritonPythonModel:
             # stub is a process of its own, so making that GPU current affects this instance only.
             device = f"cuda:{int(args['model_instance_device_id'])}"
             torch.cuda.set_device(device)
+        engine = params[Param.ENGINE]
+        fp8, fp8_scales = params[Param.FP8], None
+        if fp8 != "off":  # the export checked all this; a config edited since, or another GPU, fails loading here
+            from embcap.fp8 import serving_problem
+            from embcap.fp8_calibration import parse_scales
+
+            problem = serving_problem(device) if engine == "continuous" else "it is the continuous engine's"
+            if problem:
+                raise RuntimeError(f"decoder: FP8 weights ({fp8}) cannot be served: {problem}")
+            fp8_scales = parse_scales(params[Param.FP8_INPUT_SCALES]) if fp8 == "static" else None
         # The decoder folder the export resolved (a de-quantised GGUF is not resolved again here). The
         # continuous engine reads only its own layout of the weights, straight onto the device.
-        engine = params[Param.ENGINE]
         generator = ResolvedCheckpoint(checkpoint, Path(params[Param.DECODER_DIR])).load_generator(
             device, dtype, lean=engine == "continuous", log=pb_utils.Logger.log_info)
+        if fp8 != "off":
+            generator.lean.quantise_fp8(fp8_scales, log=pb_utils.Logger.log_info)
         self.candidates = int(params[Param.CANDIDATES])
         self.output = CANDIDATES if self.candidates > 1 else CAPTION
         settings = {"timeout_s": float(params[Param.REQUEST_TIMEOUT_S]),
@@ -110,7 +121,7 @@ class TritonPythonModel:
             self.rows_metric = self.metrics = None
         capture = getattr(self.engine, "capture_seconds", 0.0)
         pb_utils.Logger.log_info(
-            f"decoder: {checkpoint.spec.name} on {device}/{dtype}, engine {self.engine.name}, "
+            f"decoder: {checkpoint.spec.name} on {device}/{dtype}, engine {self.engine.name}, FP8 {fp8}, "
             f"{self.candidates} candidate(s) per row, prompt length {generator.prompt_length}, "
             f"CUDA graphs captured in {capture:.2f} s"
         )
