@@ -149,6 +149,8 @@ def measure_engine(name: str, generator, batches: list[int], new_tokens: int, de
             result["batches"][str(batch)] = entry
             print(f"  {label:>24} batch {batch:>3}: {entry['ms_per_step']:7.2f} ms/step, "
                   f"request {request_s:6.3f} s, {entry['captions_per_s']:8.1f} captions/s", flush=True)
+        if name == "continuous":
+            result["ops_per_step"] = step_ops(engine, max(batches))
         if profile and name == "continuous":
             result["profile"] = [profile_step(engine, b, device) for b in (min(batches), max(batches))]
             for entry in result["profile"]:
@@ -245,6 +247,30 @@ def profile_step(engine, batch: int, device: str, top: int = 12) -> dict:
             "top": [{"name": name, "count": len(v), "ms": sum(v) / 1000} for name, v in ranked]}
 
 
+def step_ops(engine, batch: int) -> int:
+    """Operations one eager decode step over `batch` slots issues that compute something (views and
+    allocations not counted): on a GPU about one kernel each, whatever device counts them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            returns = func._schema.returns
+            view = bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+            if not view and func.__name__.split(".")[0] not in ("empty", "empty_strided", "empty_like"):
+                self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    decoder = engine.batch.decoder
+    with Count() as count:
+        decoder._decode(batch)  # eager on purpose: each operation once
+    decoder.positions.zero_()
+    return count.ops
+
+
 def agreement(generator, fp8_generators: dict, device: str) -> tuple[float, dict[str, float]]:
     """Shares of 8 rows whose greedy caption is the same: hf vs continuous (1.0 expected in fp32), and each
     FP8 variant's continuous engine vs the unquantised one."""
@@ -313,10 +339,11 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {engine['engine']} | {batch} | {entry['ms_per_step']:.2f} | "
                          f"{'%.2f' % own if own else 'n/a'} | {ratio} | {versus} | {entry['request_s']:.3f} | "
                          f"{entry['captions_per_s']:.1f} |")
-    lines += ["", "| engine | weights GB per step | FP8 calibration + quantisation s | start-up s | graph capture s |",
-              "|---|---:|---:|---:|---:|"]
-    lines += [f"| {e['engine']} | {e['weight_gb']:.2f} | {'%.2f' % e['prepare_s'] if 'prepare_s' in e else '-'} | "
-              f"{e['startup_s']:.2f} | {e['capture_s']:.2f} |" for e in report["engines"]]
+    lines += ["", "| engine | weights GB per step | ops per step | FP8 calibration + quantisation s | start-up s | "
+                  "graph capture s |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {e['engine']} | {e['weight_gb']:.2f} | {e.get('ops_per_step', '-')} | "
+              f"{'%.2f' % e['prepare_s'] if 'prepare_s' in e else '-'} | {e['startup_s']:.2f} | {e['capture_s']:.2f} |"
+              for e in report["engines"]]
     if report["shape"] == "llama3-8b" and report["device"] == "cuda":
         verdicts = []
         for engine in (e for e in report["engines"] if "fp8" in e["engine"]):

@@ -91,6 +91,12 @@ def to_e4m3(x: torch.Tensor, multiplier: float | None = None) -> torch.Tensor:
     return out.copy_(scaled.clamp(-E4M3_MAX, E4M3_MAX))
 
 
+def e4m3_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a * b in e4m3, saturated at +-448: the product written straight in e4m3 where the cast saturates."""
+    out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=E4M3, device=a.device)
+    return torch.mul(a, b, out=out) if SATURATING_CAST else out.copy_((a * b).clamp_(-E4M3_MAX, E4M3_MAX))
+
+
 def quantise_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, K] -> (e4m3 [M, K], fp32 [M, 1]): each row (token) scaled so that its largest |value| is 448."""
     scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True, dtype=torch.float32)
@@ -137,11 +143,16 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, unit_rows: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] -> [..., N]; `unit_rows` is a [rows, 1] fp32 column of ones, at least as long as x has
-        rows (a static scale is folded into the weight's, and the GEMM still wants a row-wise input scale)."""
+        rows (a static scale is folded into the weight's, and the GEMM still wants a row-wise input scale).
+        A prescaled x may come in e4m3 already (`e4m3_product`)."""
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
         if self.input_scale is None:
             quantised, row_scale = quantise_rows(rows)
+        elif rows.dtype == E4M3:
+            if not self.prescaled:
+                raise ValueError("an e4m3 input must already be divided by the input scale (prescaled)")
+            quantised, row_scale = rows, unit_rows[:rows.shape[0]]
         else:
             quantised = to_e4m3(rows, None if self.prescaled else 1.0 / self.input_scale)
             row_scale = unit_rows[:rows.shape[0]]

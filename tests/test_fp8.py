@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from embcap import fp8
-from embcap.fp8 import E4M3_MAX, Fp8Linear, dequantise, quantise_rows, quantise_weight, to_e4m3
+from embcap.fp8 import E4M3_MAX, Fp8Linear, dequantise, e4m3_product, quantise_rows, quantise_weight, to_e4m3
 from embcap.lean_llama import fp8_unsupported
 
 E4M3_STEP = 2.0 ** -3  # e4m3 has 3 mantissa bits: neighbouring normal values are 1/8 apart (relative)
@@ -39,8 +39,19 @@ def test_a_quantised_weight_is_within_half_a_step_of_e4m3_per_output_channel():
 
 def test_the_cast_saturates_at_448_instead_of_overflowing():
     x = torch.tensor([1e4, -1e4, 500.0, 448.0, 1.0, 0.0])
-    for cast in (to_e4m3(x), to_e4m3(x / 2, 2.0), to_e4m3(x.bfloat16())):
+    for cast in (to_e4m3(x), to_e4m3(x / 2, 2.0), to_e4m3(x.bfloat16()), e4m3_product(x / 4, torch.tensor(4.0))):
         assert cast.float().tolist() == [E4M3_MAX, -E4M3_MAX, E4M3_MAX, E4M3_MAX, 1.0, 0.0]
+
+
+def test_a_product_written_in_e4m3_is_the_cast_of_the_product():
+    """How the down projection's input skips a cast kernel: silu(gate) * up written straight in e4m3."""
+    a, b = torch.randn(4, 64).bfloat16() * 30, torch.randn(4, 64).bfloat16() * 30
+    assert torch.equal(e4m3_product(a, b).float(), to_e4m3(a * b).float())
+    linear = Fp8Linear(weights(), None, 0.5, torch.bfloat16, prescaled=True)
+    ones = fp8.unit_rows(4, "cpu")
+    assert torch.equal(linear(e4m3_product(a, b), ones), linear(a * b, ones))
+    with pytest.raises(ValueError, match="prescaled"):
+        Fp8Linear(weights(), None, 0.5, torch.bfloat16)(e4m3_product(a, b), ones)
 
 
 def test_per_token_scales_put_each_rows_largest_value_on_448():
