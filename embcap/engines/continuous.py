@@ -23,6 +23,9 @@ Admission control: a request is refused at once with Overloaded, instead of wait
 deadline for a 504, when the rows ahead of it (decoding and queued) cannot be answered within
 the request deadline at the rate the engine has measured (rows answered per second of busy
 loop), or when the backlog already holds `max_queued_rows`.
+
+Longer than 250 lines on purpose: admission, the step, failures and answers share the loop's
+state and must change together.
 """
 
 from __future__ import annotations
