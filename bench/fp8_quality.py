@@ -4,9 +4,9 @@
     python -m bench.fp8_quality --checkpoint models/default --device cuda --dtype bfloat16 --out DIR
 
 Held-out rows come from the checkpoint's own split (embcap.fp8_calibration.heldout_rows): the first
-64 calibrate the static scales, the next `--rows` are scored. Each variant (the unquantised
-decoder, then FP8 with static and with dynamic input scales) captions them as the server does: the
-continuous engine, the checkpoint's N candidates per row, its reranker. Reported per variant:
+64 calibrate the static scales, the next `--rows` are scored. Each variant (unquantised, FP8 with
+static and with dynamic input scales) captions them as the server does (continuous engine, the
+checkpoint's N candidates per row, its reranker). Reported per variant:
 
 - the mean cosine of each caption to its reference by the judge (all-MiniLM-L6-v2, the issue's; it is
   also the default model's reranking space, so absolute scores flatter it: the deltas are the point),
@@ -20,6 +20,9 @@ On the CPU the FP8 GEMMs run through torch's CPU `_scaled_mm` in-process (the sa
 GPU computes, with another accumulation order), although the export refuses FP8 serving on the CPU;
 its timings there say nothing about a GPU. `bench.gpu_decoder` uses `greedy_agreement` for its
 real-weights agreement.
+
+Longer than 250 lines on purpose: one run decodes the variants and measures the score, three kinds of
+agreement and their intervals from the same captions; split up, each part would decode them again.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def teacher_forced(reference, other, prefix: np.ndarray, tokens: list[list[int]]
 
     agree = kl = count = 0.0
     for start in range(0, len(prefix), chunk):
-        rows = [t for t in tokens[start:start + chunk]]
+        rows = tokens[start:start + chunk]
         length = max(len(t) for t in rows)
         ids = torch.tensor([t + [t[-1]] * (length - len(t)) for t in rows])
         mask = torch.tensor([[True] * len(t) + [False] * (length - len(t)) for t in rows])
