@@ -62,3 +62,19 @@ def test_gpu_decoder_bench_runs_on_the_cpu_with_a_tiny_shape(tmp_path, smollm2_d
     assert "CPU `_scaled_mm`" in text and "| static |" in text
     assert (tmp_path / "out" / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "wrote" in done.stdout
+
+
+def test_the_fp8_quality_bench_scores_every_variant_on_a_checkpoints_heldout_rows(tmp_path, smollm2_dir):
+    from bench.fp8_quality import main
+
+    checkpoint = checkpoint_with_heldout_rows(tmp_path / "ck", smollm2_dir)
+    assert main(["--checkpoint", str(checkpoint), "--rows", "3", "--slots", "2", "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["rows"] == 3 and report["calibration_rows"] == 64 and report["candidates"] == 1
+    assert list(report["variants"]) == ["unquantised", "static", "dynamic"]
+    for name in ("static", "dynamic"):
+        entry = report["variants"][name]
+        assert len(entry["scores"]) == 3 and entry["delta"]["low"] <= entry["delta"]["mean"] <= entry["delta"]["high"]
+        assert entry["delta"]["verdict"] in ("met", "missed", "n/a") and 0 < entry["top1_agreement"] <= 1
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "| FP8, static input scales |" in text and "CPU `_scaled_mm` in-process" in text
