@@ -116,11 +116,22 @@ def teacher_forced(reference, other, prefix: np.ndarray, tokens: list[list[int]]
     return {"top1_agreement": agree / count, "kl": kl / count, "tokens": int(count)}
 
 
-def judge_scores(texts: list[str], references: list[str]) -> np.ndarray:
-    """Cosine of each caption to its reference by all-MiniLM-L6-v2."""
-    from embcap.text_encoder import encode_minilm
+def judge_scores(texts: list[str], references: list[str], folder: Path | None = None) -> np.ndarray:
+    """Cosine of each caption to its reference by all-MiniLM-L6-v2, or by the sentence-transformers model in
+    `folder` (an independent judge: the default model reranks in MiniLM's space)."""
+    if folder is None:
+        from embcap.text_encoder import encode_minilm
 
-    return np.sum(encode_minilm(texts) * encode_minilm(references), axis=1)
+        encode = encode_minilm
+    else:
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(folder), device="cpu")
+
+        def encode(batch: list[str]) -> np.ndarray:
+            return model.encode(list(batch), batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+
+    return np.sum(encode(texts) * encode(references), axis=1)
 
 
 def paired_delta(scores: np.ndarray, baseline: np.ndarray) -> dict:
@@ -193,6 +204,8 @@ def measure(args: argparse.Namespace) -> dict:
         if greedy_index is not None:
             entry["greedy"] = [row[greedy_index] for row in rows]
             entry["greedy_scores"] = judge_scores(entry["greedy"], heldout.references).tolist()
+        if args.second_judge:
+            entry["second_scores"] = judge_scores(chosen, heldout.references, args.second_judge).tolist()
         if name != "unquantised":
             entry.update(teacher_forced(base, generator, prefix, reference_tokens))
         report["variants"][name] = entry
@@ -202,11 +215,14 @@ def measure(args: argparse.Namespace) -> dict:
         if baseline is None or name == "unquantised":
             continue
         entry["delta"] = paired_delta(np.array(entry["scores"]), np.array(baseline["scores"]))
+        if "second_scores" in entry:
+            entry["second_delta"] = paired_delta(np.array(entry["second_scores"]), np.array(baseline["second_scores"]))
         entry["identical_answers"] = float(np.mean([a == b for a, b in zip(entry["answers"], baseline["answers"])]))
         if "greedy" in entry:
             entry["greedy_delta"] = paired_delta(np.array(entry["greedy_scores"]), np.array(baseline["greedy_scores"]))
             entry["identical_greedy"] = float(np.mean([a == b for a, b in zip(entry["greedy"], baseline["greedy"])]))
     report["references"] = heldout.references
+    report["second_judge"] = str(args.second_judge) if args.second_judge else None
     return report
 
 
@@ -235,6 +251,14 @@ def render_markdown(report: dict) -> str:
         label = "unquantised" if name == "unquantised" else f"FP8, {name} input scales"
         lines.append(f"| {label} | {np.mean(entry['scores']):.4f} | {interval('delta')} | {verdict} | {greedy} | "
                      f"{interval('greedy_delta')} | {' | '.join(agreement)} | {kl} |")
+    if report.get("second_judge"):
+        lines += ["", f"The answered captions by an independent judge, {Path(report['second_judge']).name}:", "",
+                  "| decoder | score | delta [95%] | verdict (>= -0.005) |", "|---|---:|---:|---|"]
+        for name, entry in report["variants"].items():
+            d = entry.get("second_delta")
+            lines.append(f"| {name} | {np.mean(entry['second_scores']):.4f} | "
+                         + ("- | baseline |" if d is None else
+                            f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] | {d['verdict'].upper()} |"))
     return "\n".join(lines) + "\n"
 
 
@@ -248,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", help="activations (the CPU serves float32, a GPU bfloat16)")
     parser.add_argument("--slots", type=int, default=32, help="rows decoded together")
+    parser.add_argument("--second-judge", type=Path, default=None,
+                        help="a sentence-transformers folder scoring the answers too, e.g. all-mpnet-base-v2 "
+                             "(python -m evaluate.mpnet assembles it)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
