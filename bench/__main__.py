@@ -14,6 +14,15 @@ def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
 
+def _ports(text: str) -> range:
+    from runtime.local import parse_port_range
+
+    try:
+        return parse_port_range(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("EMBCAP_CACHE_DIR", str(ROOT / ".cache"))
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
@@ -38,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--decoder-threads", type=int)
     run.add_argument("--export-arg", dest="export_args", action="append",
                      help="an export option for server.py (repeatable), e.g. --export-arg=--max-batch-size=32")
-    run.add_argument("--skip", action="append", default=[],
-                     choices=("perf_analyzer", "gateway", "baseline", "offline", "engines", "candidates"))
+    run.add_argument("--skip", action="append", default=[], help="a phase to leave out (repeatable): "
+                     "perf_analyzer, gateway, baseline, offline, engines or candidates")
     run.add_argument("--engines", type=lambda text: [e for e in text.split(",") if e],
                      help="engines to compare side by side (default hf,continuous)")
     run.add_argument("--engine-levels", type=_ints, help="concurrency levels of the engines phase")
@@ -54,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--gateway-url", help="benchmark an already running gateway instead of starting server.py")
     run.add_argument("--grpc-url", help="its Triton gRPC address (for perf_analyzer and statistics)")
     run.add_argument("--out", type=Path, help="results folder (default bench/results/<utc time>-<mode>)")
+    run.add_argument("--ports", type=_ports, help="port range for the servers the run starts, e.g. 20000-20099 "
+                                                  "(default: any free port)")
     commands.add_parser("fetch-perf-analyzer", help="download and unpack the perf_analyzer binary once")
     render = commands.add_parser("report", help="re-render report.md and plot.png from a run's results.json")
     render.add_argument("run_dir", type=Path)
@@ -70,10 +81,14 @@ def main(argv: list[str] | None = None) -> int:
 
         report_main([str(args.run_dir)])
         return 0
-    from bench.run import Plan, run as run_bench
+    from bench.run import Plan, PlanError, run as run_bench
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "mode", "skip")}
     plan = Plan.preset(args.mode, skip=set(args.skip), **options)
+    try:
+        plan.validate()  # every name and range, before the first phase's minutes
+    except PlanError as exc:
+        parser.error(str(exc))
     results = run_bench(plan)
     failures = [r for r in results["gateway"] + results["baseline"] if r["ok"] == 0]
     return 1 if failures else 0

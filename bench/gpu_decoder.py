@@ -49,6 +49,8 @@ SHAPES = {
     # name: (hidden, intermediate, layers, heads, kv heads, tie embeddings)
     "tiny": (64, 128, 2, 4, 2, False),
     "smollm2-135m": (576, 1536, 30, 9, 3, True),
+    "llama-0.5b": (1024, 4096, 24, 16, 4, False),
+    "llama-1b": (2048, 8192, 16, 32, 8, True),  # Llama-3.2-1B's layers
     "llama3-8b": (4096, 14336, 32, 32, 8, False),
 }
 BANDWIDTH_TB_S = {"H100": 3.35, "H200": 4.8, "A100": 2.0}  # HBM, per card name

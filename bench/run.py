@@ -25,7 +25,14 @@ from pathlib import Path
 
 from bench import candidates, engine_report, engines, loadgen, machine, overhead, perf_analyzer, report, triton_stats
 from bench.common import RESULTS, THREAD_SETTINGS_NOTE, embedding_pool, thread_env
-from runtime.local import ROOT, Child, free_port, spawn
+from embcap.contract import ENGINES
+from runtime.local import ROOT, Child, PortPool, spawn
+
+PHASES = ("perf_analyzer", "gateway", "baseline", "offline", "engines", "candidates")
+
+
+class PlanError(ValueError):
+    """A plan that cannot run as given (checked before any phase starts)."""
 
 
 @dataclass
@@ -67,6 +74,33 @@ class Plan:
     candidate_counts: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # the candidates phase
     candidate_requests: int = 16  # sequential 4-row requests per N: the evaluator's 16
     candidate_concurrency: int = 16  # the closed loop for captions/s
+    ports: range | None = None  # the servers' ports come from here (default: any free port)
+    _pool: PortPool | None = field(default=None, init=False, repr=False)
+
+    def validate(self) -> None:
+        """Raise PlanError naming what cannot run: before any phase, not after the first one's minutes."""
+        problems = []
+        unknown = [name for name in self.engines if name not in ENGINES]
+        if unknown:
+            problems.append(f"unknown engine(s) {', '.join(map(repr, unknown))}: choose from {', '.join(ENGINES)}")
+        if "engines" not in self.skip and not self.engines:
+            problems.append("no engines to compare (--engines is empty)")
+        wrong = sorted(self.skip - set(PHASES))
+        if wrong:
+            problems.append(f"unknown phase(s) to skip {', '.join(map(repr, wrong))}: choose from {', '.join(PHASES)}")
+        for name in ("levels", "engine_levels", "pa_levels", "offline_batches", "candidate_counts"):
+            if any(value < 1 for value in getattr(self, name)):
+                problems.append(f"{name} must be positive, not {getattr(self, name)}")
+        if self.ports is not None and len(self.ports) < 2:
+            problems.append("the port range needs at least 2 ports (a server takes an HTTP and a gRPC port)")
+        if problems:
+            raise PlanError("; ".join(problems))
+
+    def port(self) -> int:
+        """A port for a server of this run (from `ports` when given)."""
+        if self._pool is None:
+            self._pool = PortPool(self.ports)
+        return self._pool.take()
 
     @classmethod
     def preset(cls, mode: str, **overrides) -> "Plan":
@@ -96,7 +130,7 @@ def log(message: str) -> None:
 
 def start_stack(plan: Plan, out: Path, export_args: list[str] | tuple[str, ...] = ()) -> tuple[Child, str, float]:
     """server.py as the container runs it, on free ports; returns (child, grpc url, cold start s)."""
-    port, grpc_port = free_port(), free_port()
+    port, grpc_port = plan.port(), plan.port()
     command = [sys.executable, "server.py", "--checkpoint", str(plan.checkpoint), "--model-repository",
                str(out / "model_repository"), "--bind", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port),
                f"--candidates={plan.candidates}", *plan.export_args, *export_args]
@@ -105,7 +139,7 @@ def start_stack(plan: Plan, out: Path, export_args: list[str] | tuple[str, ...] 
 
 
 def start_baseline(plan: Plan, out: Path) -> tuple[Child, float]:
-    port = free_port()
+    port = plan.port()
     command = [sys.executable, "-m", "bench.baseline", "--checkpoint", str(plan.checkpoint), "--port", str(port),
                "--threads", str(plan.decoder_threads)]
     child = spawn("baseline", command, out / "logs" / "baseline.log", f"http://127.0.0.1:{port}", thread_env())
@@ -156,6 +190,7 @@ def warm(base_url: str, bodies: list[bytes], plan: Plan, burst: int = 1) -> None
 
 
 def run(plan: Plan) -> dict:
+    plan.validate()
     started = time.perf_counter()
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     out = (plan.out or RESULTS / f"{stamp}-{plan.mode}").resolve()
@@ -165,7 +200,7 @@ def run(plan: Plan) -> dict:
         "mode": plan.mode, "machine": machine.describe(), "checkpoint": checkpoint_info(plan.checkpoint),
         "thread_settings": {"env": THREAD_SETTINGS_NOTE, "decoder_threads": plan.decoder_threads},
         "plan": {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
-                 for k, v in plan.__dict__.items()},
+                 for k, v in plan.__dict__.items() if not k.startswith("_")},
         "gateway": [], "baseline": [], "offline": None, "perf_analyzer": [], "cold_start_s": None,
     }
     if results["machine"]["busy_processes_at_start"]:

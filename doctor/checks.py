@@ -16,13 +16,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from doctor import PLACEHOLDER_HOTKEY, dockerfile, dockerignore, ss58
+from doctor import PLACEHOLDER_HOTKEY, dockerfile, dockerignore, lfs, ss58
+from runtime import CHECKPOINT_ENV
 
 PASS, FAIL, WARN, SKIP = "PASS", "FAIL", "WARN", "SKIP"
 WORKDIR = "/app"
 PORT = "8000"
-GITHUB_FILE_LIMIT = 100 * 1024 * 1024  # GitHub refuses larger files: the evaluator could not clone them
-LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 COMPOSE_FILES = ("docker-compose.yml", "docker-compose.yaml", "compose.yml", "compose.yaml")
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
@@ -156,13 +155,19 @@ def check_dockerignore(options: Options) -> list[Result]:
 
 
 def _git_files(repo: Path, folder: str) -> set[str] | None:
-    """Files git tracks under `folder` (None when `repo` is not a git work tree)."""
+    """Files under `folder` as the last commit holds them, less those changed since (None when `repo` is not
+    a git work tree): what the evaluator's clone gets."""
     if not (repo / ".git").exists() or shutil.which("git") is None:
         return None
-    run = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "--", folder], capture_output=True)
-    if run.returncode != 0:
-        return None
-    return {name for name in run.stdout.decode().split("\0") if name}
+    committed = subprocess.run(["git", "-C", str(repo), "ls-tree", "-r", "-z", "--name-only", "HEAD", "--", folder],
+                               capture_output=True)
+    if committed.returncode != 0:
+        no_commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "-q", "HEAD"], capture_output=True)
+        return set() if no_commit.returncode != 0 else None
+    changed = subprocess.run(["git", "-C", str(repo), "diff", "-z", "--name-only", "HEAD", "--", folder],
+                             capture_output=True)
+    names = {name for name in committed.stdout.decode().split("\0") if name}
+    return names - {name for name in changed.stdout.decode().split("\0") if name}
 
 
 def _checkpoint_files(checkpoint_dir: Path) -> tuple[list[Path], list[str], list[str]]:
@@ -189,7 +194,38 @@ def _checkpoint_files(checkpoint_dir: Path) -> tuple[list[Path], list[str], list
                             "the Dockerfile: the container cannot find the decoder")
         else:
             notes.append(f"decoder from package {source.gguf_package} ({source.gguf_file}), installed in the image")
+    encoder = checkpoint.spec.rerank.encoder
+    if encoder is not None and getattr(encoder, "package", None):
+        notes.append(f"reranking encoder from package {encoder.package}")
+    elif encoder is not None:
+        from embcap.candidate_encoders import encoder_files
+
+        for path in encoder_files(checkpoint):
+            if not path.exists():
+                problems.append(f"reranking encoder file {path} is missing")
+            files += [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path] if path.exists() else []
     return files, problems, notes
+
+
+def served_checkpoint(repo: Path) -> str | None:
+    """The checkpoint the image serves, relative to the repository (from the Dockerfile's EMBCAP_CHECKPOINT)."""
+    path = repo / "Dockerfile"
+    if not path.is_file():
+        return None
+    value = dockerfile.env(dockerfile.final_stage(dockerfile.parse(path.read_text(errors="replace")))).get(
+        CHECKPOINT_ENV)
+    if not value:
+        return None
+    return value.removeprefix(WORKDIR + "/").rstrip("/")
+
+
+def _check_served(options: Options) -> list[Result]:
+    served = served_checkpoint(options.repo)
+    if served is None or served == options.checkpoint.rstrip("/"):
+        return []
+    return [Result("served-checkpoint", WARN,
+                   f"the image serves {served} ({CHECKPOINT_ENV} in the Dockerfile), not {options.checkpoint}: "
+                   f"the evaluator scores {served}; train into it (--out {served}) or copy {options.checkpoint} there")]
 
 
 def check_models(options: Options) -> list[Result]:
@@ -197,19 +233,32 @@ def check_models(options: Options) -> list[Result]:
     checkpoint_dir = options.repo / options.checkpoint
     if not models.is_dir() or not any(models.iterdir()):
         return [Result("models", FAIL, "no models/ folder (or it is empty): the evaluator mounts it at /app/models")]
+    served = _check_served(options)
     if not (checkpoint_dir / "caption_model.json").is_file():
-        return [Result("models", FAIL, f"{options.checkpoint}/caption_model.json not found: server.py serves "
-                                       f"/app/{options.checkpoint} by default")]
+        return [Result("models", FAIL, f"{options.checkpoint}/caption_model.json not found"), *served]
     files, problems, notes = _checkpoint_files(checkpoint_dir)
     if problems:
-        return [Result("models", FAIL, "; ".join(problems))]
+        return [Result("models", FAIL, "; ".join(problems)), *served]
     results = [Result("models", PASS, f"{options.checkpoint}: caption_model.json names {len(files) - 1} file(s), "
-                                      f"all present" + (f"; {notes[0]}" if notes else ""))]
-    results += _check_weight_files(options.repo, files)
+                                      f"all present" + (f"; {notes[0]}" if notes else "")), *served]
+    results.append(_check_complete(checkpoint_dir))
+    results += _check_weight_files(options.repo, files, options.checkpoint)
     return results
 
 
-def _check_weight_files(repo: Path, files: list[Path]) -> list[Result]:
+def _check_complete(checkpoint_dir: Path) -> Result:
+    from embcap.checkpoint import load_checkpoint
+    from embcap.completeness import checkpoint_problems
+
+    checkpoint = load_checkpoint(checkpoint_dir)
+    problems = checkpoint_problems(checkpoint)
+    if problems:
+        return Result("checkpoint-complete", FAIL, "; ".join(problems))
+    parts = "projector, decoder config, weights and tokenizer" if checkpoint.local_decoder_path() else "projector"
+    return Result("checkpoint-complete", PASS, f"{parts} open")
+
+
+def _check_weight_files(repo: Path, files: list[Path], checkpoint: str) -> list[Result]:
     results = []
     tracked = _git_files(repo, "models")
     relative = [str(f.relative_to(repo)) for f in files]
@@ -219,22 +268,15 @@ def _check_weight_files(repo: Path, files: list[Path]) -> list[Result]:
     else:
         untracked = [name for name in relative if name not in tracked]
         if untracked:
-            results.append(Result("models-committed", FAIL, f"not committed (the evaluator clones the repository): "
-                                                            f"{', '.join(untracked[:4])}"))
+            more = f" and {len(untracked) - 4} more" if len(untracked) > 4 else ""
+            results.append(Result("models-committed", FAIL,
+                                  f"{len(untracked)} of {len(relative)} checkpoint file(s) not committed (the evaluator "
+                                  f"clones the repository): {', '.join(untracked[:4])}{more}; commit them: "
+                                  f"git add {checkpoint} && git commit"))
         else:
-            results.append(Result("models-committed", PASS, f"all {len(relative)} checkpoint files are tracked by git"))
+            results.append(Result("models-committed", PASS, f"all {len(relative)} checkpoint files are committed"))
 
-    pointers = [name for f, name in zip(files, relative) if f.stat().st_size < 1024 and f.read_bytes().startswith(LFS_POINTER)]
-    large = [f"{name} ({f.stat().st_size / 2**20:.0f} MiB)" for f, name in zip(files, relative)
-             if f.stat().st_size > GITHUB_FILE_LIMIT]
-    total = sum(f.stat().st_size for f in files)
-    if pointers:
-        results.append(Result("weights-size", FAIL, f"Git LFS pointers, not weights: {', '.join(pointers[:3])}"))
-    elif large:
-        results.append(Result("weights-size", FAIL, f"over GitHub's 100 MiB file limit: {', '.join(large[:3])}"))
-    else:
-        results.append(Result("weights-size", PASS, f"{total / 2**20:.1f} MiB in {len(files)} files, "
-                                                    f"largest {max(f.stat().st_size for f in files) / 2**20:.1f} MiB"))
+    results.append(_check_sizes(repo, files))
     unreadable = [name for f, name in zip(files, relative) if not f.stat().st_mode & stat.S_IROTH]
     if unreadable:
         results.append(Result("weights-readable", WARN,
@@ -242,6 +284,26 @@ def _check_weight_files(repo: Path, files: list[Path]) -> list[Result]:
                               "nobody, so a local mount of this tree fails; a fresh clone is fine (git keeps no "
                               "such modes): chmod a+r"))
     return results
+
+
+def _check_sizes(repo: Path, files: list[Path]) -> Result:
+    """The weights as a Hugging Face repository carries them (doctor.lfs): pulled, LFS-routed, in size."""
+    found = lfs.inspect(repo, files)
+    if found.pointers:
+        return Result("weights-size", FAIL, f"Git LFS pointers, not weights: {', '.join(found.pointers[:3])}; "
+                                            "fetch them with: git lfs pull")
+    if found.not_routed:
+        names = ", ".join(f"{name} ({size / 2**20:.0f} MiB)" for name, size in found.not_routed[:3])
+        lines = sorted({lfs.attribute_line(name) for name, _ in found.not_routed})
+        return Result("weights-size", FAIL, f"over Hugging Face's {lfs.HF_LFS_THRESHOLD // 2**20} MiB limit for "
+                                            f"files outside Git LFS: {names}; add to .gitattributes: "
+                                            + " | ".join(lines))
+    summary = (f"{found.total_bytes / 2**20:.1f} MiB in {len(files)} files, largest "
+               f"{found.largest_bytes / 2**20:.1f} MiB; files over {lfs.HF_LFS_THRESHOLD // 2**20} MiB are in Git LFS")
+    if found.total_bytes > lfs.MAX_HUGGING_FACE_BYTES:
+        return Result("weights-size", WARN, f"{summary}; the total is over the evaluator's "
+                                            f"{lfs.MAX_HUGGING_FACE_BYTES // 2**30} GiB MAX_HUGGING_FACE_BYTES")
+    return Result("weights-size", PASS, summary)
 
 
 # --- hotkey ---------------------------------------------------------------------------------

@@ -251,6 +251,13 @@ class LeanLlama(nn.Module):
         config = AutoConfig.from_pretrained(folder)
         tensors = _ShardedTensors(folder, device, dtype)
         started, count = time.perf_counter(), int(config.num_hidden_layers)
+        embed = tensors.get("model.embed_tokens.weight")
+        lm_head = tensors.optional("lm_head.weight")
+        if lm_head is None:
+            if not getattr(config, "tie_word_embeddings", False):
+                raise ValueError(f"{folder}: no lm_head.weight and the config does not tie it to the embeddings")
+            lm_head = embed
+        final_norm = tensors.get("model.norm.weight")
         layers = []
         for index in range(count):
             prefix = f"model.layers.{index}."
@@ -261,15 +268,9 @@ class LeanLlama(nn.Module):
                 tensors.get(f"{prefix}mlp.down_proj.weight"), tensors.optional(f"{prefix}mlp.down_proj.bias"),
                 tensors.get(f"{prefix}input_layernorm.weight"), tensors.get(f"{prefix}post_attention_layernorm.weight")))
             if index + 1 == count or (index + 1) % max(1, count // 4) == 0:
-                log(f"decoder weights: {index + 1}/{count} layers on {device} ({tensors.bytes / 1e9:.2f} GB, "
-                    f"{time.perf_counter() - started:.1f} s)")
-        embed = tensors.get("model.embed_tokens.weight")
-        lm_head = tensors.optional("lm_head.weight")
-        if lm_head is None:
-            if not getattr(config, "tie_word_embeddings", False):
-                raise ValueError(f"{folder}: no lm_head.weight and the config does not tie it to the embeddings")
-            lm_head = embed
-        model = cls(config, embed, layers, tensors.get("model.norm.weight"), lm_head)
+                log(f"decoder weights: {index + 1}/{count} layers on {device} ({tensors.bytes / 1e9:.3f} GB with the "
+                    f"embeddings, {time.perf_counter() - started:.2f} s)")
+        model = cls(config, embed, layers, final_norm, lm_head)
         tensors.close()
         return model
 

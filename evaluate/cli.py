@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from evaluate.client import ENDPOINTS, HEALTH, run_requests, wait_ready
+from evaluate.client import ENDPOINTS, HEALTH, NotReady, run_requests, wait_ready
 from evaluate.curve import curve_markdown, in_process_runs, parse_counts, plot_curve
 from evaluate.datasets import load_dataset
 from evaluate.judges import load_judge
@@ -66,7 +67,7 @@ def training_captions(args: argparse.Namespace) -> list[str] | None:
     return None
 
 
-def cached_encoding(captions: list[str]) -> np.ndarray:
+def cached_encoding(captions: list[str], progress: bool = True) -> np.ndarray:
     """encode_captions() of many captions, cached under the embcap cache by content hash."""
     from embcap.decoder_source import cache_dir
     from embcap.text_encoder import encode_captions
@@ -75,15 +76,33 @@ def cached_encoding(captions: list[str]) -> np.ndarray:
     path = cache_dir() / "embeddings" / f"{digest}.npy"
     if path.is_file():
         return np.load(path)
-    vectors = encode_captions(captions, batch_size=128, progress=True).astype(np.float16)
+    vectors = encode_captions(captions, batch_size=128, progress=progress).astype(np.float16)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, vectors)
     return vectors
 
 
+def quiet_progress() -> None:
+    """No progress bar from any library. tqdm and transformers read these switches when first imported
+    (which `python -m evaluate` has not done yet); a transformers already loaded is told directly."""
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     progress = not args.quiet
+    if args.quiet:
+        quiet_progress()
+    if not args.checkpoint:  # first: a missing server is said at once, not after the dataset is built
+        try:
+            waited = wait_ready(args.url, args.health, args.health_timeout)
+        except NotReady as exc:
+            print(f"evaluate: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(f"{args.url} ready after {waited:.1f} s ({args.health} health rules)")
     dataset = load_dataset(args.dataset).sample(args.limit, args.seed).with_norms(args.norms, args.seed)
     print(f"dataset {dataset.name}: {len(dataset)} rows, embeddings {list(dataset.embeddings.shape)}")
     if args.checkpoint:
@@ -91,8 +110,6 @@ def main(argv: list[str] | None = None) -> dict:
         runs = in_process_runs(args.checkpoint, dataset.embeddings, args.batch_size, args.candidates, progress)
     else:
         target = args.url
-        waited = wait_ready(args.url, args.health, args.health_timeout)
-        print(f"{args.url} ready after {waited:.1f} s ({args.health} health rules)")
         runs = {None: run_requests(args.url, dataset.embeddings, args.batch_size, args.endpoint, args.timeout,
                                    progress)}
     judge_name, judge = load_judge(args.judge)
@@ -106,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     train = training_captions(args)
     if train:
         baseline = retrieval_baseline(judge, dataset.embeddings, dataset.references, train,
-                                      cached_encoding(train).astype(np.float32))
+                                      cached_encoding(train, progress).astype(np.float32))
         retrieval = {name: float(np.mean(score_rows(scorer, baseline[1], dataset.references)))
                      for name, scorer in judges}
     settings = {"batch_size": args.batch_size, "endpoint": ENDPOINTS.get(args.endpoint, args.endpoint),

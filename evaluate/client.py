@@ -26,8 +26,11 @@ HEALTH = {
 LOSS_REASONS = ("count_mismatch", "empty", "http_error", "timeout", "connection_error", "bad_response")
 
 
+NO_SERVER_S = 10.0  # nothing accepts connections for this long: no server is starting there, give up
+
+
 class NotReady(RuntimeError):
-    """The endpoint never reported healthy within the evaluator's deadline."""
+    """The endpoint never reported healthy within the evaluator's deadline (or nothing listens there)."""
 
 
 def _healthy(response: httpx.Response, strict: bool) -> bool:
@@ -49,14 +52,25 @@ def wait_ready(base_url: str, mode: str = "o1", overall_s: float | None = None, 
     deadline_s = overall_s if overall_s is not None else rules["overall_s"]
     started = time.monotonic()
     last: object = None
+    refused_since: float | None = None  # a starting server answers 503 at once; refused means nobody is there
     with httpx.Client(base_url=base_url, timeout=rules["timeout_s"]) as client:
         while time.monotonic() - started < deadline_s:
             for path in rules["paths"]:
                 try:
                     response = client.get(path)
+                    refused_since = None
                     if _healthy(response, rules["strict"]):
                         return time.monotonic() - started
                     last = f"{path}: HTTP {response.status_code}"
+                except httpx.ConnectError:
+                    last = f"{path}: connection refused"
+                    if refused_since is None:
+                        refused_since = time.monotonic()
+                        log(f"nothing answers at {base_url} (connection refused); waiting up to {NO_SERVER_S:.0f} s "
+                            "for a server to appear")
+                    elif time.monotonic() - refused_since > NO_SERVER_S:
+                        raise NotReady(f"no server at {base_url}: nothing accepted a connection for "
+                                       f"{NO_SERVER_S:.0f} s; start one (`make serve`) or point --url at it") from None
                 except httpx.HTTPError as exc:
                     last = f"{path}: {type(exc).__name__}"
             time.sleep(rules["interval_s"])

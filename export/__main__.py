@@ -6,9 +6,20 @@ import argparse
 import sys
 
 from embcap.checkpoint import CheckpointError
+from embcap.completeness import checkpoint_problems
+from embcap.loading import resolve_checkpoint
+from export import EXPORT_FAILED
 from export.options import add_arguments, from_arguments
 from export.repository import export_repository
 from export.templates import TemplateError
+
+
+def check_complete(checkpoint: str) -> None:
+    """Refuse a checkpoint whose projector, decoder config, weights or tokenizer would not load, naming the file."""
+    resolved = resolve_checkpoint(checkpoint, log=print)
+    problems = checkpoint_problems(resolved.checkpoint, resolved.decoder_dir, load=True)
+    if problems:
+        raise CheckpointError(f"checkpoint {resolved.checkpoint.root} is incomplete: " + "; ".join(problems))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,9 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser.add_argument_group("export options"))
     args = parser.parse_args(argv)
     try:
+        check_complete(args.checkpoint)
         export_repository(args.checkpoint, args.out, from_arguments(args))
     except (CheckpointError, TemplateError) as exc:
-        print(f"export failed: {exc}", file=sys.stderr)
+        print(f"{EXPORT_FAILED}{exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -100,7 +100,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         captioner = TritonCaptioner(settings.triton_url, settings.model, settings.request_timeout_s,
-                                    settings.health_timeout_s)
+                                    settings.health_timeout_s, settings.triton_server_id)
         app.state.captioner = captioner
         app.state.readiness = Readiness(captioner, status_source)
         try:

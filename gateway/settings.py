@@ -15,6 +15,7 @@ class GatewaySettings:
     """Every knob of the HTTP gateway; the env var is EMBCAP_<FIELD NAME IN CAPITALS>."""
 
     triton_url: str = "127.0.0.1:8001"  # Triton gRPC address
+    triton_server_id: str = ""  # the id that Triton must answer in its metadata ("": any; server.py sets its own)
     model: str = ENSEMBLE
     max_rows: int = DEFAULT_MAX_ROWS  # embeddings per request
     max_body_bytes: int = 16 * 1024 * 1024  # requests above this are refused before being read in full

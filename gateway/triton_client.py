@@ -44,8 +44,10 @@ class TritonCaptioner:
     """Calls the ensemble; splits batches larger than the model's max_batch_size."""
 
     def __init__(self, url: str, model: str = ENSEMBLE, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
-                 health_timeout_s: float = 1.0):
+                 health_timeout_s: float = 1.0, server_id: str = ""):
+        """`server_id`: the name Triton must answer in its metadata; another server on the port is not ready."""
         self.url = url
+        self.server_id = server_id
         self.model = model
         self.timeout_s = timeout_s
         self.health_timeout_s = health_timeout_s
@@ -58,6 +60,11 @@ class TritonCaptioner:
     async def readiness(self) -> tuple[bool, str | None]:
         """(ready, reason): the server AND the captioner model must both be ready."""
         try:
+            if self.server_id:
+                name = (await self.client.get_server_metadata(client_timeout=self.health_timeout_s)).name
+                if name != self.server_id:
+                    return False, (f"the Triton at {self.url} is another server (id {name[:64]!r}, expected "
+                                   f"{self.server_id!r}): another server is using this gRPC port")
             if not await self.client.is_server_ready(client_timeout=self.health_timeout_s):
                 return False, "Triton server is not ready"
             if not await self.client.is_model_ready(self.model, client_timeout=self.health_timeout_s):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from embcap.decoder_source import smollm2_decoder_dir
-from runtime.triton import ensure_python_stub, find_triton
+from runtime.triton_install import ensure_python_stub, find_triton
 
 
 def main(argv: list[str] | None = None) -> None:

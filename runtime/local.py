@@ -25,6 +25,42 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def parse_port_range(text: str) -> range:
+    """"20000-20099" -> range(20000, 20100); ValueError naming the problem."""
+    low, sep, high = text.partition("-")
+    try:
+        first, last = int(low), int(high if sep else low)
+    except ValueError:
+        raise ValueError(f"a port range is FIRST-LAST (e.g. 20000-20099), not {text!r}") from None
+    if not 1024 <= first <= last <= 65535:
+        raise ValueError(f"port range {text!r} must lie within 1024-65535, first <= last")
+    return range(first, last + 1)
+
+
+class PortPool:
+    """Ports for the servers one run starts: any free port, or free ports from `ports` only, each handed
+    out once in turn (so two servers started together never get the same one)."""
+
+    def __init__(self, ports: range | None = None) -> None:
+        self.ports = ports
+        self._next = 0
+
+    def take(self) -> int:
+        """The next free port; RuntimeError when every port of the range is taken."""
+        if self.ports is None:
+            return free_port()
+        for _ in range(len(self.ports)):
+            port = self.ports[self._next % len(self.ports)]
+            self._next += 1
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+        raise RuntimeError(f"no free port in {self.ports.start}-{self.ports.stop - 1}")
+
+
 @dataclass(frozen=True)
 class Answer:
     """An HTTP answer: its status and body."""

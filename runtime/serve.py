@@ -25,13 +25,22 @@ from export.options import ExportOptions, add_arguments, from_arguments
 from gateway.app import create_app
 from gateway.logs import configure_logging
 from gateway.settings import GatewaySettings
+from runtime import CHECKPOINT_ENV
 from runtime.cache_dirs import cache_environment, engine_cache_dir
+from runtime.instance import RepositoryInUse, RepositoryLock, new_instance_id, server_id, sweep, taken_ports
 from runtime.local import ROOT
 from runtime.supervisor import Supervisor
 
 log = logging.getLogger("embcap.server")
 BANNER_PREFIX = "Uvicorn running on"
 DEFAULT_GRACEFUL_TIMEOUT_S = 30.0  # drain time on SIGTERM (deploy/ gives the pod more than this)
+EXIT_REFUSED = 2  # a port or the model repository belongs to another server: nothing was started
+LOOPBACK = "127.0.0.1"  # Triton listens only here
+
+
+def default_repository(port: int) -> Path:
+    """Where the export writes unless told: one folder per gateway port, so two servers never share one."""
+    return Path("/tmp/embcap") / str(port) / "model_repository"
 
 
 class HeldBanner(logging.Filter):
@@ -75,10 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="server.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=Path(env("EMBCAP_CHECKPOINT", ROOT / "models" / "default")))
-    parser.add_argument("--model-repository", type=Path,
-                        default=Path(env("EMBCAP_MODEL_REPOSITORY", "/tmp/embcap/model_repository")),
-                        help="where the export writes (must be writable) or, with --skip-export, what to serve")
+    parser.add_argument("--checkpoint", type=Path, default=Path(env(CHECKPOINT_ENV, ROOT / "models" / "default")))
+    parser.add_argument("--model-repository", type=Path, default=env("EMBCAP_MODEL_REPOSITORY"),
+                        help="where the export writes (must be writable) or, with --skip-export, what to serve "
+                             "(default /tmp/embcap/PORT/model_repository); one server at a time (a lock beside it)")
     parser.add_argument("--skip-export", action="store_true", help="serve --model-repository as it is")
     parser.add_argument("--keep-repository", action="store_true", help="keep the exported repository on exit")
     parser.add_argument("--bind", default=env("EMBCAP_BIND", "0.0.0.0"), help="gateway address")
@@ -86,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # EMBCAP_PORT (Kubernetes' service link "tcp://10.0.0.1:8000" for a Service named embcap)
     # cannot stop a server that is given --port.
     parser.add_argument("--port", type=int, default=env("EMBCAP_PORT", "8000"))
-    parser.add_argument("--grpc-port", type=int, default=env("EMBCAP_GRPC_PORT", "8001"))
+    parser.add_argument("--grpc-port", type=int, default=env("EMBCAP_GRPC_PORT"),
+                        help="Triton's gRPC port on 127.0.0.1 (default: --port + 1)")
     parser.add_argument("--metrics-port", type=int, default=None)
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds for Triton to load the models")
     parser.add_argument("--graceful-timeout", type=float, default=DEFAULT_GRACEFUL_TIMEOUT_S,
@@ -96,7 +106,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "or auto (serve on the CPU if the decoder answers in time there); default: the "
                              "checkpoint's on_unusable_gpu (auto)")
     add_arguments(parser.add_argument_group("export options (passed to python -m export)"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.grpc_port is None:
+        args.grpc_port = args.port + 1
+    if args.model_repository is None:
+        args.model_repository = default_repository(args.port)
+    return args
 
 
 def export_options(args: argparse.Namespace, environ: Mapping[str, str]) -> ExportOptions:
@@ -107,13 +122,16 @@ def export_options(args: argparse.Namespace, environ: Mapping[str, str]) -> Expo
     return from_arguments(args)
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace, lock: RepositoryLock | None = None) -> None:
     banner = HeldBanner()
     logging.getLogger("uvicorn.error").addFilter(banner)
     url = f"http://{args.bind}:{args.port}"
-    supervisor = Supervisor(args, export_options(args, os.environ), on_ready=lambda: banner.release(url))
-    settings = GatewaySettings.from_env(triton_url=f"127.0.0.1:{args.grpc_port}")
-    triton_metrics = f"http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else None
+    instance_id = new_instance_id()
+    supervisor = Supervisor(args, export_options(args, os.environ), on_ready=lambda: banner.release(url),
+                            instance_id=instance_id, lock=lock)
+    settings = GatewaySettings.from_env(triton_url=f"{LOOPBACK}:{args.grpc_port}",
+                                        triton_server_id=server_id(instance_id))
+    triton_metrics = f"http://{LOOPBACK}:{args.metrics_port}/metrics" if args.metrics_port else None
     app = create_app(settings, status_source=supervisor.status, triton_metrics_url=triton_metrics,
                      notice_source=supervisor.notice_text)
     supervisor.on_devices = app.state.metrics.set_model_devices
@@ -130,9 +148,41 @@ async def serve(args: argparse.Namespace) -> None:
         log.info("stopped")
 
 
+def claim(args: argparse.Namespace) -> RepositoryLock:
+    """Check the ports, lock the model repository and sweep what a killed predecessor left there;
+    raise RepositoryInUse (or PortsTaken) with what to do instead."""
+    ports = {"HTTP": (args.bind, args.port), "gRPC": (LOOPBACK, args.grpc_port)}
+    if args.metrics_port:
+        ports["metrics"] = (LOOPBACK, args.metrics_port)
+    if len({port for _, port in ports.values()}) < len(ports):
+        raise PortsTaken(f"the ports must differ: {', '.join(f'{k} {p}' for k, (_, p) in ports.items())}")
+    problems = taken_ports(ports)
+    if problems:
+        raise PortsTaken("; ".join(problems) + ": stop that server or choose free ports (--port, --grpc-port, "
+                         "--metrics-port; make serve PORT=... GRPC_PORT=...)")
+    lock = RepositoryLock.acquire(args.model_repository)
+    if lock.predecessor is not None:
+        removed = sweep(lock.predecessor, None if args.skip_export else lock.repository)
+        log.warning("swept what a killed predecessor (pid %d) left: %s", lock.predecessor.pid,
+                    ", ".join(removed) or "nothing")
+    return lock
+
+
+class PortsTaken(RuntimeError):
+    """A port this server needs is in use (or two of them are the same)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
     args = parse_args(argv)
-    os.environ.update(cache_environment())  # /app/cache when the sandbox has one; inherited by the children
-    asyncio.run(serve(args))
+    try:
+        lock = claim(args)
+    except (PortsTaken, RepositoryInUse) as exc:
+        log.error("not starting: %s", exc)
+        return EXIT_REFUSED
+    try:
+        os.environ.update(cache_environment())  # /app/cache when the sandbox has one; inherited by the children
+        asyncio.run(serve(args, lock))
+    finally:
+        lock.release()
     return 0

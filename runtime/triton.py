@@ -1,9 +1,4 @@
-"""Find, start, watch and stop a tritonserver process.
-
-The server comes from NVIDIA's container (`/opt/tritonserver`) or, on a plain host,
-from the `nvidia-pytriton` wheel. Override with $TRITONSERVER_HOME (a folder with
-`bin/tritonserver` and `backends/`).
-"""
+"""Start, watch and stop a tritonserver process (runtime.triton_install finds it)."""
 
 from __future__ import annotations
 
@@ -12,70 +7,16 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import sysconfig
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from embcap.contract import ENSEMBLE
-from runtime.threads import worker_environment
-
-HOME_ENV = "TRITONSERVER_HOME"
-NGC_HOME = Path("/opt/tritonserver")
-SHM_DIR = Path("/dev/shm")
+from runtime.instance import SHM_DIR, new_instance_id, server_id, shm_prefix
+from runtime.triton_install import TritonInstall, ensure_python_stub, find_triton, triton_environment
 PYTHON_ENV_GLOB = "/tmp/python_env_*"  # the Python backend's own temp folders (hard-coded /tmp)
 KILL_GRACE_S = 5  # stop() waits --exit-timeout-secs plus this before SIGKILL
-
-
-@dataclass(frozen=True)
-class TritonInstall:
-    """Where a tritonserver binary, its backends and extra libraries are."""
-
-    binary: Path
-    backends: Path
-    library_dirs: tuple[Path, ...] = ()
-
-
-def _wheel_install() -> TritonInstall | None:
-    try:
-        import pytriton
-    except ImportError:
-        return None
-    root = Path(pytriton.__file__).resolve().parent / "tritonserver"
-    libs = root.parent.parent / "nvidia_pytriton.libs"
-    if not (root / "bin" / "tritonserver").is_file():
-        return None
-    return TritonInstall(root / "bin" / "tritonserver", root / "backends", (libs,))
-
-
-def find_triton() -> TritonInstall:
-    """$TRITONSERVER_HOME, else /opt/tritonserver, else the nvidia-pytriton wheel."""
-    configured = os.environ.get(HOME_ENV)
-    candidates = [Path(configured)] if configured else [NGC_HOME]
-    for home in candidates:
-        if (home / "bin" / "tritonserver").is_file():
-            return TritonInstall(home / "bin" / "tritonserver", home / "backends", (home / "lib",))
-    if configured:
-        raise FileNotFoundError(f"${HOME_ENV}={configured} has no bin/tritonserver")
-    install = _wheel_install()
-    if install is None:
-        raise FileNotFoundError("no tritonserver found: install nvidia-pytriton or set $" + HOME_ENV)
-    return install
-
-
-def ensure_python_stub(install: TritonInstall) -> None:
-    """The wheel ships the Python-backend stub apart from the backend: put it in place."""
-    stub = install.backends / "python" / "triton_python_backend_stub"
-    if stub.exists():
-        return
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    source = install.backends.parent / "python_backend_stubs" / version / "triton_python_backend_stub"
-    if not source.is_file():
-        raise FileNotFoundError(f"no Python-backend stub for Python {version} at {source}")
-    shutil.copy2(source, stub)
 
 
 @dataclass(frozen=True)
@@ -89,12 +30,22 @@ class TritonOptions:
     python_thread_pool: int = 1
     exit_timeout_s: int = 30
     log_verbose: int = 0
-    shm_prefix: str = field(default_factory=lambda: f"embcap_{uuid.uuid4().hex[:8]}_")
+    instance_id: str = field(default_factory=new_instance_id)  # runtime.instance: the server's identity
+
+    @property
+    def server_id(self) -> str:
+        """What this Triton answers as its name in the server metadata (`--id`)."""
+        return server_id(self.instance_id)
+
+    @property
+    def shm_prefix(self) -> str:
+        return shm_prefix(self.instance_id)
 
     def command(self, install: TritonInstall) -> list[str]:
         """The tritonserver argv; thread counts are kept low for the evaluator's pids limit."""
         args = [
             str(install.binary),
+            f"--id={self.server_id}",
             f"--model-repository={self.model_repository}",
             f"--backend-directory={install.backends}",
             "--allow-http=false",
@@ -117,25 +68,12 @@ class TritonOptions:
         return args
 
 
-def triton_environment(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment in which the Python-backend stub finds this interpreter and its packages."""
-    env = worker_environment(base)
-    python_lib = sysconfig.get_config_var("LIBDIR")  # the stub embeds libpython of this interpreter
-    lib_dirs = [str(p) for p in install.library_dirs if p.is_dir()] + ([python_lib] if python_lib else [])
-    if env.get("LD_LIBRARY_PATH"):
-        lib_dirs.append(env["LD_LIBRARY_PATH"])
-    env["LD_LIBRARY_PATH"] = ":".join(lib_dirs)
-    # The stub ignores PYTHONPATH and takes the first python3 on PATH as its prefix.
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
-    return env
-
-
 def shm_regions(prefix: str) -> list[Path]:
     """Shared-memory regions a server with this prefix created."""
     return [Path(p) for p in glob.glob(str(SHM_DIR / f"{prefix}*"))]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: get SIGKILL when the parent dies, so Triton is never orphaned."""
     import ctypes
 
@@ -147,6 +85,7 @@ class TritonProcess:
     """One tritonserver child process."""
 
     def __init__(self, options: TritonOptions, install: TritonInstall | None = None, log_file=None) -> None:
+        """`log_file`: a file for Triton's output, subprocess.PIPE (read `process.stdout`), or None (ours)."""
         self.options = options
         self.install = install or find_triton()
         self.log_file = log_file
@@ -169,27 +108,32 @@ class TritonProcess:
         self.process = subprocess.Popen(
             self.options.command(self.install),
             env=env,
-            stdout=self.log_file or None,
-            stderr=subprocess.STDOUT if self.log_file else None,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT if self.log_file is not None else None,
             start_new_session=True,  # a Ctrl-C to the parent reaches Triton through us, in order
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def wait_ready(self, model: str = ENSEMBLE, timeout_s: float = 300.0) -> None:
-        """Block until the server and `model` are ready; raise if it dies or times out."""
+        """Block until this server (its `--id` read back) and `model` are ready; raise if it dies or
+        times out. Another Triton answering on the port is never taken for this one."""
         import tritonclient.grpc as grpcclient
 
         client = grpcclient.InferenceServerClient(self.url)
         deadline = time.monotonic() + timeout_s
+        foreign = None
         try:
             while time.monotonic() < deadline:
                 if not self.alive():
                     raise RuntimeError(f"tritonserver exited with code {self.process.returncode}")
                 try:
-                    if client.is_server_ready(client_timeout=1) and client.is_model_ready(model, client_timeout=1):
+                    name = client.get_server_metadata(client_timeout=1).name
+                    if name != self.options.server_id:
+                        foreign = name
+                    elif client.is_server_ready(client_timeout=1) and client.is_model_ready(model, client_timeout=1):
                         self._env_dirs = set(glob.glob(PYTHON_ENV_GLOB)) - self._env_dirs_before
                         return
                 except Exception:
@@ -197,7 +141,15 @@ class TritonProcess:
                 time.sleep(0.2)
         finally:
             client.close()
+        if foreign is not None:
+            raise TimeoutError(f"another Triton (id {foreign!r}) answers on gRPC port {self.options.grpc_port}, "
+                               f"not this server's ({self.options.server_id!r})")
         raise TimeoutError(f"tritonserver not ready within {timeout_s:.0f} s")
+
+    @property
+    def python_env_dirs(self) -> list[str]:
+        """The Python backend's folders this server created (known once it was ready)."""
+        return sorted(self._env_dirs or ())
 
     def stop(self, timeout_s: float | None = None) -> int | None:
         """SIGTERM, wait (then SIGKILL the group), and remove shared memory left behind."""

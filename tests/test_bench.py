@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import json
 import math
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from bench import engine_report, loadgen, overhead, report
 from bench.common import embedding_pool
-from bench.run import Plan, run
-from conftest import start_server, stop_process
+from bench.run import Plan, PlanError, run
+from conftest import ROOT, start_server, stop_process
+from runtime.local import parse_port_range
 
 SECTIONS = ("## Load: our stack", "## Triton direct (perf_analyzer", "## Offline limit", "## Targets",
             "## Machine and settings")
@@ -97,6 +102,37 @@ def test_a_run_that_starts_its_own_stack_measures_cold_start(tiny_checkpoint, tm
     assert len(paired["gateway_outside_ms"]) == len(paired["direct_outside_ms"]) == 10
     assert results["gateway"][0]["errors"] == 0 and positive(results["gateway"][0]["captions_per_s"])
     assert "cold start" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_a_misspelt_engine_is_refused_before_any_phase_runs(tmp_path):
+    """Before: the name failed only after the first engine's whole phase (~100 s)."""
+    out = tmp_path / "run"
+    started = time.monotonic()
+    run_cli = subprocess.run([sys.executable, "-m", "bench", "run", "--mode", "quick", "--engines", "hf,contnuous",
+                              "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run_cli.returncode == 2 and "unknown engine(s) 'contnuous'" in run_cli.stderr, run_cli.stderr
+    assert "continuous, hf" in run_cli.stderr and not out.exists() and time.monotonic() - started < 60
+    with pytest.raises(PlanError, match="'gatway'"):
+        run(Plan.preset("quick", skip={"gatway"}, out=out))  # the library entry checks the same, first
+    assert not out.exists()
+
+
+def test_the_servers_of_a_run_take_ports_from_its_range():
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    first = taken.getsockname()[1]
+    try:
+        ports = parse_port_range(f"{first}-{first + 3}")
+        plan = Plan.preset("quick", ports=ports)
+        handed = [plan.port() for _ in range(3)]
+        assert first not in handed and all(port in ports for port in handed) and len(set(handed)) == 3
+    finally:
+        taken.close()
+    with pytest.raises(ValueError, match="FIRST-LAST"):
+        parse_port_range("20000:20100")
+    with pytest.raises(PlanError, match="at least 2 ports"):
+        Plan.preset("quick", ports=range(20000, 20001)).validate()
 
 
 def _level(concurrency: int, captions_per_s: float, p50_ms: float, spread_ms: float, n: int = 30,

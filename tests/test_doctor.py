@@ -39,7 +39,7 @@ def good_copy(tmp_path_factory) -> Path:
     """The files the evaluator looks at, copied into a fresh git repository that passes."""
     repo = tmp_path_factory.mktemp("good") / "repo"
     repo.mkdir()
-    for name in ("Dockerfile", ".dockerignore", "docker-compose.yml", "requirements.txt"):
+    for name in ("Dockerfile", ".dockerignore", "docker-compose.yml", "requirements.txt", ".gitattributes"):
         shutil.copy2(ROOT / name, repo / name)
     shutil.copytree(ROOT / "models" / "default", repo / "models" / "default")
     for path in (repo / "models").rglob("*"):
@@ -169,7 +169,9 @@ BREAKAGES = {
     "uncommitted-weights": (lambda r: git(r, "rm", "-q", "--cached", "models/default/projector.safetensors"),
                             "models-committed", "not committed"),
     "lfs-pointer": (lambda r: (r / "models/default/projector.safetensors").write_text(
-        "version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 10045912\n"), "weights-size", "LFS"),
+        "version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 10045912\n"), "weights-size", "git lfs pull"),
+    "not-in-lfs": (lambda r: (r / ".gitattributes").write_text(""), "weights-size",
+                   "add to .gitattributes: *.safetensors filter=lfs diff=lfs merge=lfs -text"),
     "compose-invalid": (lambda r: edit(r / "docker-compose.yml", "pids_limit: 100", "pids_limit: lots"),
                         "compose", "does not validate"),
     "compose-writable-root": (lambda r: edit(r / "docker-compose.yml", "    read_only: true\n    cap_drop", "    cap_drop"),
@@ -191,7 +193,35 @@ def test_doctor_fails_with_the_reason(broken, name):
     assert code == 1, output
     assert rows[check][0] == "FAIL" and reason in rows[check][1], output
     others = {n for n, (status, _) in rows.items() if status == "FAIL"} - {check}
-    assert others <= {"models-committed", "weights-size", "models", "hadolint"}, f"unrelated failures {others}:\n{output}"
+    assert others <= {"models-committed", "weights-size", "models", "hadolint", "checkpoint-complete"}, \
+        f"unrelated failures {others}:\n{output}"
+
+
+@NEEDS_TOOLS
+def test_incomplete_checkpoint_elsewhere_uncommitted_is_named_with_what_to_do(broken, tiny_checkpoint):
+    """A checkpoint without decoder/tokenizer.json used to pass ("names 10 file(s), all present")."""
+    shutil.copytree(tiny_checkpoint, broken / "models" / "mine")
+    (broken / "models" / "mine" / "decoder" / "tokenizer.json").unlink()
+    code, rows, output = doctor(broken, "--skip-export", "--hotkey", ALICE, "--checkpoint", "models/mine")
+    assert code == 1, output
+    assert rows["checkpoint-complete"][0] == "FAIL" and "decoder/tokenizer.json is missing" in rows[
+        "checkpoint-complete"][1], output
+    status, reason = rows["served-checkpoint"]  # the image serves models/default, whatever --checkpoint says
+    assert status == "WARN" and "the image serves models/default" in reason, output
+    files = len([p for p in (broken / "models" / "mine").rglob("*") if p.is_file()])
+    status, reason = rows["models-committed"]
+    assert status == "FAIL" and f"{files} of {files} checkpoint file(s) not committed" in reason, output
+    assert f"and {files - 4} more" in reason and "git add models/mine && git commit" in reason, output
+
+
+def test_export_refuses_a_checkpoint_without_its_tokenizer(tiny_checkpoint, tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    (checkpoint / "decoder" / "tokenizer.json").unlink()
+    run = subprocess.run([sys.executable, "-m", "export", str(checkpoint), "--out", str(tmp_path / "repo")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "decoder/tokenizer.json is missing" in run.stderr, run.stderr
+    assert run.stderr.count("export failed") == 1 and not (tmp_path / "repo").exists()
 
 
 def test_export_failure_is_reported(broken):
@@ -216,3 +246,59 @@ def test_hotkey_command_writes_exactly_and_refuses_bad_input(tmp_path):
     make = subprocess.run(["make", "-s", "-C", str(ROOT), "-n", "hotkey", "HOTKEY=" + ALICE], capture_output=True,
                           text=True)
     assert f"-m doctor hotkey {ALICE}" in make.stdout
+
+
+@NEEDS_TOOLS
+def test_a_reranking_encoders_files_count_as_the_checkpoints(broken, tiny_checkpoint, smollm2_dir):
+    import json
+
+    from training.builders import make_onnx_text_tower
+
+    mine = broken / "models" / "mine"
+    shutil.copytree(tiny_checkpoint, mine)
+    make_onnx_text_tower(mine / "tower", smollm2_dir)
+    spec = json.loads((mine / "caption_model.json").read_text())
+    spec["rerank"] = {"candidates": 2, "encoder": {"kind": "onnx", "path": "tower/model.onnx",
+                                                   "tokenizer": "tower/tokenizer.json"}}
+    (mine / "caption_model.json").write_text(json.dumps(spec))
+    git(broken, "add", "models/mine")
+    git(broken, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "mine")
+    git(broken, "rm", "-q", "--cached", "models/mine/tower/model.onnx")
+    code, rows, output = doctor(broken, "--skip-export", "--hotkey", ALICE, "--checkpoint", "models/mine")
+    status, reason = rows["models-committed"]
+    assert status == "FAIL" and "1 of" in reason and "tower/model.onnx" in reason, output
+    (mine / "tower" / "tokenizer.json").unlink()
+    code, rows, output = doctor(broken, "--skip-export", "--hotkey", ALICE, "--checkpoint", "models/mine")
+    assert code == 1 and "reranking encoder file" in output and "tokenizer.json is missing" in output, output
+
+
+def big_weights(repo: Path, gib: float) -> Path:
+    """A materialised (sparse) weight file of `gib` GiB in the served checkpoint's decoder-side folder."""
+    path = repo / "models" / "default" / "big" / "weights.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as file:
+        file.truncate(int(gib * 2**30))
+    return path
+
+
+@pytest.mark.parametrize("gib, status", [(0.3, "PASS"), (19.0, "WARN")])
+def test_lfs_tracked_weights_of_any_size_pass_and_a_huge_total_warns(broken, gib, status):
+    from doctor import lfs
+    from doctor.checks import _check_sizes
+
+    path = big_weights(broken, gib)
+    files = [path, broken / "models" / "default" / "projector.safetensors"]
+    result = _check_sizes(broken, files)  # the rule itself: a 300 MiB file is fine in LFS, 19 GiB is a warning
+    assert result.status == status, result
+    assert lfs.inspect(broken, files).not_routed == []
+    (broken / ".gitattributes").write_text("*.onnx filter=lfs diff=lfs merge=lfs -text\n")
+    result = _check_sizes(broken, files)
+    assert result.status == "FAIL" and "models/default/big/weights.safetensors" in result.reason
+    assert "*.safetensors filter=lfs diff=lfs merge=lfs -text" in result.reason
+
+
+def test_this_repositorys_default_model_stays_under_githubs_file_limit():
+    from doctor.lfs import GITHUB_FILE_LIMIT
+
+    sizes = {path.name: path.stat().st_size for path in (ROOT / "models" / "default").rglob("*") if path.is_file()}
+    assert sizes and max(sizes.values()) < GITHUB_FILE_LIMIT, sizes

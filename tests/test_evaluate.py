@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
+from conftest import ROOT, free_port
 from embcap.inputs import realistic_embeddings
 from evaluate.cli import main as evaluate_main
 from evaluate.client import NotReady, run_requests, wait_ready
@@ -18,7 +22,7 @@ from evaluate.judges import minilm_judge
 from evaluate.report import retrieval_baseline
 
 DIM = 1024
-
+PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's "42%|####" 
 
 class BrokenPeer(BaseHTTPRequestHandler):
     """A deliberately wrong server: one caption too few on /api/v1/inference, 500 on /api/v1/v2t,
@@ -95,14 +99,31 @@ def test_cli_reports_lost_batches(broken_peer, tmp_path):
     captions = tmp_path / "captions.txt"
     captions.write_text("a dog runs on a beach\na woman cooks rice in a kitchen\na boy rides a bike\n"
                         "two cats sleep on a sofa\na man plays a guitar\nan old car drives through snow\n")
-    report = evaluate_main(["--url", url, "--dataset", str(captions), "--out", str(tmp_path / "reports"),
-                            "--name", "broken", "--quiet"])
+    run = subprocess.run([sys.executable, "-m", "evaluate", "--url", url, "--dataset", str(captions), "--out",
+                          str(tmp_path / "reports"), "--name", "broken", "--quiet"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert not PROGRESS_BAR.search(run.stdout + run.stderr), f"--quiet showed a progress bar:\n{run.stderr}"
+    report = json.loads((tmp_path / "reports" / "broken.json").read_text())
     assert report["batches"] == 2 and report["batches_lost"] == 2
     assert report["lost_by_reason"]["count_mismatch"] == 2
     assert report["mean_similarity"] == 0.0 and report["rows_lost"] == 6
-    saved = json.loads((tmp_path / "reports" / "broken.json").read_text())
-    assert saved["lost_by_reason"]["count_mismatch"] == 2
     assert "batches lost / sent | 2 / 2" in (tmp_path / "reports" / "broken.md").read_text()
+
+
+def test_no_server_is_said_at_once_and_ends_without_a_traceback(tmp_path):
+    port = free_port()  # nothing listens there
+    command = [sys.executable, "-m", "evaluate", "--url", f"http://127.0.0.1:{port}", "--limit", "4", "--quiet",
+               "--out", str(tmp_path)]
+    started = time.monotonic()
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stdout.readline()  # said before the dataset is built or the 180 s deadline runs out
+    said_after = time.monotonic() - started
+    stdout, stderr = process.communicate(timeout=60)
+    assert "nothing answers at" in first and said_after < 8, (first, said_after)
+    assert process.returncode == 2 and "Traceback" not in stderr, stderr
+    assert f"no server at http://127.0.0.1:{port}" in stderr and "make serve" in stderr
+    assert time.monotonic() - started < 30
 
 
 def test_parquet_layout(tmp_path):

@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -37,11 +38,26 @@ RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral"
                       "projected", "secret"}  # Pod Security "restricted": the only volume types allowed
 
 
+KUBECTL_MIN = (1, 27)  # `kubectl kustomize` with the kustomize these manifests need
+
+
 def _kubectl() -> str:
-    tool = shutil.which("kubectl")
+    """The venv's kubectl (`make setup` installs the pinned wheel on x86-64 Linux), else the one on PATH."""
+    local = Path(sys.executable).parent / "kubectl"
+    tool = str(local) if local.is_file() else shutil.which("kubectl")
     if tool is None:
-        pytest.fail("kubectl is not installed: it renders deploy/kubernetes (`kubectl kustomize`, no cluster "
-                    "needed); install kubectl >= 1.27")
+        pytest.fail(f"kubectl not found: neither {local} nor `kubectl` on PATH. It renders deploy/kubernetes "
+                    "(`kubectl kustomize`, no cluster needed): `make setup` installs it on x86-64 Linux; elsewhere "
+                    f"install kubectl >= {'.'.join(map(str, KUBECTL_MIN))} and put it on PATH")
+    run = subprocess.run([tool, "version", "--client", "-o", "json"], capture_output=True, text=True, timeout=30)
+    try:
+        version = json.loads(run.stdout)["clientVersion"]
+        found = (int(version["major"]), int(re.sub(r"\D.*", "", version["minor"])))
+    except (ValueError, KeyError):
+        pytest.fail(f"{tool} does not tell its version (`kubectl version --client -o json`): {run.stderr.strip()}")
+    if found < KUBECTL_MIN:
+        pytest.fail(f"{tool} is kubectl {found[0]}.{found[1]}; the manifests need >= "
+                    f"{'.'.join(map(str, KUBECTL_MIN))} (its kustomize)")
     return tool
 
 

@@ -80,6 +80,7 @@ def test_an_invalid_checkpoint_is_reported_by_health(tmp_path):
             assert response.json()["status"] == "initializing"
             error = response.json()["initialization_status"]["error"]
         assert error.startswith("export failed") and "projector weights" in error
+        assert "export failed: export failed" not in error and error.count("export failed") == 1, error
     finally:
         assert stop_process(process) == 0
 
