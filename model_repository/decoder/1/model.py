@@ -8,7 +8,9 @@ finish; the `hf` engine answers before `submit()` returns. The engine is chosen 
 export time (`--engine`, the `engine` parameter below); every setting is read once,
 from this model's config parameters (keys: embcap.contract.Param).
 With N > 1 candidates per row (the `candidates` parameter) it answers N captions per row
-(`CANDIDATES`) for the reranker step; with one, the caption itself (`CAPTION`).
+(`CANDIDATES`) for the reranker step; with one, the caption itself (`CAPTION`). With `fp8`
+static or dynamic the continuous engine's projections are put in FP8 after loading (static: the
+export's calibrated `fp8_input_scales`); a device that cannot run them fails the load, naming why.
 
 When the engine fails for good (its loop died, or its steps keep failing as after a
 sticky CUDA error), every waiting request is answered with the error, the reason is
