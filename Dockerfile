@@ -14,6 +14,12 @@
 #   --build-arg ONNXRUNTIME=onnxruntime-gpu==1.31.1
 # 25.01: CUDA 12.8, Ubuntu 24.04 with Python 3.12 (requirements.txt needs >= 3.11), TensorRT 10.
 ARG TRITON_RELEASE=25.01
+
+# The CPU cap (runtime/cpu_cap.c) is compiled in a stage of its own: the Triton image has no compiler.
+FROM gcc:12.4.0-bookworm AS cpu-cap
+COPY runtime/cpu_cap.c /src/cpu_cap.c
+RUN gcc -shared -fPIC -O2 -o /src/cpu_cap.so /src/cpu_cap.c -ldl
+
 FROM nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-py3
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -35,7 +41,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     EMBCAP_MODEL_REPOSITORY=/tmp/embcap/model_repository \
     OMP_NUM_THREADS=1 \
     OPENBLAS_NUM_THREADS=1 \
-    MKL_NUM_THREADS=1
+    MKL_NUM_THREADS=1 \
+    RAYON_NUM_THREADS=1
 
 WORKDIR /app
 
@@ -62,6 +69,14 @@ COPY . .
 RUN python3 -m runtime prepare \
     && chmod -R a+rX /opt/embcap \
     && python3 -m compileall -q /app
+
+# Threads count against the sandbox's pids_limit of 100, and gRPC sizes its pools from the CPU
+# count with no setting to cap them: tritonserver and the gateway would take 48 threads on a
+# 64-CPU machine. The shim reports at most EMBCAP_CPU_CAP CPUs to that sizing (runtime/cpu_cap.c);
+# set after the build steps, which it does not concern.
+COPY --from=cpu-cap /src/cpu_cap.so /opt/embcap/lib/cpu_cap.so
+ENV LD_PRELOAD=/opt/embcap/lib/cpu_cap.so \
+    EMBCAP_CPU_CAP=4
 
 # nobody, as the evaluator runs it
 USER 65534:65534

@@ -145,7 +145,7 @@ def write_checkpoint(shape: str, device: str, out: Path, candidates: int) -> Pat
                                    RerankSettings, save_spec)
     from embcap.decoder_source import smollm2_decoder_dir
     from embcap.projector import save_projector, seeded_projector
-    from training.builders import make_onnx_text_tower
+    from tooling.builders import make_onnx_text_tower
 
     tokenizer_dir = os.environ.get("EMBCAP_TOKENIZER_DIR") or smollm2_decoder_dir()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> dict:
     import httpx
 
     from embcap.inputs import realistic_embeddings
-    from evaluate.client import run_requests, wait_ready
+    from tooling.evaluator import run_requests, wait_ready
     from runtime.local import free_port, spawn
 
     out = args.out.resolve()

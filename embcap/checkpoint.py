@@ -30,6 +30,10 @@ UnusableGpuPolicy = Literal["auto", "serve-cpu", "refuse"]
 DEFAULT_UNUSABLE_GPU_POLICY: UnusableGpuPolicy = "auto"
 POLICIES: tuple[str, ...] = get_args(UnusableGpuPolicy)
 MAX_CANDIDATES = 64  # captions per row with best-of-N (each takes a decode slot)
+# What the projector does to each embedding before its first layer (embcap.projector applies it, inside
+# the ONNX graph too): "unit" scales it to length 1, so the evaluator's norms (0.5-0.9) look like training's.
+InputNorm = Literal["none", "unit"]
+INPUT_NORMS: tuple[str, ...] = get_args(InputNorm)
 
 
 class CheckpointError(ValueError):
@@ -64,6 +68,10 @@ class PromptTemplate(_Strict):
     template: str = "Video:\n{prefix}\nCaption the previous video.\n"
     chat: bool = Field(False, description="wrap the template as a user turn with the tokenizer's chat template")
     add_bos: bool = Field(False, description="prepend the tokenizer's BOS token")
+    prefix_slots: tuple[int, ...] | None = Field(
+        None, min_length=1,
+        description="which of the P prefix vectors fills each position at {prefix}, in order (default: 0..P-1 "
+                    "once each); an imported reference model repeats some, as its embedding layer did")
 
     @model_validator(mode="after")
     def _one_placeholder(self) -> "PromptTemplate":
@@ -166,6 +174,8 @@ class CaptionModelSpec(_Strict):
     prefix_length: int = Field(2, ge=1, description="number of prefix vectors P")
     decoder: DecoderSource
     projector: str = "projector.safetensors"
+    input_norm: InputNorm = Field("none", description="'unit': each embedding is scaled to length 1 before the "
+                                                      "projector (in PyTorch, ONNX and TensorRT alike)")
     prompt: PromptTemplate = PromptTemplate()
     generation: GenerationSettings = GenerationSettings()
     rerank: RerankSettings = RerankSettings()
@@ -173,6 +183,14 @@ class CaptionModelSpec(_Strict):
         DEFAULT_UNUSABLE_GPU_POLICY,
         description="GPU visible but unusable: serve-cpu, refuse, or auto (serve on the CPU only if the "
                     "decoder answers in time there); server.py --on-unusable-gpu overrides it")
+
+    @model_validator(mode="after")
+    def _slots_name_prefix_vectors(self) -> "CaptionModelSpec":
+        slots = self.prompt.prefix_slots
+        if slots is not None and not all(0 <= slot < self.prefix_length for slot in slots):
+            raise ValueError(f"prompt.prefix_slots {list(slots)} must index the {self.prefix_length} prefix "
+                             f"vectors (0..{self.prefix_length - 1})")
+        return self
 
 
 class Checkpoint:

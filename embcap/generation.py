@@ -111,6 +111,8 @@ class CaptionGenerator:
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.stop_ids[0]
         ids = prompt_ids(self.tokenizer, spec)
+        slots = spec.prompt.prefix_slots
+        self.prefix_slots = None if slots is None else torch.tensor(slots, dtype=torch.long)
         embed = self.model.get_input_embeddings()
         with torch.no_grad():
             self.prompt_start = embed(torch.tensor([ids.before], dtype=torch.long, device=self.device))
@@ -148,13 +150,16 @@ class CaptionGenerator:
 
     @property
     def prompt_length(self) -> int:
-        """Tokens in the prompt including the P prefix vectors."""
-        return self.prompt_start.shape[1] + self.spec.prefix_length + self.prompt_end.shape[1]
+        """Positions in the prompt, the prefix vectors' included (P, or one per `prompt.prefix_slots` entry)."""
+        slots = self.spec.prefix_length if self.prefix_slots is None else len(self.prefix_slots)
+        return self.prompt_start.shape[1] + slots + self.prompt_end.shape[1]
 
     def prompt_embeddings(self, prefix: torch.Tensor) -> torch.Tensor:
         """[B, P, H] prefix -> [B, L, H] prompt embeddings (every row has the same length)."""
         batch = prefix.shape[0]
         prefix = prefix.to(device=self.device, dtype=self.dtype)
+        if self.prefix_slots is not None:
+            prefix = prefix[:, self.prefix_slots.to(self.device)]
         return torch.cat(
             [self.prompt_start.expand(batch, -1, -1), prefix, self.prompt_end.expand(batch, -1, -1)], dim=1
         )

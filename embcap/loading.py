@@ -47,11 +47,11 @@ class ResolvedCheckpoint:
         return self.decoder_config.get("model_type")
 
     def load_projector(self) -> "Projector":
-        """The projector, its shapes checked against the spec and the decoder."""
+        """The projector with the spec's input normalisation, its shapes checked against the spec and the decoder."""
         from embcap.projector import load_projector
 
         return load_projector(self.checkpoint.projector_path, self.spec.embedding_dim, self.hidden_size,
-                              self.spec.prefix_length)
+                              self.spec.prefix_length, self.spec.input_norm)
 
     def load_generator(self, device: str = "cpu", dtype: "torch.dtype | None" = None, lean: bool = False,
                        log: Callable[[str], None] = lambda _: None) -> "CaptionGenerator":

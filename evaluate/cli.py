@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -12,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluate.client import ENDPOINTS, HEALTH, NotReady, run_requests, wait_ready
 from evaluate.curve import curve_markdown, in_process_runs, parse_counts, plot_curve
-from evaluate.datasets import load_dataset
+from evaluate.datasets import NORMS, cached_encoding, load_dataset
+from tooling.evaluator import ENDPOINTS, HEALTH, NotReady, run_requests, wait_ready
 from evaluate.judges import load_judge
 from evaluate.report import build_report, markdown, retrieval_baseline, score_rows, write_report
 
@@ -28,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="'heldout' (built-in split), a captions file, or parquet file/folder")
     parser.add_argument("--limit", type=int, default=None, help="score a seeded random subset of N rows")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--norms", choices=("as-is", "realistic"), default="as-is",
+    parser.add_argument("--norms", choices=NORMS, default="as-is",
                         help="'realistic': send each row as the mean of 15 unit vectors around it (norm mostly "
                              "0.5-0.9, like the evaluator's video embeddings); 'as-is': the dataset's (unit) vectors")
     parser.add_argument("--batch-size", type=int, default=4, help="rows per request (the evaluator sends 4)")
@@ -65,21 +64,6 @@ def training_captions(args: argparse.Namespace) -> list[str] | None:
 
         return [c.text for c in build_corpus().train]
     return None
-
-
-def cached_encoding(captions: list[str], progress: bool = True) -> np.ndarray:
-    """encode_captions() of many captions, cached under the embcap cache by content hash."""
-    from embcap.decoder_source import cache_dir
-    from embcap.text_encoder import encode_captions
-
-    digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
-    path = cache_dir() / "embeddings" / f"{digest}.npy"
-    if path.is_file():
-        return np.load(path)
-    vectors = encode_captions(captions, batch_size=128, progress=progress).astype(np.float16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, vectors)
-    return vectors
 
 
 def quiet_progress() -> None:
@@ -119,13 +103,15 @@ def main(argv: list[str] | None = None) -> dict:
             judges.append(load_judge(spec))
         except (FileNotFoundError, ValueError, ImportError) as exc:
             print(f"judge {spec!r} skipped: {exc}", file=sys.stderr)
-    baseline, retrieval = None, {}
+    baseline, extra_baseline, retrieval = None, {}, {}
     train = training_captions(args)
     if train:
         baseline = retrieval_baseline(judge, dataset.embeddings, dataset.references, train,
                                       cached_encoding(train, progress).astype(np.float32))
-        retrieval = {name: float(np.mean(score_rows(scorer, baseline[1], dataset.references)))
-                     for name, scorer in judges}
+        # the same picked captions, judged by every other judge
+        extra_baseline = {name: score_rows(other, baseline[1], dataset.references) for name, other in judges[1:]}
+        retrieval = {judge_name: float(np.mean(baseline[0])),
+                     **{name: float(np.mean(scores)) for name, scores in extra_baseline.items()}}
     settings = {"batch_size": args.batch_size, "endpoint": ENDPOINTS.get(args.endpoint, args.endpoint),
                 "timeout_s": args.timeout, "health": args.health, "limit": args.limit, "seed": args.seed,
                 "norms": args.norms,
@@ -138,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
         extra = {name: score_rows(other, captions, dataset.references) for name, other in judges[1:]}
         report = build_report(dataset_name=dataset.name, references=dataset.references, sources=dataset.sources,
                               run=run, scores=scores, judge_name=judge_name, target=target,
-                              settings={**settings, "candidates": count}, extra_judges=extra, baseline=baseline)
+                              settings={**settings, "candidates": count}, extra_judges=extra, baseline=baseline,
+                              extra_baselines=extra_baseline)
         reports[count] = report
         suffix = f"-n{count}" if len(runs) > 1 else ""
         json_path, md_path = write_report(report, args.out, stem + suffix)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluate.client import BatchResult, RunResult
+from tooling.evaluator import BatchResult, RunResult
 
 
 def parse_counts(text: str) -> list[int]:

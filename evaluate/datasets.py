@@ -11,6 +11,7 @@ Three kinds:
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,19 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_HELDOUT = Path(__file__).resolve().parent.parent / "models" / "default" / "heldout.txt"
+NORMS = ("as-is", "realistic")
+
+
+def shape_inputs(embeddings: np.ndarray, norms: str, seed: int = 0) -> np.ndarray:
+    """'as-is' keeps the embeddings; 'realistic' makes each row the mean of 15 unit vectors around its
+    direction (`embcap.inputs.realistic_around`: norm at most 1, mostly 0.5-0.9), as the evaluator's are."""
+    if norms == "as-is":
+        return embeddings
+    if norms != "realistic":
+        raise ValueError(f"norms must be one of {', '.join(NORMS)}, not {norms!r}")
+    from embcap.inputs import realistic_around
+
+    return realistic_around(embeddings, seed)
 
 
 @dataclass
@@ -33,15 +47,10 @@ class Dataset:
         return len(self.references)
 
     def with_norms(self, norms: str, seed: int = 0) -> "Dataset":
-        """'as-is' keeps the embeddings; 'realistic' makes each row the mean of 15 unit vectors
-        around its direction (norm at most 1, mostly 0.5-0.9), as the evaluator's video embeddings are."""
+        """The same rows with their embeddings shaped by `shape_inputs` ('as-is' returns self)."""
         if norms == "as-is":
             return self
-        if norms != "realistic":
-            raise ValueError(f"norms must be 'as-is' or 'realistic', not {norms!r}")
-        from embcap.inputs import realistic_around
-
-        return Dataset(f"{self.name} (realistic norms)", realistic_around(self.embeddings, seed), self.references,
+        return Dataset(f"{self.name} ({norms} norms)", shape_inputs(self.embeddings, norms, seed), self.references,
                        self.sources)
 
     def sample(self, limit: int | None, seed: int = 0) -> "Dataset":
@@ -116,3 +125,18 @@ def load_dataset(spec: str | None) -> Dataset:
     if path.is_dir() or path.suffix == ".parquet":
         return from_parquet(path)
     return from_captions(path)
+
+
+def cached_encoding(captions: list[str], progress: bool = True) -> np.ndarray:
+    """encode_captions() of many captions (float16), cached under the embcap cache by content hash."""
+    from embcap.decoder_source import cache_dir
+    from embcap.text_encoder import encode_captions
+
+    digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
+    path = cache_dir() / "embeddings" / f"{digest}.npy"
+    if path.is_file():
+        return np.load(path)
+    vectors = encode_captions(captions, batch_size=128, progress=progress).astype(np.float16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, vectors)
+    return vectors

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from evaluate.client import LOSS_REASONS, RunResult
+from tooling.evaluator import LOSS_REASONS, RunResult
 from evaluate.judges import Judge
 
 
@@ -54,6 +54,7 @@ def build_report(
     settings: dict,
     extra_judges: dict[str, np.ndarray] | None = None,
     baseline: tuple[np.ndarray, list[str]] | None = None,
+    extra_baselines: dict[str, np.ndarray] | None = None,
     n_examples: int = 5,
 ) -> dict:
     """Everything the evaluator would measure, plus diagnostics."""
@@ -96,6 +97,8 @@ def build_report(
         report["other_judges"] = {name: float(np.mean(s)) for name, s in extra_judges.items()}
     if baseline is not None:
         report["retrieval_baseline"] = float(np.mean(baseline[0]))
+        if extra_baselines:
+            report["other_judges_retrieval_baseline"] = {name: float(np.mean(s)) for name, s in extra_baselines.items()}
         report["retrieval_examples"] = [{"reference": references[i], "nearest_training_caption": baseline[1][i]}
                                         for i in answered[::step][:n_examples]]
     return report
@@ -115,6 +118,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| nearest-training-caption baseline | {fmt(report['retrieval_baseline'])} |")
     for name, value in report.get("other_judges", {}).items():
         lines.append(f"| mean similarity, judge {name} | {fmt(value)} |")
+    for name, value in report.get("other_judges_retrieval_baseline", {}).items():
+        lines.append(f"| nearest-training-caption baseline, judge {name} | {fmt(value)} |")
     lines.append(f"| batches lost / sent | {report['batches_lost']} / {report['batches']} |")
     for reason, count in report["lost_by_reason"].items():
         if count:

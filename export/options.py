@@ -61,7 +61,7 @@ class ExportOptions:
     accelerator: str = _option("auto", "projector runtime on a GPU", choices=ACCELERATORS)
     decoder_threads: int = _option(2, "torch threads of the decoder on the CPU")
     projector_threads: int = _option(1, "ONNX Runtime threads of the projector on the CPU")
-    reranker_threads: int = _option(2, "threads of the reranker's text encoder on the CPU")
+    reranker_threads: int = _option(1, "threads of the reranker's text encoder on the CPU")
     engine_cache_dir: str = _option("/tmp/embcap-trt-engines", "writable folder for TensorRT engines")
     request_timeout_s: float | None = _option(None, "seconds a request may decode before the continuous engine drops "
                                                     "its rows (default: $EMBCAP_REQUEST_TIMEOUT_S, else 55; the "

@@ -119,9 +119,9 @@ def render_configs(resolved: ResolvedCheckpoint, options: ExportOptions, device:
         },
         RERANKER: {
             **common, **placement, "candidates": candidates, "instance_count": 1,
-            # The reranker answers each request as the decoder finishes it: waiting for company only delays it.
-            "dynamic_batching": "dynamic_batching { max_queue_delay_microseconds: 0 }" if options.dynamic_batching
-            else "",
+            # No dynamic batching: requests reach the reranker one by one as the decoder finishes each, and
+            # Triton's batch scheduler would cost a thread (the evaluator's pids limit counts them).
+            "dynamic_batching": "",
             "checkpoint_dir": resolved.checkpoint.root, "threads": options.reranker_threads,
         },
         ENSEMBLE: {

@@ -6,7 +6,7 @@ import argparse
 import uvicorn
 
 from gateway.app import create_app
-from gateway.logs import configure_logging
+from gateway.logs import bound_foreign_loggers, configure_logging
 from gateway.settings import GatewaySettings
 
 
@@ -17,8 +17,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--triton-url", default=None, help="Triton gRPC address (default $EMBCAP_TRITON_URL)")
     args = parser.parse_args(argv)
     configure_logging()
-    app = create_app(GatewaySettings.from_env(triton_url=args.triton_url))
-    uvicorn.run(app, host=args.bind, port=args.port, access_log=False)
+    settings = GatewaySettings.from_env(triton_url=args.triton_url)
+    config = uvicorn.Config(create_app(settings), host=args.bind, port=args.port, access_log=False,
+                            **settings.uvicorn_options())
+    bound_foreign_loggers()
+    uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ close`: a slow or huge upload costs no more than the body timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import AsyncIterator
 
 from starlette.requests import ClientDisconnect, Request
@@ -55,6 +56,15 @@ async def read_body(request: Request, limit: int, timeout_s: float, drain_limit:
     return b"".join(chunks)
 
 
+def held_size(request: Request, limit: int) -> int:
+    """The bytes a request's body will hold in memory: its Content-Length, the limit when it has none,
+    0 when it is refused from its Content-Length (an oversized body is discarded as it is read)."""
+    declared = request.headers.get("content-length")
+    if declared is None or not declared.isdigit():
+        return limit
+    return int(declared) if int(declared) <= limit else 0
+
+
 def _declared_length(request: Request) -> int | None:
     declared = request.headers.get("content-length")
     if declared is None:
@@ -75,3 +85,32 @@ async def _discard(stream: AsyncIterator[bytes], budget: int, deadline: float) -
     except (TimeoutError, ClientDisconnect):
         return False
     return True
+
+
+class MemoryBudget:
+    """Bytes of request bodies held in memory at once, across requests (a body and what is parsed from it).
+
+    A request reserves its body's size (the limit when it has no Content-Length) before reading it and
+    keeps it until its rows are built; beyond the budget it waits, and after `wait_s` it is refused (503)."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.held = 0
+        self._freed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, size: int, wait_s: float):
+        size = min(size, self.budget_bytes)  # one body up to the limit always fits an empty budget
+        async with self._freed:
+            try:
+                await asyncio.wait_for(self._freed.wait_for(lambda: self.held + size <= self.budget_bytes), wait_s)
+            except TimeoutError:
+                raise RequestError(503, "busy", f"{self.held} bytes of request bodies are held already (the "
+                                                f"budget is {self.budget_bytes}): try again shortly") from None
+            self.held += size
+        try:
+            yield
+        finally:
+            async with self._freed:
+                self.held -= size
+                self._freed.notify_all()

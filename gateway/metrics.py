@@ -27,6 +27,7 @@ class GatewayMetrics:
         self.model_device = Gauge("embcap_model_device", "1 for the device each model runs on (cpu or cuda)",
                                   ["model", "device"], registry=self.registry)
         self.triton_metrics_url = triton_metrics_url
+        self._client: httpx.AsyncClient | None = None  # one keep-alive connection to Triton's metrics, reused
 
     def set_model_devices(self, devices: dict[str, str]) -> None:
         """Replace the model -> device rows."""
@@ -38,11 +39,17 @@ class GatewayMetrics:
         """Gateway metrics, followed by Triton's if its metrics endpoint answers."""
         text = generate_latest(self.registry)
         if self.triton_metrics_url:
+            if self._client is None:
+                self._client = httpx.AsyncClient(timeout=1.0, limits=httpx.Limits(max_connections=1))
             try:
-                async with httpx.AsyncClient(timeout=1.0) as client:
-                    response = await client.get(self.triton_metrics_url)
+                response = await self._client.get(self.triton_metrics_url)
                 if response.status_code == 200:
                     text += b"\n# Triton Inference Server metrics\n" + response.content
             except httpx.HTTPError:
                 text += b"\n# Triton metrics unavailable\n"
         return text
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None

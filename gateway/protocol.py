@@ -8,7 +8,7 @@ range) once the served model's width is known: `decode_values`, then `to_rows`.
 
 from __future__ import annotations
 
-import json
+import heapq
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +19,14 @@ from embcap.contract import EMBEDDING_DIM
 
 DEFAULT_MAX_ROWS = 256  # embeddings per request (gateway setting EMBCAP_MAX_ROWS)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+SHOWN_FIELDS = 5  # unknown field names a refusal lists, each cut to SHOWN_CHARS
+SHOWN_CHARS = 40
+# A body above this is scanned before it is parsed: a parse holds the interpreter's lock for its whole
+# length (~0.1 s per 15 MB), so what a C-speed scan can refuse is never parsed.
+PRESCAN_BYTES = 1 << 20
+NUMBER_BYTES = b"0123456789+-.eE,[]{}: \t\r\n"  # all a valid body holds besides its one key
+KEY = b'"embedding"'
+KEY_REST = KEY.translate(None, NUMBER_BYTES)  # what the scan leaves of a valid body (the key less its e's)
 
 
 class RequestError(Exception):
@@ -47,22 +55,25 @@ def _invalid(message: str, code: str = "invalid_embedding") -> RequestError:
     return RequestError(422, code, message)
 
 
-def _reject_constant(name: str) -> float:
-    raise _invalid(f"embedding contains {name}: only finite numbers are allowed")
+def _shown(name: str) -> str:
+    return repr(name if len(name) <= SHOWN_CHARS else name[:SHOWN_CHARS] + "...")
 
 
 def _load_json(body: bytes) -> object:
+    """One strict parse (orjson: UTF-8 only, no NaN/Infinity); a refusal names what orjson stopped at."""
     try:
         return orjson.loads(body)
-    except orjson.JSONDecodeError as fast_error:
-        # orjson refuses NaN/Infinity and numbers beyond float64 without naming them;
-        # the stdlib parser accepts big numbers (checked later) and names the constants.
-        try:
-            return json.loads(body, parse_constant=_reject_constant)
-        except RequestError:
-            raise
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise RequestError(400, "invalid_json", f"body is not valid JSON: {fast_error}") from None
+    except orjson.JSONDecodeError as exc:
+        at = exc.pos
+        for constant in (b"NaN", b"Infinity", b"-Infinity"):
+            start = at - 1 if constant.startswith(b"-") else at
+            if body[start:start + len(constant)] == constant:
+                raise _invalid(f"embedding contains {constant.decode()}: only finite numbers are allowed") from None
+        if "infinity when parsed as double" in exc.msg:  # 1e400, or an integer of 400 digits
+            raise _invalid("'embedding' holds a number too large for a float (beyond float64): not a finite "
+                           "float32") from None
+        raise RequestError(400, "invalid_json", f"body is not valid JSON (UTF-8, no byte-order mark): "
+                                                f"{exc.msg} at byte {at}") from None
 
 
 _NUMBER_TYPES = {float, int}  # exact types: bool, a subclass of int, is not a number here
@@ -76,18 +87,39 @@ def _first_non_number(values: list) -> int | None:
     return None
 
 
-def decode_values(body: bytes) -> list:
-    """The request's flat list of numbers, or RequestError naming what is wrong with the body."""
+def _prescan(body: bytes, limits: Limits | None) -> None:
+    """Refuse a large body without parsing it when a scan tells: a byte no number holds, too many numbers."""
+    rest = body.translate(None, NUMBER_BYTES)
+    if rest != KEY_REST:
+        start = body.find(KEY) + len(KEY) if KEY in body else 0
+        for constant in (b"NaN", b"-Infinity", b"Infinity"):
+            if constant in rest and constant in body[start:]:
+                raise _invalid(f"embedding contains {constant.decode()} (at byte {body.index(constant, start)}): "
+                               "only finite numbers are allowed")
+        return  # anything else: the parse names it exactly
+    numbers = body.count(b",") + 1
+    if limits is not None and numbers > limits.max_rows * limits.embedding_dim:
+        raise _invalid(f"batch of about {numbers // limits.embedding_dim} rows exceeds the limit of "
+                       f"{limits.max_rows}", "batch_too_large")
+
+
+def decode_values(body: bytes, limits: Limits | None = None) -> list:
+    """The request's flat list of numbers, or RequestError naming what is wrong with the body. `limits`
+    (when the served width is known) lets a large body with too many rows be refused before it is parsed."""
     if not body:
         raise RequestError(400, "empty_body", "request body is empty; expected {\"embedding\": [...]}")
+    if len(body) > PRESCAN_BYTES:
+        _prescan(body, limits)
     payload = _load_json(body)
     if not isinstance(payload, dict):
         raise _invalid(f"body must be a JSON object, got {type(payload).__name__}", "invalid_request")
     if "embedding" not in payload:
         raise _invalid("missing field 'embedding'", "invalid_request")
-    extra = sorted(set(payload) - {"embedding"})
-    if extra:
-        raise _invalid(f"unknown field(s) {', '.join(map(repr, extra))}; only 'embedding' is accepted", "invalid_request")
+    if len(payload) > 1:
+        extra = [key for key in payload if key != "embedding"]
+        shown = ", ".join(map(_shown, heapq.nsmallest(SHOWN_FIELDS, extra)))
+        more = f" and {len(extra) - SHOWN_FIELDS} more" if len(extra) > SHOWN_FIELDS else ""
+        raise _invalid(f"unknown field(s) {shown}{more}; only 'embedding' is accepted", "invalid_request")
     values = payload["embedding"]
     if not isinstance(values, list):
         raise _invalid(f"'embedding' must be a flat list of numbers, got {type(values).__name__}")
@@ -96,6 +128,8 @@ def decode_values(body: bytes) -> list:
     if not set(map(type, values)) <= _NUMBER_TYPES:  # C-speed check; the slow scan only names the culprit
         bad = _first_non_number(values)
         raise _invalid(f"'embedding'[{bad}] is {type(values[bad]).__name__}, not a number (the list must be flat)")
+    if body.count(b'"') != 2:  # a valid body holds one string, its key: any other was a duplicate key
+        raise _invalid("the body names 'embedding' more than once: send it once", "duplicate_key")
     return values
 
 

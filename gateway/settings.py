@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 
 from embcap.contract import ENSEMBLE
 from embcap.deadlines import DEFAULT_REQUEST_TIMEOUT_S
+from gateway.connections import ConnectionLimits, guarded_protocol
 from gateway.protocol import DEFAULT_MAX_ROWS
 
 
@@ -26,6 +27,25 @@ class GatewaySettings:
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S  # per Triton call (embcap.deadlines)
     health_timeout_s: float = 1.0  # per readiness probe
     startup_wait_s: float = 30.0  # how long a request that arrives before the model is ready waits
+    max_buffered_bytes: int = 64 * 1024 * 1024  # request bodies held in memory at once, all requests together
+    buffer_wait_s: float = 1.0  # how long a request waits for room under max_buffered_bytes before a 503
+    parse_threads: int = 1  # threads that parse bodies off the event loop
+    # Connections (gateway.connections, and uvicorn's own limit_concurrency and timeout_keep_alive):
+    limit_concurrency: int = 1000  # open connections (or requests) at once; beyond, uvicorn answers 503
+    keep_alive_s: int = 5  # an idle keep-alive connection is closed after this
+    header_timeout_s: float = 10.0  # a request head (line and headers) not complete by then: the connection closes
+    max_header_bytes: int = 16 * 1024  # request line and headers; beyond: 431
+    max_headers: int = 100  # headers per request; beyond: 431
+    max_url_bytes: int = 8 * 1024  # beyond: 414
+
+    def connection_limits(self) -> ConnectionLimits:
+        """The limits on a request head (gateway.connections)."""
+        return ConnectionLimits(self.header_timeout_s, self.max_header_bytes, self.max_headers, self.max_url_bytes)
+
+    def uvicorn_options(self) -> dict:
+        """Uvicorn's own connection settings, and its HTTP protocol with the head limits."""
+        return {"limit_concurrency": self.limit_concurrency, "timeout_keep_alive": self.keep_alive_s,
+                "http": guarded_protocol(self.connection_limits())}
 
     @classmethod
     def from_env(cls, **overrides) -> "GatewaySettings":

@@ -73,6 +73,11 @@ class TritonCaptioner:
             return False, _backend_error(exc, "health").message
         return True, None
 
+    @property
+    def known_shape(self) -> ServedShape | None:
+        """The served shape if it was read already (no call to Triton)."""
+        return self._shape
+
     async def served_shape(self) -> ServedShape:
         """The model's row width and max_batch_size, read once from Triton."""
         if self._shape is None:

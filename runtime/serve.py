@@ -23,7 +23,7 @@ import uvicorn
 from embcap.checkpoint import POLICIES
 from export.options import ExportOptions, add_arguments, from_arguments
 from gateway.app import create_app
-from gateway.logs import configure_logging
+from gateway.logs import bound_foreign_loggers, configure_logging
 from gateway.settings import GatewaySettings
 from runtime import CHECKPOINT_ENV
 from runtime.cache_dirs import cache_environment, engine_cache_dir
@@ -35,6 +35,7 @@ log = logging.getLogger("embcap.server")
 BANNER_PREFIX = "Uvicorn running on"
 DEFAULT_GRACEFUL_TIMEOUT_S = 30.0  # drain time on SIGTERM (deploy/ gives the pod more than this)
 EXIT_REFUSED = 2  # a port or the model repository belongs to another server: nothing was started
+EXIT_SUPERVISOR_DIED = 1  # the supervisor of tritonserver stopped: the container or pod must restart us
 LOOPBACK = "127.0.0.1"  # Triton listens only here
 
 
@@ -122,7 +123,8 @@ def export_options(args: argparse.Namespace, environ: Mapping[str, str]) -> Expo
     return from_arguments(args)
 
 
-async def serve(args: argparse.Namespace, lock: RepositoryLock | None = None) -> None:
+async def serve(args: argparse.Namespace, lock: RepositoryLock | None = None) -> int:
+    """Serve until SIGTERM (exit code 0) or until the supervisor stops, which it never should (1)."""
     banner = HeldBanner()
     logging.getLogger("uvicorn.error").addFilter(banner)
     url = f"http://{args.bind}:{args.port}"
@@ -133,19 +135,31 @@ async def serve(args: argparse.Namespace, lock: RepositoryLock | None = None) ->
                                         triton_server_id=server_id(instance_id))
     triton_metrics = f"http://{LOOPBACK}:{args.metrics_port}/metrics" if args.metrics_port else None
     app = create_app(settings, status_source=supervisor.status, triton_metrics_url=triton_metrics,
-                     notice_source=supervisor.notice_text)
+                     notice_source=supervisor.notice_text, liveness_source=supervisor.liveness)
     supervisor.on_devices = app.state.metrics.set_model_devices
     config = uvicorn.Config(app, host=args.bind, port=args.port, log_level="info", access_log=False,
-                            timeout_graceful_shutdown=args.graceful_timeout)
+                            timeout_graceful_shutdown=args.graceful_timeout, **settings.uvicorn_options())
+    bound_foreign_loggers()  # uvicorn has configured its loggers: bound their lines, hold back floods
     server = GatewayServer(config)
     task = asyncio.create_task(supervisor.run())
+
+    def supervisor_ended(ended: asyncio.Task) -> None:
+        if ended.cancelled():
+            return
+        supervisor.fail(f"the Triton supervisor stopped: {ended.exception()!r}; exiting so that the container "
+                        "is restarted")
+        server.should_exit = True
+
+    task.add_done_callback(supervisor_ended)
     try:
         await server.serve()  # returns after SIGTERM/SIGINT once in-flight requests are done
     finally:
+        task.remove_done_callback(supervisor_ended)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await supervisor.stop()
         log.info("stopped")
+    return EXIT_SUPERVISOR_DIED if supervisor.failure else 0
 
 
 def claim(args: argparse.Namespace) -> RepositoryLock:
@@ -182,7 +196,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_REFUSED
     try:
         os.environ.update(cache_environment())  # /app/cache when the sandbox has one; inherited by the children
-        asyncio.run(serve(args, lock))
+        return asyncio.run(serve(args, lock))
     finally:
         lock.release()
-    return 0

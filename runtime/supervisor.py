@@ -16,58 +16,25 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-import psutil
-
 from embcap.checkpoint import SPEC_FILE
-from embcap.contract import DECODER, ENSEMBLE, PROJECTOR
+from embcap.contract import ENSEMBLE
 from embcap.gpu_probe import ProbeReport
 from export import EXPORT_FAILED
 from export.options import ExportOptions, to_argv
-from export.templates import parse_model_config
 from runtime.instance import Record, RepositoryLock, new_instance_id, shm_prefix
 from runtime.local import ROOT
+from runtime.models import model_devices, python_stubs, running
 from runtime.triton import TritonOptions, TritonProcess, die_with_parent
 from runtime.triton_log import TritonLog, pump
 
 log = logging.getLogger("embcap.server")
-MODEL_RUNTIMES = {DECODER: "torch", PROJECTOR: "onnxruntime"}  # which runtime puts each model on a GPU
-
-
-def python_stubs(triton_pid: int) -> dict[int, str]:
-    """Python-backend stub processes of a tritonserver: pid -> model name."""
-    stubs = {}
-    for child in psutil.Process(triton_pid).children():
-        try:
-            if child.name() == "triton_python_backend_stub":
-                stubs[child.pid] = Path(child.cmdline()[1]).parent.parent.name
-        except (psutil.NoSuchProcess, IndexError):
-            continue
-    return stubs
-
-
-def model_devices(repository: Path, report: ProbeReport) -> dict[str, str]:
-    """Model -> "cuda" or "cpu": GPU instances whose runtime the probe found usable run on cuda."""
-    devices = {}
-    for path in sorted(repository.glob("*/config.pbtxt")):
-        config = parse_model_config(path.read_text(), str(path))
-        if not config.instance_group:
-            continue  # an ensemble runs nowhere itself
-        gpu = any(group.kind == group.KIND_GPU for group in config.instance_group)
-        runtime = MODEL_RUNTIMES.get(config.name)
-        devices[config.name] = "cuda" if gpu and (runtime is None or report.usable(runtime)) else "cpu"
-    return devices
-
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
 
 PUMP_DRAIN_S = 2.0  # after Triton exits, how long its last output lines may take to arrive
+WATCH_INTERVAL_S = 0.2
+WATCHDOG_STALE_S = 10.0  # the watch loop has not run for this long: liveness fails
 
 
 def export_problem(stderr: bytes) -> str:
@@ -99,9 +66,26 @@ class Supervisor:
         self.export_process: asyncio.subprocess.Process | None = None
         self.exported = False  # this instance wrote the repository (so stop() removes it)
         self.restarts = 0
+        self.watching = False  # the watch loop runs (Triton is up): its beats must keep coming
+        self.beat = time.monotonic()  # the watch loop's last round
+        self.failure: str | None = None  # the supervisor itself stopped: why (the process exits non-zero)
 
     def status(self) -> str | None:
-        return self.problem
+        return self.failure or self.problem
+
+    def liveness(self) -> str | None:
+        """Why this process should be restarted (the supervisor stopped, or its watch loop stalled), or None."""
+        if self.failure:
+            return self.failure
+        stalled = time.monotonic() - self.beat
+        if self.watching and stalled > WATCHDOG_STALE_S:
+            return f"the Triton watchdog has not run for {stalled:.0f} s"
+        return None
+
+    def fail(self, reason: str) -> None:
+        """The supervisor cannot go on: health and liveness say why from now on."""
+        self.failure = reason
+        log.error(reason)
 
     def notice_text(self) -> str | None:
         return self.notice
@@ -149,8 +133,9 @@ class Supervisor:
     def _record(self) -> None:
         """Write what this instance leaves on disk into the repository lock (for a successor's sweep)."""
         if self.lock is not None:
-            self.lock.write(Record(pid=os.getpid(), instance_id=self.instance_id, shm_prefix=shm_prefix(self.instance_id),
-                                   temp_root=tempfile.gettempdir(), exports=not self.args.skip_export))
+            self.lock.write(Record(pid=os.getpid(), instance_id=self.instance_id,
+                                   shm_prefix=shm_prefix(self.instance_id), temp_root=tempfile.gettempdir(),
+                                   exports=not self.args.skip_export))
 
     async def _start_triton(self, options: TritonOptions) -> asyncio.Task:
         """Start tritonserver with its output piped through us; returns the task copying it."""
@@ -167,17 +152,21 @@ class Supervisor:
         return f"{what}: {cause}" if cause else what
 
     async def run(self) -> None:
+        """Export, then keep Triton running; never returns: a refusal or a failed export parks it (health
+        says why), and only a bug ends it (serve() then exits non-zero)."""
         self._record()
         probe = asyncio.create_task(self._probe())  # alongside the export: both import torch
         exported = await self._export()
         report, decision = await probe
         if decision is not None and not decision["serve"]:
             self.problem = decision["line"]
-            return  # stay up and unhealthy: health answers 503 with the reason
-        if decision is not None:
-            self.notice = decision["line"]
-        if not exported:
-            return
+        elif exported:
+            if decision is not None:
+                self.notice = decision["line"]
+            await self._keep_triton(report)
+        await asyncio.Future()  # stay up and unhealthy: health answers 503 with the reason
+
+    async def _keep_triton(self, report: ProbeReport | None) -> None:
         if report is not None:
             devices = model_devices(Path(self.args.model_repository), report)
             log.info("model devices: %s", ", ".join(f"{m} on {d}" for m, d in devices.items()))
@@ -188,41 +177,60 @@ class Supervisor:
             instance_id=self.instance_id,
         )
         while True:
-            self.problem = "starting: loading models in tritonserver"
-            copying = await self._start_triton(options)
+            try:
+                await self._run_triton_once(options)
+            except Exception as exc:  # anything else that breaks a round: said, survived, retried
+                self.problem = f"supervising tritonserver failed: {exc!r}; restarting it"
+                log.exception(self.problem)
+            self.watching = False
+            if self.triton is not None:
+                await asyncio.to_thread(self.triton.stop, 5)
+            self.restarts += 1
+            await asyncio.sleep(min(5.0, 0.5 * self.restarts))
+
+    async def _run_triton_once(self, options: TritonOptions) -> None:
+        """Start tritonserver, wait until it is ready, watch it until it or a stub dies."""
+        self.problem = "starting: loading models in tritonserver"
+        copying = await self._start_triton(options)
+        try:
             try:
                 await asyncio.to_thread(self.triton.wait_ready, ENSEMBLE, self.args.ready_timeout)
             except (RuntimeError, TimeoutError) as exc:
                 self.problem = await self._why(copying, f"tritonserver failed to start: {exc}")
                 log.error(self.problem)
-            else:
-                stubs = python_stubs(self.triton.process.pid)
-                if self.lock is not None:
-                    self.lock.update(python_env_dirs=self.triton.python_env_dirs)
-                self.problem = None
-                log.info("tritonserver ready (restarts so far: %d)", self.restarts,
-                         extra={"stubs": sorted(stubs.values())})
-                self.on_ready()
-                self.triton_log.reset()  # from here on, errors say why the running server failed
-                self.problem = await self._why(copying, await self._watch(stubs)) + "; restarting tritonserver"
-                log.error(self.problem)
-            await asyncio.to_thread(self.triton.stop, 5)
+                return
+            stubs = python_stubs(self.triton.process.pid)
+            if self.lock is not None:
+                self.lock.update(python_env_dirs=self.triton.python_env_dirs)
+            self.problem = None
+            log.info("tritonserver ready (restarts so far: %d)", self.restarts, extra={"stubs": sorted(stubs.values())})
+            self.on_ready()
+            self.triton_log.reset()  # from here on, errors say why the running server failed
+            self.problem = await self._why(copying, await self._watch(stubs)) + "; restarting tritonserver"
+            log.error(self.problem)
+        finally:
             copying.cancel()
-            self.restarts += 1
-            await asyncio.sleep(min(5.0, 0.5 * self.restarts))
 
     async def _watch(self, stubs: dict[int, str]) -> str:
         """Return once tritonserver or one of its Python-backend stubs has died.
 
         Triton keeps reporting a model ready after its stub died, while every request
         to it fails, so the stubs are watched here as processes."""
-        while True:
-            await asyncio.sleep(0.2)
-            if not self.triton.alive():
-                return f"tritonserver exited with code {self.triton.process.returncode}"
-            for pid, model in stubs.items():
-                if not _running(pid):
-                    return f"the Python-backend stub of model '{model}' died"
+        self.watching, self.beat = True, time.monotonic()
+        try:
+            while True:
+                await asyncio.sleep(WATCH_INTERVAL_S)
+                self.beat = time.monotonic()
+                if not self.triton.alive():  # waitpid: needs no file descriptor
+                    return f"tritonserver exited with code {self.triton.process.returncode}"
+                try:
+                    for pid, model in stubs.items():
+                        if not running(pid):
+                            return f"the Python-backend stub of model '{model}' died"
+                except Exception as exc:  # e.g. OSError EMFILE: out of file descriptors; Triton itself is still seen
+                    log.warning("watchdog: cannot check the Python-backend stubs (%s); checking again", exc)
+        finally:
+            self.watching = False
 
     async def stop(self) -> None:
         if self.export_process is not None and self.export_process.returncode is None:

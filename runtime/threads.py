@@ -14,7 +14,9 @@ from __future__ import annotations
 import os
 from typing import Mapping, MutableMapping
 
-SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# RAYON_NUM_THREADS: the tokenizers library's pool takes one thread per CPU in sched_getaffinity (64 on a
+# 64-CPU host, in the export's encoder check alone) unless told otherwise.
+SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1"}
 WORKER = {
     "OMP_WAIT_POLICY": "PASSIVE",
     "TOKENIZERS_PARALLELISM": "false",

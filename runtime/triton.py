@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,13 @@ from runtime.instance import SHM_DIR, new_instance_id, server_id, shm_prefix
 from runtime.triton_install import TritonInstall, ensure_python_stub, find_triton, triton_environment
 PYTHON_ENV_GLOB = "/tmp/python_env_*"  # the Python backend's own temp folders (hard-coded /tmp)
 KILL_GRACE_S = 5  # stop() waits --exit-timeout-secs plus this before SIGKILL
+# Triton's gRPC API groups that neither the gateway, the supervisor, the bench nor the tests call
+# (they use health, metadata, model-config, inference and statistics): registering shared memory,
+# loading models, changing log or trace settings need RESTRICTED_HEADER with the server's key.
+RESTRICTED = ("shared-memory", "model-repository", "logging", "trace")
+RESTRICTED_KEY = "embcap-admin-key"
+RESTRICTED_HEADER = f"triton-grpc-protocol-{RESTRICTED_KEY}"  # the gRPC header a client sends (Triton adds the prefix)
+SHM_MODE = 0o600  # the Python backend makes its /dev/shm regions 0644 whatever the umask: this user's only
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,8 @@ class TritonOptions:
     exit_timeout_s: int = 30
     log_verbose: int = 0
     instance_id: str = field(default_factory=new_instance_id)  # runtime.instance: the server's identity
+    # The gRPC API groups the stack never calls: closed to any client without this key (see RESTRICTED).
+    restricted_key: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
 
     @property
     def server_id(self) -> str:
@@ -52,6 +62,7 @@ class TritonOptions:
             "--allow-grpc=true",
             "--grpc-address=127.0.0.1",
             f"--grpc-port={self.grpc_port}",
+            f"--grpc-restricted-protocol={','.join(RESTRICTED)}:{RESTRICTED_KEY}={self.restricted_key}",
             "--disable-auto-complete-config",
             "--strict-readiness=true",
             "--model-load-thread-count=1",
@@ -135,6 +146,7 @@ class TritonProcess:
                         foreign = name
                     elif client.is_server_ready(client_timeout=1) and client.is_model_ready(model, client_timeout=1):
                         self._env_dirs = set(glob.glob(PYTHON_ENV_GLOB)) - self._env_dirs_before
+                        self.protect_shared_memory()
                         return
                 except Exception:
                     pass
@@ -182,6 +194,15 @@ class TritonProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+    def protect_shared_memory(self) -> None:
+        """Make this server's /dev/shm regions readable and writable by this user only (the stubs and
+        Triton hold them open already; the mode keeps other users out)."""
+        for path in shm_regions(self.options.shm_prefix):
+            try:
+                path.chmod(SHM_MODE)
+            except FileNotFoundError:
+                continue
 
     def remove_shared_memory(self) -> list[Path]:
         """Delete this server's /dev/shm regions (left behind only when it was killed)."""

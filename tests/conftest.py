@@ -21,7 +21,7 @@ from embcap.decoder_source import smollm2_decoder_dir  # noqa: E402
 from export.options import ExportOptions  # noqa: E402
 from export.repository import export_repository  # noqa: E402
 from runtime.triton import TritonOptions, TritonProcess, shm_regions  # noqa: E402
-from training.builders import make_tiny_checkpoint  # noqa: E402
+from tooling.builders import make_tiny_checkpoint  # noqa: E402
 
 __all__ = ["ROOT", "free_port", "stop_process", "wait_http"]  # also used by the test modules
 

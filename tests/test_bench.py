@@ -241,7 +241,7 @@ def test_engine_verdicts_come_from_the_same_run_ratios_and_their_intervals():
 
 def test_candidates_phase_measures_each_n_and_the_shipped_one(tmp_path, smollm2_dir):
     from bench import candidates
-    from training.builders import make_tiny_checkpoint, minilm_rerank
+    from tooling.builders import make_tiny_checkpoint, minilm_rerank
 
     checkpoint = make_tiny_checkpoint(tmp_path / "ck", smollm2_dir, rerank=minilm_rerank(2))
     plan = Plan.preset("quick", checkpoint=checkpoint, pool_requests=4, out=tmp_path / "run", candidate_requests=3,

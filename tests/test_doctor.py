@@ -252,7 +252,7 @@ def test_hotkey_command_writes_exactly_and_refuses_bad_input(tmp_path):
 def test_a_reranking_encoders_files_count_as_the_checkpoints(broken, tiny_checkpoint, smollm2_dir):
     import json
 
-    from training.builders import make_onnx_text_tower
+    from tooling.builders import make_onnx_text_tower
 
     mine = broken / "models" / "mine"
     shutil.copytree(tiny_checkpoint, mine)

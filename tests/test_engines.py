@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.builders import make_blank_prone_checkpoint
+from tooling.builders import make_blank_prone_checkpoint
 from embcap.checkpoint import load_checkpoint
 from embcap.decoder_source import resolve_decoder
 from embcap.engines import Cancelled, Job, create_engine, generate_blocking
@@ -193,7 +193,7 @@ def candidates_of(engine_name: str, generator: CaptionGenerator, prefix: np.ndar
 @pytest.fixture(scope="module")
 def early_ending(tmp_path_factory, smollm2_dir) -> CaptionGenerator:
     """The tiny model with captions that may end before max_new_tokens (rows leave at their own steps)."""
-    from training.builders import make_tiny_checkpoint
+    from tooling.builders import make_tiny_checkpoint
 
     return load(make_tiny_checkpoint(tmp_path_factory.mktemp("early") / "ck", smollm2_dir, seed=3,
                                      max_new_tokens=12, min_new_tokens=1))

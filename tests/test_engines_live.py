@@ -12,7 +12,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from conftest import free_port, send_staggered, start_gateway, stop_process, wait_http
-from training.builders import make_tiny_checkpoint
+from tooling.builders import make_tiny_checkpoint
 from embcap.checkpoint import load_checkpoint, save_spec
 from embcap.deadlines import REQUEST_TIMEOUT_ENV
 from embcap.inputs import realistic_embeddings

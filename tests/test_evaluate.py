@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, free_port
 from embcap.inputs import realistic_embeddings
 from evaluate.cli import main as evaluate_main
-from evaluate.client import NotReady, run_requests, wait_ready
+from tooling.evaluator import NotReady, run_requests, wait_ready
 from evaluate.datasets import DEFAULT_HELDOUT, from_parquet, load_dataset
 from evaluate.judges import minilm_judge
 from evaluate.report import retrieval_baseline

@@ -130,6 +130,14 @@ def test_metrics_and_request_ids(tiny_server):
     assert "embcap_request_seconds_bucket" in text
     assert 'nv_inference_request_success{model="captioner"' in text  # Triton's own metrics, appended
 
+    # Triton's metrics are scraped over one kept connection: no closed ones pile up in TIME_WAIT
+    metrics_port = int(process.args[process.args.index("--metrics-port") + 1])
+    for _ in range(5):
+        assert httpx.get(base + "/metrics", timeout=10).status_code == 200
+    to_triton = [c for c in psutil.net_connections(kind="tcp") if c.raddr and c.raddr.port == metrics_port]
+    assert not [c for c in to_triton if c.status == psutil.CONN_TIME_WAIT], to_triton
+    assert len([c for c in to_triton if c.status == psutil.CONN_ESTABLISHED]) == 1, to_triton
+
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     served = [e for e in lines if e.get("request_id") == "req-ok-1"]
     failed = [e for e in lines if e.get("request_id") == "req-bad-1"]

@@ -19,10 +19,11 @@ ALLOWED = {
     "export": {"embcap"},
     "model_repository": {"embcap"},
     "runtime": {"embcap", "gateway", "export"},
-    "bench": {"embcap", "gateway", "export", "runtime"},
-    "evaluate": {"embcap", "gateway", "export", "runtime"},
-    "doctor": {"embcap", "gateway", "export", "runtime"},
-    "training": {"embcap", "export", "runtime", "evaluate", "bench"},
+    "tooling": {"embcap", "export", "runtime"},  # shared by the tools below
+    "bench": {"embcap", "gateway", "export", "runtime", "tooling"},
+    "evaluate": {"embcap", "gateway", "export", "runtime", "tooling"},
+    "doctor": {"embcap", "gateway", "export", "runtime", "tooling"},
+    "training": {"embcap", "export", "runtime", "tooling", "evaluate", "bench"},
     "server": {"runtime"},
     "inference": {"gateway"},
 }

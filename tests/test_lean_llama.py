@@ -16,7 +16,7 @@ from export.options import ExportOptions
 from export.repository import export_repository
 from export.templates import TemplateError
 from test_engines import load, random_prefix
-from training.builders import make_tiny_checkpoint
+from tooling.builders import make_tiny_checkpoint
 
 
 def test_weights_read_from_safetensors_equal_those_of_the_loaded_model(tiny_checkpoint):

@@ -17,7 +17,7 @@ from embcap.text_encoder import encode_captions
 from export.options import ExportOptions
 from export.repository import export_repository
 from export.templates import TemplateError
-from training.builders import make_onnx_text_tower, make_tiny_checkpoint, minilm_rerank
+from tooling.builders import make_onnx_text_tower, make_tiny_checkpoint, minilm_rerank
 
 
 def words(text: str) -> int:

@@ -14,7 +14,7 @@ from embcap.loading import resolve_checkpoint
 from embcap.pipeline import CaptionPipeline
 from export.options import ExportOptions
 from export.repository import export_repository
-from training.builders import make_tiny_checkpoint, minilm_rerank
+from tooling.builders import make_tiny_checkpoint, minilm_rerank
 
 ROW_COUNTS = (1, 3, 4, 9)
 

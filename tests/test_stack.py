@@ -14,7 +14,7 @@ from conftest import free_port, start_gateway, start_triton, stop_process, wait_
 from export.options import ExportOptions
 from export.repository import export_repository
 from runtime.triton import TritonOptions, TritonProcess
-from training.builders import make_tiny_checkpoint
+from tooling.builders import make_tiny_checkpoint
 
 PATHS = ("/api/v1/inference", "/api/v1/v2t")
 

@@ -136,7 +136,7 @@ def test_gpus_without_a_gpu_or_with_repeats_fail_at_export(tiny_checkpoint, tmp_
 
 def test_parameter_keys_are_the_contracts_and_models_read_them_through_it(tiny_checkpoint, tmp_path):
     from embcap.contract import parameter_keys
-    from training.builders import make_tiny_checkpoint, minilm_rerank
+    from tooling.builders import make_tiny_checkpoint, minilm_rerank
 
     checkpoint = make_tiny_checkpoint(tmp_path / "ck", tiny_checkpoint / "decoder", rerank=minilm_rerank(2))
     resolved = resolve_checkpoint(checkpoint)

@@ -37,21 +37,39 @@ SHIM_SOURCE = Path(__file__).resolve().parent / "sandbox" / "fake_cpus.c"
 REPORT = ROOT / "reports" / "threads.json"
 
 
-def container_thread_env() -> dict[str, str]:
-    """The thread-pool variables the Dockerfile sets for the container."""
-    values = dockerfile.env(dockerfile.final_stage(dockerfile.load(ROOT / "Dockerfile")))
-    return {k: v for k, v in values.items() if k.endswith("_NUM_THREADS") or k.startswith(("OMP_", "GRPC_"))}
+CAP_SOURCE = ROOT / "runtime" / "cpu_cap.c"
+
+
+def dockerfile_env() -> dict[str, str]:
+    return dockerfile.env(dockerfile.final_stage(dockerfile.load(ROOT / "Dockerfile")))
+
+
+@pytest.fixture(scope="session")
+def cpu_cap_library(tmp_path_factory) -> Path:
+    """runtime/cpu_cap.c compiled as the Dockerfile's cpu-cap stage compiles it."""
+    return compile_shim(CAP_SOURCE, tmp_path_factory.mktemp("cap") / "cpu_cap.so")
+
+
+def compile_shim(source: Path, library: Path) -> Path:
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the shims")
+    subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(library), str(source), "-ldl"], check=True)
+    return library
+
+
+def container_thread_env(cpu_cap: Path) -> dict[str, str]:
+    """The thread settings the Dockerfile gives the container, with its CPU cap built here."""
+    values = dockerfile_env()
+    env = {k: v for k, v in values.items()
+           if k.endswith("_NUM_THREADS") or k.startswith(("OMP_", "GRPC_")) or k == "EMBCAP_CPU_CAP"}
+    return {**env, "LD_PRELOAD": str(cpu_cap)}
 
 
 @pytest.fixture(scope="session")
 def fake_cpus_library(tmp_path_factory) -> Path:
     """tests/sandbox/fake_cpus.c compiled into a preloadable library."""
-    compiler = shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        pytest.skip("no C compiler to build the fake-CPU shim")
-    library = tmp_path_factory.mktemp("shim") / "fake_cpus.so"
-    subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(library), str(SHIM_SOURCE), "-ldl"], check=True)
-    return library
+    return compile_shim(SHIM_SOURCE, tmp_path_factory.mktemp("shim") / "fake_cpus.so")
 
 
 def role(process: psutil.Process) -> str:
@@ -164,17 +182,43 @@ def record(label: str, sampler: PeakSampler) -> None:
     REPORT.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def test_thread_peak_on_this_machine(tiny_checkpoint, tmp_path):
-    sampler = measure(tiny_checkpoint, tmp_path, container_thread_env())
+@pytest.fixture(scope="module")
+def reranking_checkpoint(tmp_path_factory, smollm2_dir) -> Path:
+    """Served as the default model is: four models, the reranker's stub and encoder threads included."""
+    from tooling.builders import make_tiny_checkpoint, minilm_rerank
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("threads") / "ck", smollm2_dir, rerank=minilm_rerank(2),
+                                min_new_tokens=1)
+
+
+def test_thread_peak_on_this_machine(reranking_checkpoint, tmp_path, cpu_cap_library):
+    sampler = measure(reranking_checkpoint, tmp_path, container_thread_env(cpu_cap_library))
     record(f"real-{os.cpu_count()}-cpu", sampler)
     assert sampler.peak < THREAD_BUDGET, sampler.peak_breakdown
 
 
-def test_thread_peak_on_a_simulated_64_cpu_host(tiny_checkpoint, tmp_path, fake_cpus_library):
-    env = {**container_thread_env(), "LD_PRELOAD": str(fake_cpus_library), "EMBCAP_FAKE_CPUS": "64"}
+def test_thread_peak_on_a_simulated_64_cpu_host(reranking_checkpoint, tmp_path, fake_cpus_library, cpu_cap_library):
+    # The cap asks the next library for the count (the simulated host's 64), so it is preloaded first.
+    env = {**container_thread_env(cpu_cap_library), "LD_PRELOAD": f"{cpu_cap_library} {fake_cpus_library}",
+           "EMBCAP_FAKE_CPUS": "64"}
     probe = subprocess.run([sys.executable, "-c", "import os; print(os.cpu_count())"], env={**os.environ, **env},
                            capture_output=True, text=True, check=True)
-    assert probe.stdout.strip() == "64", "the shim does not take effect"
-    sampler = measure(tiny_checkpoint, tmp_path, env)
+    assert probe.stdout.strip() == dockerfile_env()["EMBCAP_CPU_CAP"], "the CPU cap does not take effect"
+    uncapped = subprocess.run([sys.executable, "-c", "import os; print(os.cpu_count())"], capture_output=True,
+                              env={**os.environ, "LD_PRELOAD": str(fake_cpus_library), "EMBCAP_FAKE_CPUS": "64"},
+                              text=True, check=True)
+    assert uncapped.stdout.strip() == "64", "the simulated host does not take effect"
+    sampler = measure(reranking_checkpoint, tmp_path, env)
     record("simulated-64-cpu", sampler)
     assert sampler.peak < THREAD_BUDGET, sampler.peak_breakdown
+
+
+def test_the_image_preloads_the_cpu_cap_its_own_stage_builds():
+    """The Dockerfile compiles runtime/cpu_cap.c in a stage of its own and preloads what it copies."""
+    instructions = dockerfile.load(ROOT / "Dockerfile")
+    stages = [ins for ins in instructions if ins.keyword == "FROM"]
+    assert any(ins.arguments.endswith("AS cpu-cap") for ins in stages) and stages[-1].arguments.startswith("nvcr.io")
+    copies = [ins.arguments.split() for ins in dockerfile.final_stage(instructions)
+              if ins.keyword == "COPY" and ins.arguments.startswith("--from=cpu-cap")]
+    assert copies and copies[0][-1] == dockerfile_env()["LD_PRELOAD"]
+    assert int(dockerfile_env()["EMBCAP_CPU_CAP"]) >= 2

@@ -1,11 +1,15 @@
-"""The trainer: parquet data in the evaluator's layout (and malformed variants), a tiny Llama trained with and
-without LoRA, resume equivalence, and the written checkpoint served by the real stack."""
+"""The trainer: parquet data in the evaluator's layout (and malformed variants), the input noise model, a tiny
+Llama trained with and without LoRA, resume equivalence, the options and messages a new user sees, and the
+written checkpoint served by the real stack."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import httpx
@@ -16,11 +20,14 @@ import torch
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from training.builders import make_tiny_checkpoint  # noqa: E402
+from tooling.builders import make_tiny_checkpoint  # noqa: E402
 from embcap.inputs import realistic_embeddings  # noqa: E402
 from evaluate.datasets import DEFAULT_HELDOUT  # noqa: E402
 from tests.conftest import ROOT, start_server, stop_process  # noqa: E402
+from training.augment import NoiseModel, resolve  # noqa: E402
 from training.data import DataError, Examples, expand, read_parquet, split, write_parquet  # noqa: E402
+from training.record import PLOT_FILE, read_log  # noqa: E402
+from training.train import build_parser  # noqa: E402
 from training.train import main as train_main  # noqa: E402
 
 ROWS = 48
@@ -160,13 +167,19 @@ def test_merged_adapter_gives_the_adapted_outputs(tiny_decoder):
         assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-4)
 
 
+# A second, real judge whose name differs from MiniLM's: the lifted 1024-d MiniLM space, so its cosines equal
+# MiniLM's, which the record must show for the model and for retrieval alike.
+SECOND_JUDGE = "embcap.text_encoder:encode_captions"
+
+
 @pytest.fixture(scope="module")
 def trained_checkpoint(parquet_dir, tiny_decoder, tmp_path_factory) -> tuple[Path, dict]:
-    """A tiny LoRA run with periodic and final held-out scores, written as a checkpoint."""
+    """A tiny LoRA run on evaluator-shaped inputs with periodic and final held-out scores by two judges."""
     run = tmp_path_factory.mktemp("trained")
     report = train_main(tiny_args(parquet_dir, tiny_decoder, run / "run", "--lora", "--steps", "4", "--eval-every",
-                                  "2", "--eval-samples", "4", "--final-eval-samples", "6", "--out",
-                                  str(run / "checkpoint")))
+                                  "2", "--eval-samples", "4", "--final-eval-samples", "6", "--augment", "realistic",
+                                  "--eval-norms", "realistic", "--also-judge", SECOND_JUDGE,
+                                  "--out", str(run / "checkpoint")))
     return run / "checkpoint", report
 
 
@@ -177,14 +190,33 @@ def test_checkpoint_records_how_it_was_trained(trained_checkpoint):
     assert record["steps"] == 4 and record["lora"]["modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert record["data"]["conditioning"] == "video_embed" and len(record["data"]["files"]) == 2
     assert record["data"]["split"] == "by video_id"
-    assert [h["step"] for h in record["scores"]["history"]] == [2, 4]
-    assert record["scores"]["history"][0]["engine"] == "hf"
+    assert record["command"].startswith("python -m training --data ") and record["stopped_by"] == "steps"
+    assert record["input_norm"] == "unit"
+    noise = record["noise_model"]
+    assert noise["augment"] == "realistic" and noise["fraction"] == 0.75 and noise["noise_std"] == 0.0
+    assert noise["clips_per_embedding"] == 15 and noise["source"] == "embcap.inputs.realistic_around"
+    assert record["judges"] == ["all-MiniLM-L6-v2", SECOND_JUDGE]
+    history = record["scores"]["history"]
+    assert [h["step"] for h in history] == [2, 4] and history[0]["engine"] == "hf"
+    assert record["scores"]["eval_inputs"] == "realistic" and history[0]["inputs"] == "realistic"
+    for entry in history:
+        assert set(entry["judges"]) == set(entry["retrieval"]) == set(record["judges"])
     final = record["scores"]["final"]
-    assert final["rows"] == 6 and final["engine"] == "continuous" and -1.0 <= final["score"] <= 1.0
+    assert list(final) == ["realistic", "as-is"]
+    for score in final.values():
+        assert score["rows"] == 6 and score["engine"] == "continuous"
+        judged, retrieved = score["judges"], score["retrieval"]
+        assert all(-1.0 <= v <= 1.0 for v in [*judged.values(), *retrieved.values()])
+        assert judged[SECOND_JUDGE] == pytest.approx(judged["all-MiniLM-L6-v2"], abs=2e-4)
+        assert retrieved[SECOND_JUDGE] == pytest.approx(retrieved["all-MiniLM-L6-v2"], abs=2e-4)
     card = (checkpoint / "MODEL_CARD.md").read_text()
-    assert "part-0.parquet" in card and "video_embed" in card and "final, this checkpoint" in card
+    assert "part-0.parquet" in card and "video_embed" in card and "nearest training caption" in card
+    assert "input_norm: unit" in card and "mean of 15 unit 'clips'" in card and f"]({PLOT_FILE})" in card
+    assert "| realistic: evaluator-shaped" in card and "| as-is: the held-out conditioning vectors" in card
+    plot = (checkpoint / PLOT_FILE).read_bytes()
+    assert plot.startswith(b"\x89PNG") and len(plot) > 10_000
     config = json.loads((checkpoint / "caption_model.json").read_text())
-    assert config["decoder"] == {"path": "decoder"}
+    assert config["decoder"] == {"path": "decoder"} and config["input_norm"] == "unit"
     assert not list((checkpoint / "decoder").glob("adapter*")), "serving must not need peft"
 
 
@@ -194,6 +226,7 @@ def test_doctor_accepts_the_checkpoint(trained_checkpoint, tmp_path):
     checkpoint, _ = trained_checkpoint
     repo = tmp_path / "repo"
     shutil.copytree(checkpoint, repo / "models" / "trained")
+    shutil.copy2(ROOT / ".gitattributes", repo / ".gitattributes")  # weight files go to Git LFS, as on Hugging Face
     os.symlink(ROOT / "export", repo / "export")
     options = Options(repo=repo, checkpoint="models/trained")
     results = {r.check: r for r in check_models(options) + check_export(options)}
@@ -227,3 +260,99 @@ def test_gpu_bench_smoke_on_the_cpu(smollm2_dir, tmp_path):
     assert all(row["steps_per_s"] > 0 for row in modes.values())
     assert json.loads((tmp_path / "results.json").read_text())["shape"] == "tiny"
     assert "vs frozen" in (tmp_path / "results.md").read_text()
+
+
+def test_noise_model_draws_evaluator_shaped_rows_per_step():
+    clean = realistic_embeddings(64, seed=2)
+    clean /= np.linalg.norm(clean, axis=1, keepdims=True)
+    model = NoiseModel("realistic", 1.0, 0.0)
+    shaped = model.apply(clean, seed=0, step=5)
+    norms = np.linalg.norm(shaped, axis=1)
+    assert np.all((norms > 0.3) & (norms < 1.0)) and 0.5 < np.mean((norms > 0.5) & (norms < 0.9))
+    assert np.all(np.sum(shaped * clean, axis=1) / norms > 0.7)  # still about the caption's direction
+    assert np.array_equal(shaped, model.apply(clean, seed=0, step=5))  # a pure function of (seed, step)
+    assert not np.allclose(shaped, model.apply(clean, seed=0, step=6))
+    half = NoiseModel("realistic", 0.5, 0.0).apply(clean, seed=0, step=5)
+    kept = np.all(half == clean, axis=1)
+    assert 16 < kept.sum() < 48  # the rest were replaced
+    assert np.array_equal(NoiseModel("none", 0.0, 0.0).apply(clean, seed=0, step=5), clean)
+    noisy = NoiseModel("none", 0.0, 0.01).apply(clean, seed=0, step=5)
+    assert np.std(noisy - clean) == pytest.approx(0.01, rel=0.05)
+    assert resolve("auto", "video_embed") == "none" and resolve("auto", "encoder") == "realistic"
+    assert resolve("auto", "description_embed") == "realistic"
+    with pytest.raises(ValueError, match="fraction"):
+        NoiseModel("realistic", 1.5, 0.0)
+
+
+def test_every_option_has_help_and_shows_its_default(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    parser = build_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) > 40
+    for action in options:
+        assert action.help and len(action.help) > 10, action.option_strings
+    text = parser.format_help()
+    assert text.count("(default:") == len(options)
+    assert "--reserve-minutes" in text and "kept for writing the checkpoint and the final evaluation" in text
+    assert "SOURCE<TAB>caption" in text
+
+
+def test_time_budget_says_it_keeps_time_for_the_final_evaluation(parquet_dir, tiny_decoder, tmp_path, capsys):
+    report = train_main(tiny_args(parquet_dir, tiny_decoder, tmp_path / "run", "--steps", "100000", "--max-minutes",
+                                  "0.5", "--reserve-minutes", "0.499"))  # 0.06 s of training
+    out = capsys.readouterr().out
+    assert report["stopped_by"] == "time" and report["steps"] < 100
+    assert f"time budget: training stops at step {report['steps']} after" in out
+    assert "the last 0.499 of --max-minutes 0.5 are kept for writing the checkpoint and the final evaluation" in out
+
+
+def test_data_errors_are_one_line_naming_file_column_and_row(parquet_dir, tiny_decoder, tmp_path):
+    change, _ = MALFORMED["wrong width"]
+    bad = _write_variant(tmp_path / "data", parquet_dir / "part-0.parquet", change)
+    cases = {str(tmp_path / "data" / "*.parquet"): [str(bad), "column 'video_embed' row 5: 512 values, expected 1024"],
+             str(tmp_path / "none" / "*.parquet"): [str(tmp_path / "none" / "*.parquet"), "no parquet files found"]}
+    for data, expected in cases.items():
+        args = tiny_args(parquet_dir, tiny_decoder, tmp_path / "run")
+        args[args.index("--data") + 1] = data
+        result = subprocess.run([sys.executable, "-m", "training", *args], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith("python -m training: data error: ") and "Traceback" not in result.stderr
+        assert all(part in lines[0] for part in expected), lines[0]
+
+
+def test_lora_with_gradient_checkpointing_warns_nothing(tiny_decoder):
+    from training.decoder import LoraSettings, load_decoder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model, _ = load_decoder(tiny_decoder, torch.device("cpu"), torch.float32, LoraSettings(rank=4), True, seed=0)
+        model.train()
+        ids = torch.tensor([[5, 17, 99, 4]])
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_log_reader_keeps_the_last_record_of_a_repeated_step(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": loss}) + "\n" for s, loss in
+                           [(1, 3.0), (2, 2.5), (3, 2.4), (2, 2.6), (3, 2.3), (4, 2.0)]))
+    assert [(e["step"], e["loss"]) for e in read_log(log)] == [(1, 3.0), (2, 2.6), (3, 2.3), (4, 2.0)]
+
+
+def test_heldout_evaluation_judges_retrieval_by_every_judge(tiny_checkpoint, tmp_path):
+    """`make evaluate-heldout`'s command on a small split: the retrieval baseline is scored by the second judge too."""
+    from evaluate.cli import main as evaluate_main
+
+    lines = DEFAULT_HELDOUT.read_text().splitlines()
+    (tmp_path / "held.txt").write_text("\n".join(lines[:6]) + "\n")
+    (tmp_path / "train.txt").write_text("\n".join(line.split("\t")[1] for line in lines[6:40]) + "\n")
+    report = evaluate_main(["--checkpoint", str(tiny_checkpoint), "--dataset", str(tmp_path / "held.txt"),
+                            "--norms", "realistic", "--also-judge", SECOND_JUDGE, "--baseline-train",
+                            str(tmp_path / "train.txt"), "--quiet", "--out", str(tmp_path), "--name", "held"])
+    assert report["dataset"] == "held.txt (realistic norms)" and report["rows"] == 6
+    second = report["other_judges_retrieval_baseline"][SECOND_JUDGE]
+    assert second == pytest.approx(report["retrieval_baseline"], abs=2e-4)
+    assert report["other_judges"][SECOND_JUDGE] == pytest.approx(report["mean_similarity"], abs=2e-4)
+    assert f"nearest-training-caption baseline, judge {SECOND_JUDGE}" in (tmp_path / "held.md").read_text()

@@ -8,7 +8,9 @@ error naming the file, the column and the row.
 
 Captions (today's default recipe): a captions file, or ``wordnet`` for the WordNet corpus of
 `embcap.corpus`; the conditioning vectors are `embcap.text_encoder.encode_captions` of
-each caption, computed per batch.
+each caption, computed per batch. A captions file is UTF-8 text with one caption per line,
+or ``SOURCE<TAB>caption`` (SOURCE tags the row, e.g. ``scene``; scores are reported per tag);
+blank lines and lines starting with ``#`` are skipped (`evaluate.datasets.read_caption_lines`).
 
 Longer than 250 lines: the parquet checks (every file, column and row named in the errors)
 and the caption-embedding path yield the same Examples, so they live together.
@@ -32,11 +34,17 @@ CONDITIONING_COLUMNS = ("video_embed", "description_embed")
 DEFAULT_CONDITIONING = "video_embed"
 ENCODER = "encoder"  # conditioning by the project's text encoder (captions data)
 WORDNET = "wordnet"
+CORPUS_SPLIT = "corpus split"  # DataSet.split of the WordNet corpus, whose held-out rows are evaluate's heldout.txt
 NORM_TOLERANCE = 1e-3
+CAPTIONS_FORMAT = ("a captions file: UTF-8 text, one caption per line, or 'SOURCE<TAB>caption' (SOURCE is a tag such "
+                   "as scene or sentence, reported per tag); blank lines and lines starting with # are skipped")
 
 
 class DataError(ValueError):
-    """Training data that cannot be used; the message names the file, column and row."""
+    """Training data that cannot be used; the message, one line, names the file, column and row."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
 
 
 @dataclass
@@ -198,12 +206,26 @@ def split(examples: Examples, heldout_size: int, seed: int) -> tuple[Examples, E
             examples.subset(sorted(held_set)), how)
 
 
-def captions_examples(captions: list[str], sources: list[str]) -> Examples:
-    """Captions conditioned on the project's encoder (encoded per batch)."""
+def captions_examples(captions: list[str], sources: list[str], name: str = "captions") -> Examples:
+    """Captions conditioned on the project's encoder (encoded per batch); `name` is the file, for errors."""
+    if not captions:
+        raise DataError(f"{name}: no captions")
     for row, text in enumerate(captions):
         if not text.strip():
-            raise DataError(f"captions row {row}: empty caption")
+            raise DataError(f"{name}: caption number {row + 1}: empty caption")
     return Examples(texts=list(captions), embeddings=None, sources=list(sources))
+
+
+def read_captions_file(path: str | Path) -> tuple[list[str], list[str]]:
+    """(captions, sources) of a captions file; DataError when it is missing or unreadable."""
+    from evaluate.datasets import read_caption_lines
+
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such captions file (nor parquet files)")
+    try:
+        return read_caption_lines(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc})") from exc
 
 
 def load_data(spec: str, *, conditioning: str, heldout: str | None, heldout_size: int, seed: int,
@@ -211,11 +233,12 @@ def load_data(spec: str, *, conditioning: str, heldout: str | None, heldout_size
     """Read `spec` (parquet glob/folder, a captions file or "wordnet") and split it, checking everything first."""
     if is_parquet(spec):
         files = expand(spec)
-        data = read_parquet(files, conditioning, max_norm=1.0 if conditioning == "video_embed" else None)
+        max_norm = 1.0 if conditioning == DEFAULT_CONDITIONING else None
+        data = read_parquet(files, conditioning, max_norm=max_norm)
         names = [str(f) for f in files]
         if heldout:
             held_files = expand(heldout)
-            held = read_parquet(held_files, conditioning)
+            held = read_parquet(held_files, conditioning, max_norm=max_norm)
             names += [str(f) for f in held_files]
             return DataSet(data, held, names, conditioning, f"separate files ({heldout})")
         train, held, how = split(data, heldout_size, seed)
@@ -235,17 +258,12 @@ def load_data(spec: str, *, conditioning: str, heldout: str | None, heldout_size
         held = read_captions(held_path)
         return DataSet(captions_examples([c.text for c in train], [c.source for c in train]),
                        captions_examples([c.text for c in held], [c.source for c in held]),
-                       [f"WordNet corpus (embcap/corpus.py, seed {seed})"], ENCODER, "corpus split")
-    from evaluate.datasets import read_caption_lines
-
-    path = Path(spec)
-    if not path.is_file():
-        raise DataError(f"{spec}: no such captions file (nor parquet files)")
-    captions, sources = read_caption_lines(path)
-    data = captions_examples(captions, sources)
+                       [f"WordNet corpus (embcap/corpus.py, seed {seed})"], ENCODER, CORPUS_SPLIT)
+    captions, sources = read_captions_file(spec)
+    data = captions_examples(captions, sources, spec)
     if heldout:
-        held_captions, held_sources = read_caption_lines(heldout)
-        return DataSet(data, captions_examples(held_captions, held_sources), [spec, heldout], ENCODER,
+        held_captions, held_sources = read_captions_file(heldout)
+        return DataSet(data, captions_examples(held_captions, held_sources, heldout), [spec, heldout], ENCODER,
                        f"separate file ({heldout})")
     train, held, how = split(data, heldout_size, seed)
     return DataSet(train, held, [spec], ENCODER, how)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,12 @@ def add_lora(model, settings: LoraSettings, seed: int):
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = get_peft_model(model, config).get_base_model()
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing` alias, whose FutureWarning is
+            # about peft's code, not ours; checkpointing itself goes through `set_checkpointing`.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            model = get_peft_model(model, config).get_base_model()
     finally:
         torch.random.set_rng_state(state)
     if not any(p.requires_grad for p in model.parameters()):

@@ -3,7 +3,8 @@
     python -m training.to_parquet --captions wordnet --out data/wordnet   # train.parquet + heldout.parquet
     python -m training.to_parquet --captions my_captions.txt --out data/mine
 
-Each row: ``video_embed`` = `embcap.text_encoder.encode_captions(description)` scaled to
+A captions file is UTF-8 text, one caption per line, or ``SOURCE<TAB>caption`` (SOURCE tags the row,
+e.g. ``scene``); blank lines and lines starting with ``#`` are skipped. Each row: ``video_embed`` = `embcap.text_encoder.encode_captions(description)` scaled to
 `--norm` (the evaluator's video embeddings have norms of about 0.5-0.9), ``description`` and a
 ``video_id``. The WordNet corpus keeps its own held-out split (``heldout.parquet``).
 """
@@ -11,11 +12,13 @@ Each row: ``video_embed`` = `embcap.text_encoder.encode_captions(description)` s
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from training.data import WORDNET, Examples, write_parquet
+from training.data import (CAPTIONS_FORMAT, WORDNET, DataError, Examples, captions_examples, read_captions_file,
+                           write_parquet)
 
 
 def to_examples(captions: list[str], norm: float, prefix: str) -> Examples:
@@ -27,13 +30,14 @@ def to_examples(captions: list[str], norm: float, prefix: str) -> Examples:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(prog="python -m training.to_parquet", description=__doc__.split("\n")[0])
-    parser.add_argument("--captions", default=WORDNET, help="a captions file, or 'wordnet' (the default corpus)")
+    parser = argparse.ArgumentParser(prog="python -m training.to_parquet", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--captions", default=WORDNET, help=f"{CAPTIONS_FORMAT}; or 'wordnet' (the default corpus)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the parquet files")
     parser.add_argument("--norm", type=float, default=1.0, help="row norm of video_embed (at most 1)")
     parser.add_argument("--max-train", type=int, default=80000, help="training captions of the wordnet corpus")
     parser.add_argument("--heldout-size", type=int, default=1000, help="held-out captions of the wordnet corpus")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the wordnet corpus and its split")
     args = parser.parse_args(argv)
     if not 0 < args.norm <= 1:
         parser.error("--norm must be in (0, 1]")
@@ -46,9 +50,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
             examples = to_examples([c.text for c in part], args.norm, name)
             written.append(write_parquet(args.out / f"{name}.parquet", examples))
     else:
-        from evaluate.datasets import read_caption_lines
-
-        captions, _ = read_caption_lines(args.captions)
+        captions, sources = read_captions_file(args.captions)
+        captions_examples(captions, sources, args.captions)  # the same checks as training's
         written.append(write_parquet(args.out / f"{Path(args.captions).stem}.parquet",
                                      to_examples(captions, args.norm, Path(args.captions).stem)))
     for path in written:
@@ -57,4 +60,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as error:
+        print(f"python -m training.to_parquet: data error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -24,7 +24,9 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -32,27 +34,31 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from embcap.checkpoint import CaptionModelSpec, DecoderSource, GenerationSettings, PromptTemplate, save_spec
+from embcap.checkpoint import (INPUT_NORMS, CaptionModelSpec, DecoderSource, GenerationSettings, PromptTemplate,
+                               save_spec)
 from embcap.engines import DEFAULT_ENGINE, ENGINES
 from embcap.generation import CaptionGenerator
 from embcap.projector import Projector, save_projector, seeded_projector
+from evaluate.datasets import NORMS, cached_encoding, shape_inputs
 from training import decoder as decoders
-from training.data import ENCODER, WORDNET, DataSet, is_parquet, load_data, write_parquet
-from training.scoring import Score, load_judge, score_checkpoint, score_model
+from training.augment import AUGMENTS, VIDEO_CONDITIONING, NoiseModel, resolve
+from training.data import CAPTIONS_FORMAT, ENCODER, WORDNET, DataSet, is_parquet, load_data, write_parquet
+from training.record import CARD_FILE, LOG_FILE, PLOT_FILE, RECORD_FILE, model_card, print_summary, write_plot
+from training.scoring import AUTO_JUDGE, Retrieval, Score, load_judges, score_checkpoint, score_model
 
 DEFAULT_TEMPLATE = "Video:\n{prefix}\nCaption:"
 STATE_FILE = "state.pt"
-RECORD_FILE = "training.json"
-CARD_FILE = "MODEL_CARD.md"
+AS_IS, REALISTIC = NORMS
 # Settings a resumed run must share with the run it continues.
 IDENTITY = ("data", "heldout", "condition", "decoder", "lora", "lora_rank", "lora_alpha", "lora_modules",
-            "prefix_length", "template", "batch_size", "grad_accum", "seed", "max_caption_tokens", "steps")
+            "prefix_length", "template", "batch_size", "grad_accum", "seed", "max_caption_tokens", "steps",
+            "augment", "augment_fraction", "noise_std", "input_norm")
 
 
 def make_spec(args: argparse.Namespace, decoder: DecoderSource, stop_tokens: tuple[str, ...] = ()) -> CaptionModelSpec:
     """The caption_model.json of the trained model (greedy, deterministic decoding)."""
     return CaptionModelSpec(
-        name=args.name, prefix_length=args.prefix_length, decoder=decoder,
+        name=args.name, prefix_length=args.prefix_length, decoder=decoder, input_norm=args.input_norm,
         prompt=PromptTemplate(template=args.template),
         generation=GenerationSettings(max_new_tokens=args.max_new_tokens, min_new_tokens=1, stop_tokens=stop_tokens),
     )
@@ -82,14 +88,6 @@ def batch_loss(generator: CaptionGenerator, projector: Projector, embeddings: to
     out = generator.model(inputs_embeds=torch.cat([prompt, token_embeds], dim=1), attention_mask=mask.to(device),
                           labels=labels.to(device))
     return out.loss
-
-
-def noisy(embeddings: np.ndarray, std: float, generator: torch.Generator) -> torch.Tensor:
-    """Add N(0, std^2) per dimension (CapDec noise) to the conditioning embeddings."""
-    tensor = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
-    if std > 0:
-        tensor = tensor + std * torch.randn(tensor.shape, generator=generator)
-    return tensor
 
 
 def learning_rate(step: int, total: int, peak: float, warmup: int, time_fraction: float = 0.0) -> float:
@@ -123,71 +121,124 @@ def set_threads(setting: str) -> int:
     return threads
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default; an option without a value by default says in its help what happens then."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None and "(default: " in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The trainer's options; every one has help text, and --help shows its default."""
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=WORDNET,
-                      help="parquet files in the evaluator's layout (a glob, file or folder), a captions file, "
-                           "or 'wordnet' (the default model's corpus)")
-    data.add_argument("--heldout", default=None, help="held-out files of the same kind (else a split of --data)")
+                      help="parquet files in the evaluator's layout (a glob, file or folder), "
+                           f"{CAPTIONS_FORMAT}, or 'wordnet' (the default model's corpus)")
+    data.add_argument("--heldout", default=None,
+                      help="held-out files of the same kind (default: none, --heldout-size rows split off --data)")
     data.add_argument("--heldout-size", type=int, default=1000,
                       help="rows held out of --data (whole videos when there is a video_id column)")
     data.add_argument("--condition", default=None,
-                      help="conditioning column of the parquet data: video_embed (default), description_embed "
-                           "(CapDec-style, with --noise-std), ...; 'encoder' for captions data")
-    data.add_argument("--noise-std", type=float, default=0.01, help="per-dimension std of N(0, s^2) noise")
+                      help="conditioning column of the parquet data: video_embed, description_embed (text "
+                           "embeddings, CapDec-style), ...; 'encoder' for captions data (default: video_embed for "
+                           "parquet, encoder otherwise)")
     data.add_argument("--max-caption-tokens", type=int, default=32, help="descriptions are cut to this many tokens")
     data.add_argument("--max-train", type=int, default=80000, help="training captions of the wordnet corpus")
+    inputs = parser.add_argument_group("inputs: the noise model and the projector's normalisation")
+    inputs.add_argument("--augment", choices=AUGMENTS, default="auto",
+                        help="'realistic': replace rows by evaluator-shaped clip means around them "
+                             "(embcap.inputs: mean of 15 unit clips, norm mostly 0.5-0.9); 'auto': realistic for "
+                             f"text-embedding conditioning, none for {VIDEO_CONDITIONING}")
+    inputs.add_argument("--augment-fraction", type=float, default=0.75,
+                        help="share of each batch's rows that --augment realistic replaces (the rest stay clean)")
+    inputs.add_argument("--noise-std", type=float, default=0.0,
+                        help="per-dimension std of N(0, s^2) noise added after the augmentation (CapDec-style; 0: "
+                             "none)")
+    inputs.add_argument("--input-norm", choices=INPUT_NORMS, default="unit",
+                        help="the checkpoint's input normalisation: 'unit' scales every embedding to length 1 "
+                             "before the projector, in training, PyTorch serving and the ONNX/TensorRT export alike")
     model = parser.add_argument_group("model")
     model.add_argument("--decoder", default=decoders.DEFAULT_DECODER,
                        help="a Hugging Face Llama-family folder, or gguf:PACKAGE:FILE")
     model.add_argument("--lora", action="store_true", help="train a LoRA adapter on the decoder too (peft)")
-    model.add_argument("--lora-rank", type=int, default=16)
-    model.add_argument("--lora-alpha", type=int, default=32)
-    model.add_argument("--lora-dropout", type=float, default=0.0)
+    model.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r")
+    model.add_argument("--lora-alpha", type=int, default=32, help="LoRA scale alpha (the update is alpha/r * BA)")
+    model.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
     model.add_argument("--lora-modules", default=",".join(decoders.DEFAULT_LORA_MODULES),
                        help="comma-separated Linear names inside each block (q_proj,...,gate_proj,up_proj,down_proj)")
-    model.add_argument("--prefix-length", type=int, default=4)
+    model.add_argument("--prefix-length", type=int, default=4, help="prefix vectors P the projector makes")
     model.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt, {prefix} marks the prefix vectors")
     model.add_argument("--max-new-tokens", type=int, default=32, help="generation limit in caption_model.json")
     model.add_argument("--name", default=None, help="the checkpoint's name (default: from decoder and data)")
     model.add_argument("--device", default="auto", help="auto (CUDA in bfloat16 when present, else CPU float32), "
                                                         "cpu or cuda[:N]")
-    model.add_argument("--gradient-checkpointing", action="store_true", help="for large decoders")
+    model.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute activations in the backward pass: less memory, slower (large decoders)")
     train = parser.add_argument_group("optimisation")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--steps", type=int, default=4000)
+    train.add_argument("--seed", type=int, default=0, help="seeds the data order, initialisation, noise and split")
+    train.add_argument("--steps", type=int, default=4000, help="optimiser steps the schedule spans")
     train.add_argument("--batch-size", type=int, default=16, help="rows per micro-batch")
     train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     train.add_argument("--lr", type=float, default=2e-3, help="projector's peak learning rate")
     train.add_argument("--lora-lr", type=float, default=2e-4, help="adapter's peak learning rate")
-    train.add_argument("--warmup", type=int, default=50)
-    train.add_argument("--stop-at", type=int, default=None, help="stop at this step (schedule still spans --steps)")
+    train.add_argument("--warmup", type=int, default=50, help="linear warm-up steps before the cosine decay")
+    train.add_argument("--stop-at", type=int, default=None,
+                       help="stop at this step, the schedule still spanning --steps (default: none, run to --steps)")
     train.add_argument("--max-minutes", type=float, default=None,
-                       help="stop (and write) once the run's total wall time, resumes included, passes this")
+                       help="wall-time budget of the whole run, resumes included: training stops once only "
+                            "--reserve-minutes of it are left, and the cosine decay follows the time (default: none, "
+                            "no budget)")
+    train.add_argument("--reserve-minutes", type=float, default=2.0,
+                       help="minutes of --max-minutes kept for writing the checkpoint and the final evaluation")
     train.add_argument("--threads", default="auto",
                        help="torch threads, or 'auto': all cores when the machine is idle, 1 when it is busy")
     run = parser.add_argument_group("run, evaluation and output")
-    run.add_argument("--run-dir", type=Path, default=Path(".cache/train_run"), help="state, log, held-out split")
+    run.add_argument("--run-dir", type=Path, default=Path(".cache/train_run"),
+                     help="state, log, held-out split (re-run with the same folder to resume)")
     run.add_argument("--out", "--export", dest="out", type=Path, default=None,
                      help="checkpoint folder to write (default: RUN_DIR/checkpoint)")
     run.add_argument("--save-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                      help="dtype of a decoder written into the checkpoint")
-    run.add_argument("--save-every", type=int, default=50)
-    run.add_argument("--eval-every", type=int, default=300)
+    run.add_argument("--save-every", type=int, default=50, help="steps between resume states")
+    run.add_argument("--eval-every", type=int, default=300, help="steps between held-out scores (0: none)")
     run.add_argument("--eval-samples", type=int, default=32, help="held-out rows scored during training")
+    run.add_argument("--eval-norms", choices=("auto", *NORMS), default="auto",
+                     help="inputs of the held-out scores: 'realistic' (evaluator-shaped clip means around each "
+                          f"row), 'as-is'; 'auto': as-is for {VIDEO_CONDITIONING}, realistic otherwise. The final "
+                          "evaluation scores as-is inputs too")
     run.add_argument("--final-eval-samples", type=int, default=128, help="held-out rows scored at the end (0: none)")
     run.add_argument("--judge", default="minilm", help="any judge python -m evaluate accepts (minilm, mpnet, "
                                                        "a sentence-transformers folder, module:function)")
+    run.add_argument("--also-judge", default=AUTO_JUDGE,
+                     help="a second judge scored beside --judge: 'auto' (all-mpnet-base-v2 when python -m "
+                          "evaluate.mpnet has assembled it), 'none', or any --judge value")
     run.add_argument("--eval-engine", default="auto", choices=("auto", *ENGINES),
                      help="decoding engine for scores during training (auto: the serving default, hf with LoRA, "
                           "whose adapter the continuous engine's fused weights do not carry)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the options; fill in the ones that depend on others."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.condition is None:
         args.condition = "video_embed" if is_parquet(args.data) else ENCODER
     if args.grad_accum < 1 or args.batch_size < 1:
         parser.error("--batch-size and --grad-accum must be at least 1")
+    if not 0.0 <= args.augment_fraction <= 1.0:
+        parser.error("--augment-fraction must be between 0 and 1")
+    if args.noise_std < 0:
+        parser.error("--noise-std must be at least 0")
+    if args.max_minutes is not None and not 0 <= args.reserve_minutes < args.max_minutes:
+        parser.error("--reserve-minutes must be at least 0 and below --max-minutes")
+    args.augment = resolve(args.augment, args.condition)
+    if args.eval_norms == "auto":
+        args.eval_norms = AS_IS if args.condition == VIDEO_CONDITIONING else REALISTIC
     args.out = args.out or args.run_dir / "checkpoint"
     return args
 
@@ -204,6 +255,11 @@ def sample_rows(count: int, limit: int, seed: int) -> list[int]:
     if limit >= count:
         return list(range(count))
     return sorted(random.Random(seed).sample(range(count), limit))
+
+
+def training_seconds(args: argparse.Namespace) -> float:
+    """Seconds of --max-minutes that training may use: the rest is reserved for the checkpoint and final scores."""
+    return (args.max_minutes - args.reserve_minutes) * 60
 
 
 class Run:
@@ -230,7 +286,9 @@ class Run:
         self.model = model.train()
         self.end_id = self.generator.stop_ids[0] if self.tokenizer.eos_token_id is None else self.tokenizer.eos_token_id
         self.projector = seeded_projector(self.spec.embedding_dim, self.generator.hidden_size,
-                                          self.spec.prefix_length, args.seed).to(self.device)
+                                          self.spec.prefix_length, args.seed, args.input_norm).to(self.device)
+        self.noise = NoiseModel(args.augment, args.augment_fraction if args.augment != "none" else 0.0,
+                                args.noise_std)
         groups = [{"params": list(self.projector.parameters()), "lr": args.lr, "peak": args.lr}]
         adapter = [p for p in self.model.parameters() if p.requires_grad]
         if adapter:
@@ -241,9 +299,23 @@ class Run:
         self.order = list(range(len(self.data.train)))
         random.Random(args.seed).shuffle(self.order)
         held = self.data.heldout
-        self.eval_rows = sample_rows(len(held), args.eval_samples, args.seed)
-        self.eval_embeddings = held.embed(self.eval_rows) if self.eval_rows else None
-        self.judge_name, self.judge = load_judge(args.judge) if len(held) else (args.judge, None)
+        self.eval_rows = sample_rows(len(held), args.eval_samples, args.seed) if args.eval_every else []
+        self.eval_embeddings = (shape_inputs(held.embed(self.eval_rows), args.eval_norms, args.seed)
+                                if self.eval_rows else None)
+        scoring = len(held) and (self.eval_rows or args.final_eval_samples)
+        self.judges = load_judges(args.judge, args.also_judge) if scoring else {}
+        self.retrieval = self.retrieval_keys() if scoring else None
+        self.eval_retrieval = (self.retrieval.scores(self.judges, self.eval_embeddings, self.eval_references())
+                               if self.eval_rows else {})
+
+    def retrieval_keys(self) -> Retrieval:
+        """The training captions and their conditioning vectors, for the nearest-caption baseline."""
+        train = self.data.train
+        keys = train.embeddings if train.embeddings is not None else cached_encoding(train.texts)
+        return Retrieval(train.texts, np.asarray(keys, dtype=np.float32))
+
+    def eval_references(self) -> list[str]:
+        return [self.data.heldout.texts[i] for i in self.eval_rows]
 
     @property
     def state_path(self) -> Path:
@@ -285,28 +357,29 @@ class Run:
         return "hf" if self.lora else DEFAULT_ENGINE
 
     def score(self) -> Score:
-        """Held-out score of the model as it is now, through a serving engine."""
-        refs = [self.data.heldout.texts[i] for i in self.eval_rows]
+        """Held-out score of the model as it is now, through a serving engine, beside retrieval on the same rows."""
         try:
-            return score_model(self.generator, self.projector, self.eval_embeddings, refs, self.judge,
-                               self.eval_engine())
+            score = score_model(self.generator, self.projector, self.eval_embeddings, self.eval_references(),
+                                self.judges, self.eval_engine())
         finally:
             self.model.train()
+        score.retrieval = self.eval_retrieval
+        return score
 
     def train_step(self) -> float:
         """One optimiser step over `grad_accum` micro-batches; returns the mean loss."""
         args = self.args
         rows = step_rows(self.step, self.order, args.batch_size * args.grad_accum)
-        noise_rng = torch.Generator().manual_seed(args.seed * 1_000_003 + self.step)
+        inputs = torch.from_numpy(self.noise.apply(self.data.train.embed(rows), args.seed, self.step))
         torch.manual_seed(args.seed * 7919 + self.step)  # adapter dropout, if any
-        time_fraction = self.elapsed() / (args.max_minutes * 60) if args.max_minutes else 0.0
+        time_fraction = self.elapsed() / training_seconds(args) if args.max_minutes else 0.0
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, args.steps, group["peak"], args.warmup, time_fraction)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for start in range(0, len(rows), args.batch_size):
             chunk = rows[start:start + args.batch_size]
-            embeddings = noisy(self.data.train.embed(chunk), args.noise_std, noise_rng)
+            embeddings = inputs[start:start + args.batch_size]
             targets = caption_ids(self.tokenizer, [self.data.train.texts[i] for i in chunk], self.end_id,
                                   args.max_caption_tokens)
             loss = batch_loss(self.generator, self.projector, embeddings, targets) / args.grad_accum
@@ -347,37 +420,9 @@ def write_checkpoint(run: Run, out: Path) -> Path:
     return out
 
 
-def model_card(record: dict) -> str:
-    """MODEL_CARD.md of a trained checkpoint: what it is, the data, the run and its scores."""
-    scores = record["scores"]
-    lines = [f"# `{record['name']}`", "", "Written by `python -m training`; the same record is in `training.json`.", "",
-             "## Model",
-             f"- Decoder: `{record['decoder']}`" + (f", LoRA (rank {record['lora']['rank']}, alpha "
-                                                     f"{record['lora']['alpha']}, on {', '.join(record['lora']['modules'])}) "
-                                                     "merged into its weights" if record["lora"] else ", frozen"),
-             f"- Projector: 1024 -> {record['prefix_length']} prefix vectors; prompt `{record['template']!r}`",
-             "", "## Data",
-             f"- Files: {', '.join(f'`{f}`' for f in record['data']['files'])}",
-             f"- Conditioning: `{record['data']['conditioning']}` (+ N(0, {record['noise_std']}^2) noise); target: "
-             f"`description`, cut to {record['max_caption_tokens']} tokens",
-             f"- Rows: {record['data']['train_rows']} training, {record['data']['heldout_rows']} held out "
-             f"({record['data']['split']})",
-             "", "## Training",
-             f"- {record['steps']} steps of {record['examples_per_step']} rows ({record['examples_seen']} seen), "
-             f"seed {record['seed']}, {record['device']} {record['dtype']}, {record['train_minutes']} min",
-             f"- Final training loss {record['final_loss']}",
-             "", f"## Held-out scores (judge {record['judge']})", "", "| step | rows | engine | score |", "|---|---|---|---|"]
-    for entry in scores["history"]:
-        lines.append(f"| {entry['step']} | {entry['rows']} | {entry['engine']} | {entry['score']:.4f} |")
-    if scores.get("final"):
-        final = scores["final"]
-        lines.append(f"| **final, this checkpoint** | {final['rows']} | {final['engine']} | **{final['score']:.4f}** |")
-        lines += ["", "Examples (reference -> generated):"]
-        lines += [f"- {ref!r} -> {gen!r}" for ref, gen in final["examples"]]
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> dict:
+    """Train, write the checkpoint, score it and record how it was made; returns the training record."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     set_threads(args.threads)
     args.run_dir.mkdir(parents=True, exist_ok=True)
@@ -386,15 +431,23 @@ def main(argv: list[str] | None = None) -> dict:
     data = run.data
     print(f"data: {len(data.train)} training rows, {len(data.heldout)} held out ({data.split}); conditioning "
           f"{data.conditioning}; decoder {args.decoder} on {run.device} ({run.dtype}); "
-          f"{'LoRA ' + args.lora_modules if run.lora else 'frozen decoder'}")
-    log_path = args.run_dir / "log.jsonl"
-    smoothed = None
+          f"{'LoRA ' + args.lora_modules if run.lora else 'frozen decoder'}; inputs: {run.noise.describe()} "
+          f"Input norm: {args.input_norm}; held-out scores on {args.eval_norms} inputs, judges "
+          f"{', '.join(run.judges) or '-'}")
+    if run.eval_retrieval:
+        print("nearest training caption on the held-out score rows: "
+              + ", ".join(f"{name} {value:.3f}" for name, value in run.eval_retrieval.items()))
+    log_path = args.run_dir / LOG_FILE
+    smoothed, stopped_by = None, "steps"
     stop = min(args.steps, args.stop_at or args.steps)
     bar = tqdm(total=args.steps, initial=run.step, desc="train", dynamic_ncols=True)
     with log_path.open("a") as log:
         while run.step < stop:
-            if args.max_minutes and run.elapsed() > args.max_minutes * 60 - 90:
-                tqdm.write(f"time budget of {args.max_minutes} min reached at step {run.step}")
+            if args.max_minutes and run.elapsed() > training_seconds(args):
+                stopped_by = "time"
+                tqdm.write(f"time budget: training stops at step {run.step} after {run.elapsed() / 60:.1f} min; "
+                           f"the last {args.reserve_minutes:g} of --max-minutes {args.max_minutes:g} are kept for "
+                           "writing the checkpoint and the final evaluation")
                 break
             if run.step % 10 == 0:
                 set_threads(args.threads)
@@ -407,11 +460,12 @@ def main(argv: list[str] | None = None) -> dict:
             if args.eval_every and run.step % args.eval_every == 0 and run.eval_rows:
                 score = run.score()
                 record["heldout_score"] = round(score.mean, 4)
-                run.history.append({"step": run.step, "score": score.mean, "rows": score.rows,
-                                    "engine": score.engine, "loss": smoothed})
+                run.history.append({"step": run.step, "loss": smoothed, "inputs": args.eval_norms, **score.record()})
                 ref, gen = score.examples[0]
-                tqdm.write(f"step {run.step}: loss {smoothed:.3f}, held-out {run.judge_name} {score.mean:.3f} "
-                           f"(n={score.rows}, {score.engine}); e.g. {ref!r} -> {gen!r}")
+                tqdm.write(f"step {run.step}: loss {smoothed:.3f}, held-out ({args.eval_norms} inputs, "
+                           f"n={score.rows}, {score.engine}) "
+                           + ", ".join(f"{name} {value:.3f}" for name, value in score.means.items())
+                           + f"; e.g. {ref!r} -> {gen!r}")
             log.write(json.dumps(record) + "\n")
             log.flush()
             if run.step % args.save_every == 0:
@@ -424,55 +478,59 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.copyfile(args.run_dir / "heldout.txt", out / "heldout.txt")  # evaluate's built-in split
     elif len(data.heldout) and data.heldout.embeddings is not None:
         write_parquet(args.run_dir / "heldout.parquet", data.heldout, data.conditioning)
-    final = None
-    if args.final_eval_samples and len(data.heldout):
-        del run.generator, run.model
-        if run.device.type == "cuda":
-            torch.cuda.empty_cache()
-        rows = sample_rows(len(data.heldout), args.final_eval_samples, args.seed + 1)
-        final = score_checkpoint(out, data.heldout.embed(rows), [data.heldout.texts[i] for i in rows], run.judge,
-                                 str(run.device), run.dtype)
-    record = training_record(run, smoothed, train_minutes, final)
+    final = final_scores(run, out) if args.final_eval_samples and len(data.heldout) else {}
+    record = training_record(run, smoothed, train_minutes, final, stopped_by, argv)
     (out / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_plot(args.run_dir / LOG_FILE, record, out / PLOT_FILE)
     (out / CARD_FILE).write_text(model_card(record))
     (args.run_dir / "report.json").write_text(json.dumps(record, indent=2) + "\n")
     print_summary(record, out)
     return record
 
 
-def training_record(run: Run, final_loss: float | None, train_minutes: float, final: Score | None) -> dict:
-    """How the checkpoint was made: data files, columns, steps, scores (training.json and the model card)."""
+def final_shapes(args: argparse.Namespace) -> list[str]:
+    """Input shapes of the final evaluation: the held-out scores' shape, then as-is inputs if that differs."""
+    return [args.eval_norms] + ([AS_IS] if args.eval_norms != AS_IS else [])
+
+
+def final_scores(run: Run, out: Path) -> dict[str, Score]:
+    """The written checkpoint, loaded as the server loads it, on `--final-eval-samples` held-out rows in each input
+    shape, with the retrieval baseline on the same inputs."""
+    args, held = run.args, run.data.heldout
+    del run.generator, run.model
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+    rows = sample_rows(len(held), args.final_eval_samples, args.seed + 1)
+    clean, references = held.embed(rows), [held.texts[i] for i in rows]
+    inputs = {shape: shape_inputs(clean, shape, args.seed) for shape in final_shapes(args)}
+    scores = score_checkpoint(out, inputs, references, run.judges, str(run.device), run.dtype)
+    for shape, score in scores.items():
+        score.retrieval = run.retrieval.scores(run.judges, inputs[shape], references)
+    return scores
+
+
+def training_record(run: Run, final_loss: float | None, train_minutes: float, final: dict[str, Score],
+                    stopped_by: str, argv: list[str]) -> dict:
+    """How the checkpoint was made: data files, columns, inputs, steps, scores (training.json and the model card)."""
     args, data = run.args, run.data
     return {
-        "name": run.spec.name, "decoder": args.decoder, "prefix_length": args.prefix_length, "template": args.template,
+        "name": run.spec.name, "command": shlex.join(["python", "-m", "training", *argv]).replace(f"{Path.cwd()}/", ""),
+        "decoder": args.decoder, "prefix_length": args.prefix_length, "template": args.template,
+        "max_new_tokens": args.max_new_tokens,
         "lora": None if run.lora is None else {"rank": run.lora.rank, "alpha": run.lora.alpha,
                                                  "dropout": run.lora.dropout, "modules": list(run.lora.modules)},
         "data": {"files": data.files, "conditioning": data.conditioning, "target": "description",
                  "train_rows": len(data.train), "heldout_rows": len(data.heldout), "split": data.split},
-        "noise_std": args.noise_std, "max_caption_tokens": args.max_caption_tokens,
-        "steps": run.step, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+        "input_norm": args.input_norm, "noise_model": run.noise.record(), "max_caption_tokens": args.max_caption_tokens,
+        "steps": run.step, "stopped_by": stopped_by, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
         "examples_per_step": args.batch_size * args.grad_accum, "examples_seen": run.step * args.batch_size
         * args.grad_accum, "lr": args.lr, "lora_lr": args.lora_lr if run.lora else None, "warmup": args.warmup,
         "seed": args.seed, "device": str(run.device), "dtype": str(run.dtype).removeprefix("torch."),
         "gradient_checkpointing": args.gradient_checkpointing, "train_minutes": train_minutes,
-        "final_loss": None if final_loss is None else round(final_loss, 4), "judge": run.judge_name,
-        "scores": {"history": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()}
+        "total_minutes": round(run.elapsed() / 60, 1),
+        "final_loss": None if final_loss is None else round(final_loss, 4), "judges": list(run.judges),
+        "scores": {"eval_inputs": args.eval_norms,
+                   "history": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()}
                                for h in run.history],
-                   "final": None if final is None else {"score": round(final.mean, 4), "rows": final.rows,
-                                                        "engine": final.engine, "examples": final.examples}},
+                   "final": {shape: score.record() for shape, score in final.items()}},
     }
-
-
-def print_summary(record: dict, out: Path) -> None:
-    """The final summary on stdout."""
-    final = record["scores"]["final"]
-    print("\n== training summary ==")
-    rows = [("checkpoint", out), ("steps", record["steps"]), ("examples seen", record["examples_seen"]),
-            ("train minutes", record["train_minutes"]), ("final loss", record["final_loss"]),
-            ("held-out score", "-" if final is None else f"{final['score']:.4f} ({record['judge']}, "
-                                                         f"{final['rows']} rows, {final['engine']} engine)")]
-    for key, value in rows:
-        print(f"{key:>16}: {value}")
-    for ref, gen in (final or {}).get("examples", [])[:3]:
-        print(f"  ref: {ref}\n  gen: {gen}")
-    print(f"serve it: make serve CHECKPOINT={out}")

@@ -24,8 +24,8 @@ deadline for a 504, when the rows ahead of it (decoding and queued) cannot be an
 the request deadline at the rate the engine has measured (rows answered per second of busy
 loop), or when the backlog already holds `max_queued_rows`.
 
-Longer than 250 lines on purpose: admission, the step, failures and answers share the loop's
-state and must change together.
+Longer than 250 lines on purpose: admission, the step, cancellation and the failure paths all
+act on the loop thread's own state, and together they must answer every job exactly once.
 """
 
 from __future__ import annotations

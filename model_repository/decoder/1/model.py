@@ -32,6 +32,9 @@ from embcap.contract import CANDIDATES, CAPTION, PREFIX, Param, engine_failure_f
 # Rows answered, per model instance: how Triton spreads the work over instances and GPUs (export --gpus).
 ROWS_COUNTER = ("embcap_decoded_rows_total", "Caption rows answered, by model instance and device")
 EXIT_GRACE_S = 1.0  # time for the last error responses to leave before the stub exits
+# A seam for the restart test (tests/test_engine_restart.py): after this many decode steps every step raises,
+# as every step does after a sticky CUDA error, which cannot be caused on a CPU. Unset in production.
+FAULT_AFTER_STEPS_ENV = "EMBCAP_FAULT_AFTER_STEPS"
 
 
 class _Metrics:
@@ -71,6 +74,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
         self.model_name = args.get("model_name", "decoder")
         torch.set_num_threads(int(params[Param.THREADS]))
+        torch.set_num_interop_threads(1)  # threads count against the evaluator's pids limit
         checkpoint = load_checkpoint(params[Param.CHECKPOINT_DIR])
         torch.manual_seed(checkpoint.spec.generation.seed)  # the hf engine's sampling with one candidate
         choice = resolve_decoder_device(params[Param.DEVICE], checkpoint.spec.on_unusable_gpu,
@@ -111,6 +115,8 @@ class TritonPythonModel:
                     "on_failure": self._engine_failed} if engine == "continuous" else {}
         self.engine = create_engine(engine, generator, slots=int(config["max_batch_size"]),
                                     candidates=self.candidates, **settings)
+        if os.environ.get(FAULT_AFTER_STEPS_ENV) and engine == "continuous":
+            self._inject_sticky_fault(int(os.environ[FAULT_AFTER_STEPS_ENV]))
         instance = {"engine": self.engine.name, "instance": args.get("model_instance_name", "decoder"),
                     "device": device}
         self.factory = _Metrics()
@@ -162,6 +168,18 @@ class TritonPythonModel:
                     pb_utils.Logger.log_warn(f"decoder: counting rows failed: {exc}")
 
         return finish
+
+    def _inject_sticky_fault(self, healthy_steps):
+        step, done = self.engine.batch.step, [0]
+
+        def failing_step():
+            done[0] += 1
+            if done[0] > healthy_steps:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+            step()
+
+        self.engine.batch.step = failing_step
+        pb_utils.Logger.log_warn(f"decoder: {FAULT_AFTER_STEPS_ENV}={healthy_steps}: every step after that fails")
 
     def _engine_failed(self, reason):
         """The engine cannot decode any more: leave the reason for the supervisor, then end this stub."""

@@ -25,6 +25,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         threads = int(params[Param.THREADS])
         torch.set_num_threads(threads)
+        torch.set_num_interop_threads(1)  # threads count against the evaluator's pids limit
         checkpoint = load_checkpoint(params[Param.CHECKPOINT_DIR])
         device, providers = "cpu", None
         if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():

@@ -1,6 +1,6 @@
 """Build small checkpoints: a tiny random Llama (tests, benchmarks) and the SmolLM2 starter model.
 
-`python -m training.builders tiny OUT` or `starter OUT` writes one.
+`python -m tooling.builders tiny OUT` or `starter OUT` writes one.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def make_starter_checkpoint(out: str | Path, seed: int = 0) -> Path:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m training.builders", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tooling.builders", description=__doc__)
     parser.add_argument("kind", choices=("tiny", "starter"))
     parser.add_argument("out")
     args = parser.parse_args(argv)

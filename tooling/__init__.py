@@ -1,0 +1,6 @@
+"""Tooling shared by training, evaluation, the benchmarks and the tests: never imported by the product.
+
+- `builders`: small checkpoints (tiny random Llama, blank-prone, starter), a tiny ONNX text tower,
+  the default model's reranking settings; `python -m tooling.builders tiny|starter OUT`.
+- `evaluator`: an HTTP client that behaves like the competition's evaluator (health rules, requests).
+"""
