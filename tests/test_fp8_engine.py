@@ -25,7 +25,7 @@ from export.options import ExportOptions, to_argv
 from export.repository import export_repository, render_configs
 from export.templates import TemplateError, parse_model_config
 from test_engines import ROOT, drain, load, random_prefix
-from training.builders import make_tiny_checkpoint, minilm_rerank
+from tooling.builders import make_tiny_checkpoint, minilm_rerank
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.builders import make_tiny_checkpoint
+from tooling.builders import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINES = ["hf", "continuous", "continuous fp8 static", "continuous fp8 dynamic"]
