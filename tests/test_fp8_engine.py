@@ -207,3 +207,24 @@ def test_the_decoder_config_carries_the_mode_and_the_scales(tiny_checkpoint, tmp
         assert parameters["fp8_input_scales"].string_value == text
     assert parse_scales(parameters["fp8_input_scales"].string_value, 2) == parse_scales(text)
     assert json.loads(text)[0][3] == pytest.approx(scales[0].down, rel=1e-5)
+
+
+def test_a_config_edited_to_fp8_fails_the_decoders_load_on_the_cpu_naming_why(tiny_checkpoint, tmp_path):
+    """The export refuses FP8 here; a config changed afterwards is refused by the decoder model when it loads."""
+    import re
+
+    from conftest import TritonOptions, TritonProcess, free_port
+
+    repository = export_repository(tiny_checkpoint, tmp_path / "repo", ExportOptions(max_batch_size=4),
+                                   log=lambda _: None)
+    config = repository / "decoder" / "config.pbtxt"
+    config.write_text(re.sub(r'(key: "fp8" value: \{ string_value: )"off"', r'\1"dynamic"', config.read_text()))
+    log = tmp_path / "triton.log"
+    triton = TritonProcess(TritonOptions(repository, grpc_port=free_port()), log_file=open(log, "wb"))
+    triton.start()
+    try:
+        with pytest.raises(RuntimeError, match="exited"):
+            triton.wait_ready(timeout_s=120)
+    finally:
+        triton.stop()  # its temp folder and shared memory
+    assert "FP8 weights (dynamic) cannot be served: FP8 weights are served on a GPU only" in log.read_text()
