@@ -1,6 +1,6 @@
 """Decoder engines side by side on one device: ms per decode step against the weight-read floor.
 
-    python -m bench.gpu_decoder --shape llama3-8b --out DIR        # a CUDA host, bf16
+    python -m bench.gpu_decoder --shape llama3-8b --out DIR        # a CUDA host, bf16 and FP8
     python -m bench.gpu_decoder --shape tiny --device cpu --out DIR  # the CPU smoke test
 
 Needs only torch, transformers, tokenizers, safetensors and pydantic: no tritonserver
@@ -13,12 +13,22 @@ same work. Each batch size is warmed once before it is timed.
 For each engine and batch size it reports: ms per decode step (continuous: the
 decode step alone, replayed from its CUDA graph on a GPU; hf: a `generate()` call
 divided by its tokens), the time of one request of that many rows, captions/s, and
-the engine's start-up (prompt KV + graph capture). With `--candidates 8,16` it adds
+the engine's start-up (prompt KV + graph capture). With `--fp8 static,dynamic` (the default) the
+continuous engine runs again over the same weights with FP8 projections (embcap.fp8), each against
+its own weight-read floor and as a ratio to the unquantised step of the same run; static scales are
+calibrated from other rows of the benchmark's own inputs (random weights have no held-out split), and
+the time to calibrate and quantise is reported beside the start-up. On the CPU the FP8 GEMMs run
+through torch's CPU `_scaled_mm` (numerics only: serving FP8 there is refused at export). Agreement
+of FP8 with the unquantised decoder is measured on real weights too: the default checkpoint's
+SmolLM2 and projector on its held-out rows (`--agreement-checkpoint`; bench.fp8_quality), where its
+decoder folder is on disk. With `--candidates 8,16` it adds
 best-of-N: a request of `--candidate-rows` rows, each decoded as N sampled candidates
 sharing its prefill (continuous engine), with its ms per step and request time
 (target for 4 rows x 8 candidates x 32 tokens on the 8B shape: at most 0.30 s; the
 reranker's text encoder comes on top and is not part of this benchmark). The floor is the decoder's
-weight bytes divided by the card's memory bandwidth. Writes results.json and
+weight bytes divided by the card's memory bandwidth (for FP8: its e4m3 projections, bf16 norms and
+head). Targets for FP8 on the 8B shape: at most 3.3 ms per step at batch <= 16 and 4.0 ms at 64.
+Writes results.json and
 results.md (and results.png where matplotlib is installed) into `--out`.
 
 Longer than 250 lines on purpose: it is carried alone to a bare CUDA host (torch and
@@ -44,6 +54,8 @@ SHAPES = {
     "llama3-8b": (4096, 14336, 32, 32, 8, False),
 }
 BANDWIDTH_TB_S = {"H100": 3.35, "H200": 4.8, "A100": 2.0}  # HBM, per card name
+FP8_TARGET_MS = ((16, 3.3), (64, 4.0))  # 8B shape: ms per step at batch <= 16 and at batch 64
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def build_model(shape: str, vocab: int, device: str, dtype):
@@ -65,12 +77,28 @@ def build_model(shape: str, vocab: int, device: str, dtype):
     return model.eval()
 
 
-def weight_bytes(model) -> int:
-    """Bytes read per decode step: every weight except the input embedding table (only gathered)."""
-    embedding = model.get_input_embeddings().weight
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    tied = model.get_output_embeddings().weight.data_ptr() == embedding.data_ptr()
-    return total if tied else total - embedding.numel() * embedding.element_size()
+def fp8_generator(generator, mode: str, device: str, rows: int = 16):
+    """The same weights with FP8 projections (`mode` static or dynamic): a second lean copy of the model,
+    quantised in place; static scales calibrated on `rows` rows of the benchmark's inputs. Returns the
+    generator and the seconds calibration and quantisation took."""
+    from embcap.fp8_calibration import calibrate
+    from embcap.generation import CaptionGenerator
+    from embcap.lean_llama import LeanLlama
+
+    sync(device)
+    started = time.perf_counter()
+    scales = calibrate(generator, random_prefix(generator, rows, seed=7)) if mode == "static" else None
+    lean = LeanLlama.from_hf(generator.model).quantise_fp8(scales)
+    sync(device)
+    return CaptionGenerator(generator.spec, lean, generator.tokenizer), time.perf_counter() - started
+
+
+def random_prefix(generator, rows: int, seed: int):
+    """[rows, P, H] prefix vectors of the benchmark's inputs (standard normal x 0.02)."""
+    import numpy as np
+
+    shape = (rows, generator.spec.prefix_length, generator.hidden_size)
+    return (np.random.default_rng(seed).standard_normal(shape) * 0.02).astype(np.float32)
 
 
 def device_name(device: str) -> str:
@@ -95,9 +123,10 @@ def sync(device: str) -> None:
 
 
 def measure_engine(name: str, generator, batches: list[int], new_tokens: int, device: str, repeats: int,
-                   profile: bool = False, attention_backend: str = "auto") -> dict:
-    """Start-up, then per batch size: ms/step, request seconds and captions/s (best of `repeats`)."""
-    import numpy as np
+                   profile: bool = False, attention_backend: str = "auto", label: str | None = None,
+                   bandwidth_b_s: float | None = None) -> dict:
+    """Start-up, then per batch size: ms/step, request seconds and captions/s (best of `repeats`); the
+    weight bytes a step reads and their floor at `bandwidth_b_s`."""
     import torch
 
     from embcap.engines import create_engine
@@ -106,21 +135,24 @@ def measure_engine(name: str, generator, batches: list[int], new_tokens: int, de
     settings = {"attention_backend": attention_backend} if name == "continuous" else {}
     engine = create_engine(name, generator, slots=max(batches), **settings)
     sync(device)
-    result = {"engine": name, "startup_s": time.perf_counter() - started,
-              "capture_s": getattr(engine, "capture_seconds", 0.0), "batches": {}}
-    rng = np.random.default_rng(0)
+    read_bytes = generator.lean.weight_bytes()
+    label = label or name
+    result = {"engine": label, "startup_s": time.perf_counter() - started,
+              "capture_s": getattr(engine, "capture_seconds", 0.0), "weight_gb": read_bytes / 1e9,
+              "floor_ms": 1000 * read_bytes / bandwidth_b_s if bandwidth_b_s else None, "batches": {}}
     try:
-        for batch in batches:
-            prefix = rng.standard_normal((batch, generator.spec.prefix_length, generator.hidden_size))
-            prefix = (prefix * 0.02).astype(np.float32)
+        for index, batch in enumerate(batches):
+            prefix = random_prefix(generator, batch, seed=100 + index)
             request_s = best_request_seconds(engine, prefix, batch, device, repeats)
             entry = {"request_s": request_s, "captions_per_s": batch / request_s,
                      "ms_per_step": 1000 * request_s / new_tokens}
             if name == "continuous":
                 entry["ms_per_step"] = 1000 * decode_step_seconds(engine, batch, device, steps=new_tokens)
             result["batches"][str(batch)] = entry
-            print(f"  {name:>10} batch {batch:>3}: {entry['ms_per_step']:7.2f} ms/step, "
+            print(f"  {label:>24} batch {batch:>3}: {entry['ms_per_step']:7.2f} ms/step, "
                   f"request {request_s:6.3f} s, {entry['captions_per_s']:8.1f} captions/s", flush=True)
+        if name == "continuous":
+            result["ops_per_step"] = step_ops(engine, max(batches))
         if profile and name == "continuous":
             result["profile"] = [profile_step(engine, b, device) for b in (min(batches), max(batches))]
             for entry in result["profile"]:
@@ -217,21 +249,73 @@ def profile_step(engine, batch: int, device: str, top: int = 12) -> dict:
             "top": [{"name": name, "count": len(v), "ms": sum(v) / 1000} for name, v in ranked]}
 
 
-def agreement(generator, new_tokens: int, device: str) -> float:
-    """Share of 8 rows whose greedy caption is the same from both engines (1.0 expected in fp32)."""
-    import numpy as np
+def step_ops(engine, batch: int) -> int:
+    """Operations one eager decode step over `batch` slots issues that compute something (views and
+    allocations not counted): on a GPU about one kernel each, whatever device counts them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            returns = func._schema.returns
+            view = bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+            if not view and func.__name__.split(".")[0] not in ("empty", "empty_strided", "empty_like"):
+                self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    decoder = engine.batch.decoder
+    with Count() as count:
+        decoder._decode(batch)  # eager on purpose: each operation once
+    decoder.positions.zero_()
+    return count.ops
+
+
+def agreement(generator, fp8_generators: dict, device: str) -> tuple[float, dict[str, float]]:
+    """Shares of 8 rows whose greedy caption is the same: hf vs continuous (1.0 expected in fp32), and each
+    FP8 variant's continuous engine vs the unquantised one."""
     from embcap.engines import create_engine, generate_blocking
 
-    prefix = (np.random.default_rng(1).standard_normal((8, generator.spec.prefix_length, generator.hidden_size))
-              * 0.02).astype(np.float32)
-    engines = [create_engine(name, generator, slots=8) for name in ("hf", "continuous")]
-    try:
-        hf, continuous = (generate_blocking(engine, prefix) for engine in engines)
-    finally:
-        for engine in engines:
+    prefix = random_prefix(generator, 8, seed=1)
+
+    def captions(name: str, over) -> list[str]:
+        engine = create_engine(name, over, slots=8)
+        try:
+            return generate_blocking(engine, prefix)
+        finally:
             engine.close()
-    return sum(a == b for a, b in zip(hf, continuous)) / len(hf)
+
+    continuous = captions("continuous", generator)
+
+    def share(texts: list[str]) -> float:
+        return sum(a == b for a, b in zip(texts, continuous)) / len(continuous)
+
+    return share(captions("hf", generator)), {mode: share(captions("continuous", g))
+                                              for mode, g in fp8_generators.items()}
+
+
+def real_weights_agreement(folder: str, device: str, dtype, modes: list[str], rows: int) -> dict:
+    """FP8 against the unquantised decoder on a checkpoint's real weights and held-out rows (bench.fp8_quality),
+    or why it was not measured."""
+    if folder == "none" or not modes:
+        return {"skipped": "not asked for"}
+    from embcap.checkpoint import CheckpointError
+    from embcap.loading import resolve_checkpoint
+
+    from bench.fp8_quality import greedy_agreement
+
+    try:
+        resolved = resolve_checkpoint(folder)
+    except (CheckpointError, OSError, ImportError) as exc:  # no decoder on this host (a bare GPU box)
+        return {"skipped": f"{folder}: {exc}"}
+    result = greedy_agreement(resolved, device, dtype, modes, rows)
+    for mode in modes:
+        print(f"  real weights ({resolved.spec.name}), FP8 {mode}: identical greedy captions "
+              f"{result[mode]['identical_captions']:.2f}, teacher-forced top-1 {result[mode]['top1_agreement']:.3f}, "
+              f"KL {result[mode]['kl']:.4f}", flush=True)
+    return result
 
 
 def render_markdown(report: dict) -> str:
@@ -240,15 +324,47 @@ def render_markdown(report: dict) -> str:
              f"{report['weight_gb']:.2f} GB of weights read per step; floor "
              f"{'%.2f ms' % floor if floor else 'n/a (unknown bandwidth)'}; {report['new_tokens']} new tokens "
              f"forced; prompt {report['prompt_length']} positions; greedy agreement hf vs continuous "
-             f"{report['agreement']:.2f}.", "",
-             "| engine | batch | ms/step | x floor | request s | captions/s |", "|---|---:|---:|---:|---:|---:|"]
+             f"{report['agreement']:.2f}" + "".join(f", FP8 {mode} vs continuous {share:.2f}"
+                                                    for mode, share in report.get("fp8_agreement", {}).items())
+             + " (random weights: near-uniform logits flip on any rounding)."]
+    if report["device"] == "cpu" and report.get("fp8"):
+        lines += ["", "On the CPU the FP8 GEMMs run through torch's CPU `_scaled_mm` (numerics, not speed)."]
+    baseline = next((e for e in report["engines"] if e["engine"] == "continuous"), None)
+    lines += ["", "| engine | batch | ms/step | floor ms | x floor | x continuous | request s | captions/s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for engine in report["engines"]:
+        own = engine.get("floor_ms")
         for batch, entry in engine["batches"].items():
-            ratio = f"{entry['ms_per_step'] / floor:.2f}" if floor else "n/a"
-            lines.append(f"| {engine['engine']} | {batch} | {entry['ms_per_step']:.2f} | {ratio} | "
-                         f"{entry['request_s']:.3f} | {entry['captions_per_s']:.1f} |")
-    lines += ["", "| engine | start-up s | graph capture s |", "|---|---:|---:|"]
-    lines += [f"| {e['engine']} | {e['startup_s']:.2f} | {e['capture_s']:.2f} |" for e in report["engines"]]
+            ratio = f"{entry['ms_per_step'] / own:.2f}" if own else "n/a"
+            versus = (f"{entry['ms_per_step'] / baseline['batches'][batch]['ms_per_step']:.2f}"
+                      if baseline and batch in baseline["batches"] else "n/a")
+            lines.append(f"| {engine['engine']} | {batch} | {entry['ms_per_step']:.2f} | "
+                         f"{'%.2f' % own if own else 'n/a'} | {ratio} | {versus} | {entry['request_s']:.3f} | "
+                         f"{entry['captions_per_s']:.1f} |")
+    lines += ["", "| engine | weights GB per step | ops per step | FP8 calibration + quantisation s | start-up s | "
+                  "graph capture s |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {e['engine']} | {e['weight_gb']:.2f} | {e.get('ops_per_step', '-')} | "
+              f"{'%.2f' % e['prepare_s'] if 'prepare_s' in e else '-'} | {e['startup_s']:.2f} | {e['capture_s']:.2f} |"
+              for e in report["engines"]]
+    if report["shape"] == "llama3-8b" and report["device"] == "cuda":
+        verdicts = []
+        for engine in (e for e in report["engines"] if "fp8" in e["engine"]):
+            for batch, entry in engine["batches"].items():
+                target = next((ms for limit, ms in FP8_TARGET_MS if int(batch) <= limit), None)
+                if target is not None:
+                    met = "MET" if entry["ms_per_step"] <= target else "MISSED"
+                    verdicts.append(f"- FP8 target, {engine['engine']} batch {batch}: {entry['ms_per_step']:.2f} ms "
+                                    f"(<= {target} ms): {met}")
+        lines += ["", *verdicts] if verdicts else []
+    real = report.get("real_weights_agreement")
+    if real and "skipped" in real:
+        lines += ["", f"FP8 agreement on real weights: not measured ({real['skipped']})."]
+    elif real:
+        lines += ["", f"FP8 against the unquantised decoder on real weights ({real['checkpoint']}, {real['rows']} "
+                      "held-out rows, greedy):", "",
+                  "| FP8 input scales | identical captions | teacher-forced top-1 | KL |", "|---|---:|---:|---:|"]
+        lines += [f"| {mode} | {real[mode]['identical_captions']:.2f} | {real[mode]['top1_agreement']:.3f} | "
+                  f"{real[mode]['kl']:.4f} |" for mode in report.get("fp8", []) if mode in real]
     if report.get("candidates"):
         lines += ["", "Best-of-N, continuous engine (each row's candidates share its prefill; the reranker's text "
                       "encoder is not included):", "",
@@ -265,7 +381,7 @@ def render_markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> bool:
-    """ms/step per batch size for each engine, with the floor; False where matplotlib is missing."""
+    """ms/step per batch size for each engine, with each weight format's floor; False without matplotlib."""
     try:
         import matplotlib
 
@@ -277,14 +393,14 @@ def plot(report: dict, path: Path) -> bool:
     for engine in report["engines"]:
         batches = [int(b) for b in engine["batches"]]
         axis.plot(batches, [e["ms_per_step"] for e in engine["batches"].values()], marker="o", label=engine["engine"])
-    if report["floor_ms"]:
-        axis.axhline(report["floor_ms"], color="grey", linestyle="--", label="weight-read floor")
-        axis.axhline(2 * report["floor_ms"], color="grey", linestyle=":", label="2x floor (target)")
+    floors = sorted({round(e["floor_ms"], 3) for e in report["engines"] if e.get("floor_ms")}, reverse=True)
+    for floor, style in zip(floors, ("--", "-.", ":")):
+        axis.axhline(floor, color="grey", linestyle=style, label=f"weight-read floor {floor:.2f} ms")
     axis.set_xscale("log", base=2)
     axis.set_xlabel("batch (rows decoding together)")
     axis.set_ylabel("ms per decode step")
     axis.set_title(f"{report['shape']} on {report['device_name']}")
-    axis.legend()
+    axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     return True
@@ -298,6 +414,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the de-quantised SmolLM2)")
     parser.add_argument("--engines", default="hf,continuous")
+    parser.add_argument("--fp8", default="static,dynamic",
+                        help="FP8 input scalings to run the continuous engine with beside the unquantised one "
+                             "(export --fp8 values); empty: none")
+    parser.add_argument("--agreement-checkpoint", default=str(ROOT / "models" / "default"),
+                        help="checkpoint whose real decoder and held-out rows measure FP8's agreement with the "
+                             "unquantised decoder (skipped where its decoder is not on disk); none: skip")
+    parser.add_argument("--agreement-rows", type=int, default=32)
     parser.add_argument("--batches", default="1,4,16,64")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
@@ -315,11 +438,22 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from embcap.checkpoint import CaptionModelSpec, DecoderSource, GenerationSettings
+    from embcap.contract import FP8_MODES
     from embcap.generation import CaptionGenerator
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available here", file=sys.stderr)
         return 2
+    modes = [m.strip() for m in args.fp8.split(",") if m.strip()]
+    if set(modes) - set(FP8_MODES[1:]):
+        parser.error(f"--fp8 takes {','.join(FP8_MODES[1:])}, not {args.fp8!r}")
+    if modes and args.device == "cuda":
+        from embcap.fp8 import serving_problem
+
+        problem = serving_problem("cuda")
+        if problem:
+            print(f"FP8 not measured: {problem}", file=sys.stderr)
+            modes = []
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     tokenizer_dir = args.tokenizer
     if tokenizer_dir is None:
@@ -337,31 +471,44 @@ def main(argv: list[str] | None = None) -> int:
     generator = CaptionGenerator(spec, model, tokenizer)
     sync(args.device)
     name = device_name(args.device)
-    read_bytes = weight_bytes(model)
+    read_bytes = generator.lean.weight_bytes()
     speed = bandwidth(name) if args.device == "cuda" else None
     print(f"{args.shape}: {read_bytes / 1e9:.2f} GB of weights on {name} ({dtype}), built in "
           f"{time.perf_counter() - started:.1f} s; prompt {generator.prompt_length} positions", flush=True)
+    fp8_generators, prepare_s = {}, {}
+    for mode in modes:
+        fp8_generators[mode], prepare_s[mode] = fp8_generator(generator, mode, args.device)
+        print(f"FP8 {mode}: {fp8_generators[mode].lean.weight_bytes() / 1e9:.2f} GB of weights, calibrated and "
+              f"quantised in {prepare_s[mode]:.1f} s", flush=True)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     batches = [int(b) for b in args.batches.split(",")]
+    hf_agreement, fp8_agreement = agreement(generator, fp8_generators, args.device)
     report = {
         "shape": args.shape, "device": args.device, "device_name": name, "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__, "new_tokens": args.new_tokens, "prompt_length": generator.prompt_length,
         "weight_gb": read_bytes / 1e9, "floor_ms": 1000 * read_bytes / speed if speed else None,
-        "agreement": agreement(generator, args.new_tokens, args.device),
+        "agreement": hf_agreement, "fp8": modes, "fp8_agreement": fp8_agreement,
         "engines": [],
     }
     backends = [b.strip() for b in args.attention.split(",") if b.strip()]
     for engine in engines:
         for backend in backends if engine == "continuous" else ["auto"]:
-            result = measure_engine(engine, generator, batches, args.new_tokens, args.device, args.repeats,
-                                    args.profile and backend == backends[0], backend)
-            if engine == "continuous" and len(backends) > 1:
-                result["engine"] = f"continuous[{backend}]"
-            report["engines"].append(result)
+            label = f"continuous[{backend}]" if engine == "continuous" and len(backends) > 1 else engine
+            report["engines"].append(measure_engine(engine, generator, batches, args.new_tokens, args.device,
+                                                    args.repeats, args.profile and backend == backends[0], backend,
+                                                    label, speed))
+        if engine == "continuous":
+            for mode, fp8_model in fp8_generators.items():
+                result = measure_engine(engine, fp8_model, batches, args.new_tokens, args.device, args.repeats,
+                                        args.profile, backends[0], f"continuous fp8 {mode}", speed)
+                report["engines"].append({**result, "prepare_s": prepare_s[mode]})
     counts = [int(c) for c in args.candidates.split(",") if c.strip()]
     if counts:
         report["candidates"] = measure_candidates(generator, counts, args.candidate_rows, args.new_tokens,
                                                   args.device, args.repeats)
+    del fp8_generators
+    report["real_weights_agreement"] = real_weights_agreement(args.agreement_checkpoint, args.device, dtype, modes,
+                                                              args.agreement_rows)
     if args.device == "cuda":
         report["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     args.out.mkdir(parents=True, exist_ok=True)

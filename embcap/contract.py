@@ -34,6 +34,8 @@ DEFAULT_ENGINE = "continuous"
 QUEUE_DELAY_US = {"continuous": 0, "hf": 20_000}
 # The continuous engine's attention kernels on a GPU (embcap.slot_decoder; "auto" lets PyTorch pick).
 ATTENTION_BACKENDS = ("auto", "cudnn", "efficient", "math")
+# The continuous engine's projections in FP8 on a GPU (embcap.fp8): off, or how their inputs are scaled.
+FP8_MODES = ("off", "static", "dynamic")
 
 
 class Param:
@@ -48,6 +50,8 @@ class Param:
     CANDIDATES = "candidates"
     REQUEST_TIMEOUT_S = "request_timeout_s"
     ATTENTION_BACKEND = "attention_backend"
+    FP8 = "fp8"
+    FP8_INPUT_SCALES = "fp8_input_scales"
     MAX_QUEUED_ROWS = "max_queued_rows"
     ONNX_PATH = "onnx_path"
     ACCELERATOR = "accelerator"

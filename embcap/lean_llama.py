@@ -10,8 +10,15 @@ and the rotary tables. Nothing of Hugging Face's modules is changed or kept aliv
 - `LeanLlama.from_hf(model)` takes a loaded Hugging Face model's tensors (tools and tests; the
   fused matrices are new tensors, the rest are shared).
 
+`LeanLlama.quantise_fp8(scales)` turns the four projections of every layer into FP8 (embcap.fp8)
+in place, freeing their unquantised weights; embeddings, norms and the LM head keep the serving dtype.
+
 `unsupported(config, max_length)` lists what a decoder config asks for that this forward
-does not implement; the export refuses such a decoder for the continuous engine, naming it.
+does not implement; the export refuses such a decoder for the continuous engine, naming it
+(`fp8_unsupported(config)` likewise for FP8 weights).
+
+Longer than 250 lines on purpose: the layout of a layer's weights, in the serving dtype and in
+FP8, and the ways of reading them must change together.
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
+
+from embcap.fp8 import ALIGNMENT, Fp8Linear
 
 # Decoders whose layers have the Llama layout this forward follows (q/k/v/o and gate/up/down projections,
 # RMSNorm, rotary positions, grouped-query attention; biases allowed).
@@ -57,8 +66,57 @@ def unsupported(config, max_length: int) -> list[str]:
     return problems
 
 
+def fp8_unsupported(config) -> list[str]:
+    """Sizes of `config` that FP8 weights cannot have (the scaled GEMM needs multiples of 16)."""
+    shape = _shape(config)
+    sizes = {"hidden_size": int(config.hidden_size), "intermediate_size": shape.intermediate,
+             "q/k/v output (heads x head_dim)": (shape.heads + 2 * shape.kv_heads) * shape.head_dim,
+             "attention output (heads x head_dim)": shape.heads * shape.head_dim}
+    return [f"{name} {size} is not a multiple of {ALIGNMENT}" for name, size in sizes.items() if size % ALIGNMENT]
+
+
+class ProjectionScales(NamedTuple):
+    """Static FP8 input scales of one layer's projections (the largest |input| seen, over 448)."""
+
+    qkv: float
+    o: float
+    gate_up: float
+    down: float
+
+
+class Fp8Layer(nn.Module):
+    """One layer's projections in FP8, and the norm weights that feed them.
+
+    With static scales the q/k/v and gate/up inputs come out of the norms already divided by their
+    scales (folded into the norm weights), and the down projection's input scale is folded into the
+    up half of gate/up: of the four inputs only o's is scaled at run time.
+    """
+
+    def __init__(self, layer: "LeanLayer", intermediate: int, scales: ProjectionScales | None) -> None:
+        super().__init__()
+        dtype = layer.input_norm.dtype
+        if scales is None:  # dynamic: per-token scales at run time, the norms as they are
+            self.register_buffer("input_norm", layer.input_norm, persistent=False)
+            self.register_buffer("post_norm", layer.post_norm, persistent=False)
+            self.qkv = Fp8Linear(layer.qkv, layer.qkv_bias, None, dtype)
+            self.o = Fp8Linear(layer.o, layer.o_bias, None, dtype)
+            self.gate_up = Fp8Linear(layer.gate_up, layer.gate_up_bias, None, dtype)
+            self.down = Fp8Linear(layer.down, layer.down_bias, None, dtype)
+            return
+        self.register_buffer("input_norm", (layer.input_norm.float() / scales.qkv).to(dtype), persistent=False)
+        self.register_buffer("post_norm", (layer.post_norm.float() / scales.gate_up).to(dtype), persistent=False)
+        up_factor = torch.ones(2 * intermediate, device=layer.gate_up.device)
+        up_factor[intermediate:] = 1.0 / scales.down
+        self.qkv = Fp8Linear(layer.qkv, layer.qkv_bias, scales.qkv, dtype, prescaled=True)
+        self.o = Fp8Linear(layer.o, layer.o_bias, scales.o, dtype)
+        self.gate_up = Fp8Linear(layer.gate_up, layer.gate_up_bias, scales.gate_up, dtype, prescaled=True,
+                                 channel_factor=up_factor)
+        self.down = Fp8Linear(layer.down, layer.down_bias, scales.down, dtype, prescaled=True)
+
+
 class LeanLayer(nn.Module):
-    """One decoder layer's weights, q/k/v and gate/up fused."""
+    """One decoder layer's weights, q/k/v and gate/up fused; after `LeanLlama.quantise_fp8` the
+    projections live in `fp8` and their unquantised buffers are None."""
 
     def __init__(self, qkv: torch.Tensor, qkv_bias: torch.Tensor | None, o: torch.Tensor, o_bias: torch.Tensor | None,
                  gate_up: torch.Tensor, gate_up_bias: torch.Tensor | None, down: torch.Tensor,
@@ -68,6 +126,13 @@ class LeanLayer(nn.Module):
                              ("gate_up_bias", gate_up_bias), ("down", down), ("down_bias", down_bias),
                              ("input_norm", input_norm), ("post_norm", post_norm)):
             self.register_buffer(name, tensor, persistent=False)
+        self.fp8: Fp8Layer | None = None
+
+    def quantise_fp8(self, intermediate: int, scales: ProjectionScales | None) -> None:
+        """Move the projections to FP8 (static `scales`, or dynamic when None), freeing their weights."""
+        self.fp8 = Fp8Layer(self, intermediate, scales)
+        for name in ("qkv", "qkv_bias", "o", "o_bias", "gate_up", "gate_up_bias", "down", "down_bias"):
+            setattr(self, name, None)
 
 
 @dataclass(frozen=True)
@@ -114,6 +179,43 @@ class LeanLlama(nn.Module):
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed
+
+    @property
+    def fp8_mode(self) -> str:
+        """"off", or how the FP8 projections scale their inputs: "static" or "dynamic"."""
+        fp8 = self.layers[0].fp8
+        return "off" if fp8 is None else "dynamic" if fp8.qkv.dynamic else "static"
+
+    @torch.no_grad()
+    def quantise_fp8(self, scales: list[ProjectionScales] | None = None,
+                     log: Callable[[str], None] = lambda _: None) -> "LeanLlama":
+        """Put every layer's projections in FP8, in place, one layer at a time (the unquantised weights go as
+        it goes): static input scales per layer, or dynamic per-token ones when `scales` is None."""
+        if self.fp8_mode != "off":
+            raise ValueError(f"the projections are already FP8 ({self.fp8_mode})")
+        problems = fp8_unsupported(self.config)
+        if problems:
+            raise ValueError(f"FP8 weights: {'; '.join(problems)}")
+        if scales is not None and len(scales) != len(self.layers):
+            raise ValueError(f"{len(scales)} layers of FP8 input scales for a decoder of {len(self.layers)}")
+        started = time.perf_counter()
+        for index, layer in enumerate(self.layers):
+            layer.quantise_fp8(self.shape.intermediate, None if scales is None else ProjectionScales(*scales[index]))
+        log(f"decoder weights: projections of {len(self.layers)} layers in FP8 ({self.fp8_mode} input scales), "
+            f"{self.weight_bytes() / 1e9:.2f} GB read per step, {time.perf_counter() - started:.1f} s")
+        return self
+
+    def weight_bytes(self) -> int:
+        """Bytes a decode step reads: every weight but the input embedding table (only gathered; a head tied
+        to it is read once)."""
+        seen, total = {self.embed.weight.data_ptr()}, 0
+        for tensor in self.buffers():
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                total += tensor.numel() * tensor.element_size()
+        if self.lm_head.data_ptr() == self.embed.weight.data_ptr():
+            total += self.lm_head.numel() * self.lm_head.element_size()
+        return total
 
     @torch.no_grad()
     def rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,11 @@ On CUDA one decode step per batch-size bucket is captured as a CUDA graph at
 start-up: nothing is compiled or written to disk, so it works on a read-only root
 with a noexec /tmp.
 
+A model whose projections are FP8 (`LeanLlama.quantise_fp8`) runs them through
+embcap.fp8's scaled GEMM; everything else is the same step. `observe`, when set,
+sees the input of every unquantised projection (how embcap.fp8_calibration measures
+static input scales).
+
 Longer than 250 lines on purpose: the cache layout, the prefill, the captured
 step and the token choice must change together.
 """
@@ -24,11 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from embcap.contract import ATTENTION_BACKENDS
+from embcap.fp8 import e4m3_product, unit_rows
 from embcap.lean_llama import LeanLayer, LeanLlama, unsupported
 from embcap.sampling import Sampling, choose_tokens
 
@@ -117,6 +124,11 @@ class SlotKVDecoder:
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_seconds = 0.0
+        # Static FP8 scales still need a row-wise input scale of ones: sized for the longest prefill
+        # (every slot's whole length) and never reallocated, since captured graphs read it.
+        self.unit_rows = unit_rows(slots * max_length, device) if model.fp8_mode == "static" else None
+        # (layer, projection name, its input) for each unquantised projection; None: nobody is looking.
+        self.observe: Callable[[LeanLayer, str, torch.Tensor], None] | None = None
 
     # ----------------------------------------------------------------- sampling
     def _choose(self, logits: torch.Tensor, ban_stop: torch.Tensor, slots: torch.Tensor | slice,
@@ -139,9 +151,19 @@ class SlotKVDecoder:
         """RMSNorm with the model's epsilon, as one fused kernel."""
         return F.rms_norm(x, weight.shape, weight, self.eps)
 
+    def _observed(self, layer: LeanLayer, name: str, x: torch.Tensor) -> torch.Tensor:
+        if self.observe is not None:
+            self.observe(layer, name, x)
+        return x
+
     def _qkv(self, layer: LeanLayer, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor):
         """x [..., H] -> rotated q [..., heads, D], rotated k and v [..., kv_heads, D] (cos/sin [..., 1, D])."""
-        qkv = F.linear(self._norm(layer.input_norm, x), layer.qkv, layer.qkv_bias).unflatten(-1, (-1, self.head_dim))
+        fp8 = layer.fp8
+        if fp8 is None:
+            qkv = F.linear(self._observed(layer, "qkv", self._norm(layer.input_norm, x)), layer.qkv, layer.qkv_bias)
+        else:
+            qkv = fp8.qkv(self._norm(fp8.input_norm, x), self.unit_rows)
+        qkv = qkv.unflatten(-1, (-1, self.head_dim))
         rotary = self.heads + self.kv_heads
         qk = _rotate(qkv[..., :rotary, :], cos, signed_sin)
         return qk[..., :self.heads, :], qk[..., self.heads:, :], qkv[..., rotary:, :]
@@ -150,17 +172,57 @@ class SlotKVDecoder:
         """A boolean attention mask as the additive float mask attention kernels use (made once per step)."""
         return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
 
+    def _attention_out(self, layer: LeanLayer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """x + the o projection of the attention output [..., heads x D]."""
+        if layer.fp8 is None:
+            return _linear_add(x, self._observed(layer, "o", attended), layer.o, layer.o_bias)
+        return x + layer.fp8.o(attended, self.unit_rows)
+
     def _mlp(self, layer: LeanLayer, x: torch.Tensor) -> torch.Tensor:
         """x + the layer's MLP of x."""
-        gate, up = F.linear(self._norm(layer.post_norm, x), layer.gate_up, layer.gate_up_bias).split(
-            self.intermediate, -1)
-        return _linear_add(x, self.model.act_fn(gate) * up, layer.down, layer.down_bias)
+        fp8 = layer.fp8
+        if fp8 is not None:
+            gate, up = fp8.gate_up(self._norm(fp8.post_norm, x), self.unit_rows).split(self.intermediate, -1)
+            if fp8.down.dynamic:
+                return x + fp8.down(self.model.act_fn(gate) * up)
+            # prescaled by the up half's output scale: the product is written in e4m3 at once (no cast kernel)
+            return x + fp8.down(e4m3_product(self.model.act_fn(gate), up), self.unit_rows)
+        normed = self._observed(layer, "gate_up", self._norm(layer.post_norm, x))
+        gate, up = F.linear(normed, layer.gate_up, layer.gate_up_bias).split(self.intermediate, -1)
+        return _linear_add(x, self._observed(layer, "down", self.model.act_fn(gate) * up), layer.down, layer.down_bias)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """[N, H] last hidden states -> [N, V] logits."""
         return F.linear(self._norm(self.model.final_norm, x), self.model.lm_head)
 
     # ----------------------------------------------------------------- prefill
+    def _prompt_hidden(self, leaders: torch.Tensor, embeds: torch.Tensor, start: int) -> torch.Tensor:
+        """Run [N, T, H] embeddings at positions start.. in the `leaders` slots, writing their KV; the last
+        layer's hidden states [N, T, H]."""
+        length = embeds.shape[1]
+        end = start + length
+        cos, sin = self.cos[start:end][None, :, None], self.signed_sin[start:end][None, :, None]  # [1, T, 1, D]
+        causal = self._additive(torch.ones(length, end, dtype=torch.bool, device=self.device).tril(diagonal=start))
+        x = embeds.to(device=self.device, dtype=self.dtype)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, x, cos, sin)
+            self.keys[i][leaders, :, start:end] = k.transpose(1, 2)
+            self.values[i][leaders, :, start:end] = v.transpose(1, 2)
+            keys = self.keys[i][leaders, :, :end].repeat_interleave(self.group, dim=1)
+            values = self.values[i][leaders, :, :end].repeat_interleave(self.group, dim=1)
+            attended = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=causal,
+                                                      scale=self.scaling)
+            x = self._attention_out(layer, x, attended.transpose(1, 2).flatten(2))
+            x = self._mlp(layer, x)
+        return x
+
+    @torch.inference_mode()
+    def sequence_logits(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [N, T, V] at every position of [N, T, H] embeddings run from position 0 in slots
+        0..N-1 (teacher-forced scoring, for measuring numerics; it overwrites those slots' cache)."""
+        leaders = torch.arange(embeds.shape[0], device=self.device)
+        return self._logits(self._prompt_hidden(leaders, embeds, 0)).float()
+
     @torch.inference_mode()
     def prefill(self, groups: list[list[int]], embeds: torch.Tensor, start: int, ban_stop: torch.Tensor,
                 greedy: torch.Tensor | None = None, streams: torch.Tensor | None = None) -> torch.Tensor:
@@ -177,20 +239,7 @@ class SlotKVDecoder:
             raise ValueError(f"{count} prompts need {count} non-empty slot groups, got {groups}")
         end = start + length
         leaders = torch.tensor([group[0] for group in groups], dtype=torch.long, device=self.device)
-        cos, sin = self.cos[start:end][None, :, None], self.signed_sin[start:end][None, :, None]  # [1, T, 1, D]
-        causal = self._additive(torch.ones(length, end, dtype=torch.bool, device=self.device).tril(diagonal=start))
-        x = embeds.to(device=self.device, dtype=self.dtype)
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)
-            self.keys[i][leaders, :, start:end] = k.transpose(1, 2)
-            self.values[i][leaders, :, start:end] = v.transpose(1, 2)
-            keys = self.keys[i][leaders, :, :end].repeat_interleave(self.group, dim=1)
-            values = self.values[i][leaders, :, :end].repeat_interleave(self.group, dim=1)
-            attended = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=causal,
-                                                      scale=self.scaling)
-            x = _linear_add(x, attended.transpose(1, 2).flatten(2), layer.o, layer.o_bias)
-            x = self._mlp(layer, x)
-        logits = self._logits(x[:, -1])
+        logits = self._logits(self._prompt_hidden(leaders, embeds, start)[:, -1])
         sizes = torch.tensor([len(group) for group in groups], device=self.device)
         slots = torch.tensor([slot for group in groups for slot in group], dtype=torch.long, device=self.device)
         if len(slots) > count:  # the other candidates of each row share its prompt's cache
@@ -251,7 +300,7 @@ class SlotKVDecoder:
                 attended = F.scaled_dot_product_attention(q.view(batch, self.kv_heads, self.group, self.head_dim),
                                                           keys[:batch], values[:batch], attn_mask=mask,
                                                           scale=self.scaling)
-            x = _linear_add(x, attended.reshape(batch, -1), layer.o, layer.o_bias)
+            x = self._attention_out(layer, x, attended.reshape(batch, -1))
             x = self._mlp(layer, x)
         self.next_tokens[:batch] = self._choose(self._logits(x), self.ban_stop[:batch], slice(0, batch), positions + 1)
         tokens.copy_(self.next_tokens[:batch])

@@ -13,7 +13,7 @@ from typing import Any
 
 from embcap.checkpoint import MAX_CANDIDATES
 from embcap.deadlines import request_timeout_s
-from embcap.contract import ATTENTION_BACKENDS, DEFAULT_ENGINE, ENGINES, QUEUE_DELAY_US
+from embcap.contract import ATTENTION_BACKENDS, DEFAULT_ENGINE, ENGINES, FP8_MODES, QUEUE_DELAY_US
 from export.templates import TemplateError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -71,6 +71,9 @@ class ExportOptions:
                                                 "measured rate cannot answer before the deadline")
     attention_backend: str = _option("auto", "the continuous engine's attention kernels on a GPU",
                                      choices=ATTENTION_BACKENDS)
+    fp8: str = _option("off", "FP8 (e4m3) weights for the continuous engine's projections on a GPU of compute "
+                              "capability >= 8.9, input scales 'static' (calibrated at export from the "
+                              "checkpoint's held-out inputs) or 'dynamic' (per token)", choices=FP8_MODES)
 
     def validate(self) -> None:
         """Raise OptionError naming every out-of-range option."""
@@ -94,6 +97,7 @@ class ExportOptions:
             (self.request_timeout_s is None or self.request_timeout_s > 0, "request_timeout_s must be > 0"),
             (self.max_queued_rows is None or self.max_queued_rows >= 1, "max_queued_rows must be >= 1"),
             (self.attention_backend in ATTENTION_BACKENDS, f"attention_backend must be one of {ATTENTION_BACKENDS}"),
+            (self.fp8 in FP8_MODES, f"fp8 must be one of {FP8_MODES}"),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:

@@ -13,7 +13,7 @@ from embcap.candidate_encoders import check_text_encoder
 from embcap.contract import CANDIDATES, CAPTION, DECODER, ENSEMBLE, PROJECTOR, RERANKER, served_models
 from embcap.gpu_probe import resolve_decoder_device
 from embcap.loading import ResolvedCheckpoint, resolve_checkpoint
-from embcap.lean_llama import unsupported
+from embcap.lean_llama import fp8_unsupported, unsupported
 from export.onnx_projector import PARITY_TOLERANCE, export_projector_onnx, onnx_parity_error
 from export.options import ExportOptions
 from export.templates import TemplateError, render_config, render_snippet
@@ -38,9 +38,54 @@ def candidates_per_row(resolved: ResolvedCheckpoint, options: ExportOptions) -> 
     return count
 
 
+def fp8_problems(resolved: ResolvedCheckpoint, options: ExportOptions, device: str) -> list[str]:
+    """Every reason the decoder cannot serve `--fp8` as asked on `device` ("cpu"/"cuda"); empty when it can."""
+    from transformers import AutoConfig
+
+    from embcap.fp8 import serving_problem
+    from embcap.fp8_calibration import heldout_problem
+
+    problems = []
+    if options.engine != "continuous":
+        problems.append(f"FP8 weights are the continuous engine's (--engine {options.engine} runs Hugging Face's "
+                        "modules in --dtype)")
+    if options.dtype != "bfloat16":
+        problems.append(f"FP8 weights run with bfloat16 activations (--dtype bfloat16, not {options.dtype})")
+    problems += [f"{problem} ({resolved.decoder_dir / 'config.json'})"
+                 for problem in fp8_unsupported(AutoConfig.from_pretrained(resolved.decoder_dir))]
+    if options.fp8 == "static":
+        problem = heldout_problem(resolved.checkpoint)
+        if problem:
+            problems.append(f"{problem}; or export with --fp8 dynamic (per-token scales, no calibration)")
+    if device != "cuda":
+        problems.append(serving_problem(device))
+    else:
+        import torch
+
+        gpus = options.gpus if options.gpus is not None else range(torch.cuda.device_count())
+        problems += [problem for problem in (serving_problem(f"cuda:{gpu}") for gpu in gpus) if problem]
+    return problems
+
+
+def calibrated_scales(resolved: ResolvedCheckpoint, options: ExportOptions,
+                      log: Callable[[str], None]) -> tuple[str, dict | None]:
+    """The decoder config's FP8 input scales (calibrated on the first GPU it serves on when static) and what
+    export.json records about them; ("", None) when there are none to give."""
+    if options.fp8 != "static":
+        return "", None
+    import torch
+
+    from embcap.fp8_calibration import calibrate_checkpoint, format_scales
+
+    device = f"cuda:{options.gpus[0]}" if options.gpus else "cuda"
+    calibration = calibrate_checkpoint(resolved, device, torch.bfloat16, candidates_per_row(resolved, options), log)
+    return format_scales(calibration.scales), calibration.record
+
+
 def render_configs(resolved: ResolvedCheckpoint, options: ExportOptions, device: str,
-                   repository: Path) -> dict[str, str]:
-    """Model name -> its config.pbtxt text, each checked with Triton's schema, for `device` ("cpu"/"cuda")."""
+                   repository: Path, fp8_input_scales: str = "") -> dict[str, str]:
+    """Model name -> its config.pbtxt text, each checked with Triton's schema, for `device` ("cpu"/"cuda");
+    `fp8_input_scales` is `calibrated_scales`' text with --fp8 static."""
     options.validate()
     candidates = candidates_per_row(resolved, options)
     if options.gpus is not None and device != "cuda":
@@ -70,6 +115,7 @@ def render_configs(resolved: ResolvedCheckpoint, options: ExportOptions, device:
             "decoder_output": CANDIDATES if candidates > 1 else CAPTION,
             "request_timeout_s": options.effective_request_timeout_s,
             "max_queued_rows": options.effective_max_queued_rows, "attention_backend": options.attention_backend,
+            "fp8": options.fp8, "fp8_input_scales": fp8_input_scales,
         },
         RERANKER: {
             **common, **placement, "candidates": candidates, "instance_count": 1,
@@ -114,8 +160,16 @@ def export_repository(
     log(f"[2/4] decoder {resolved.decoder_dir} (hidden size {resolved.hidden_size})")
     projector = resolved.load_projector()
     device = _resolve_device(options.device)
+    fp8_scales, fp8_record = "", None
+    if options.fp8 != "off":
+        problems = fp8_problems(resolved, options, device)
+        if problems:
+            raise TemplateError(f"--fp8 {options.fp8} cannot be served: " + "; ".join(problems))
+        fp8_scales, fp8_record = calibrated_scales(resolved, options, log)
+        log(f"      decoder projections in FP8 ({options.fp8} input scales)")
     out_dir = Path(out_dir).resolve()
-    configs = render_configs(resolved, options, device, out_dir)  # a bad config fails before anything is written
+    # A bad config fails before anything is written.
+    configs = render_configs(resolved, options, device, out_dir, fp8_scales)
     candidates = candidates_per_row(resolved, options)
     if candidates > 1:  # a missing or broken encoder fails here, naming its file, not at request time
         log(f"      reranker: {candidates} candidates per row, {check_text_encoder(resolved.checkpoint)}")
@@ -137,7 +191,8 @@ def export_repository(
                 shutil.copy2(model_py, staging / name / "1" / "model.py")
         (staging / "export.json").write_text(json.dumps({
             "checkpoint": str(resolved.checkpoint.root), "decoder": str(resolved.decoder_dir), "device": device,
-            "candidates": candidates, "options": options.to_dict()}, indent=2) + "\n")
+            "candidates": candidates, "options": options.to_dict(), "fp8_calibration": fp8_record},
+            indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

@@ -8,7 +8,9 @@ finish; the `hf` engine answers before `submit()` returns. The engine is chosen 
 export time (`--engine`, the `engine` parameter below); every setting is read once,
 from this model's config parameters (keys: embcap.contract.Param).
 With N > 1 candidates per row (the `candidates` parameter) it answers N captions per row
-(`CANDIDATES`) for the reranker step; with one, the caption itself (`CAPTION`).
+(`CANDIDATES`) for the reranker step; with one, the caption itself (`CAPTION`). With `fp8`
+static or dynamic the continuous engine's projections are put in FP8 after loading (static: the
+export's calibrated `fp8_input_scales`); a device that cannot run them fails the load, naming why.
 
 When the engine fails for good (its loop died, or its steps keep failing as after a
 sticky CUDA error), every waiting request is answered with the error, the reason is
@@ -89,11 +91,22 @@ class TritonPythonModel:
             # stub is a process of its own, so making that GPU current affects this instance only.
             device = f"cuda:{int(args['model_instance_device_id'])}"
             torch.cuda.set_device(device)
+        engine = params[Param.ENGINE]
+        fp8, fp8_scales = params[Param.FP8], None
+        if fp8 != "off":  # the export checked all this; a config edited since, or another GPU, fails loading here
+            from embcap.fp8 import serving_problem
+            from embcap.fp8_calibration import parse_scales
+
+            problem = serving_problem(device) if engine == "continuous" else "it is the continuous engine's"
+            if problem:
+                raise RuntimeError(f"decoder: FP8 weights ({fp8}) cannot be served: {problem}")
+            fp8_scales = parse_scales(params[Param.FP8_INPUT_SCALES]) if fp8 == "static" else None
         # The decoder folder the export resolved (a de-quantised GGUF is not resolved again here). The
         # continuous engine reads only its own layout of the weights, straight onto the device.
-        engine = params[Param.ENGINE]
         generator = ResolvedCheckpoint(checkpoint, Path(params[Param.DECODER_DIR])).load_generator(
             device, dtype, lean=engine == "continuous", log=pb_utils.Logger.log_info)
+        if fp8 != "off":
+            generator.lean.quantise_fp8(fp8_scales, log=pb_utils.Logger.log_info)
         self.candidates = int(params[Param.CANDIDATES])
         self.output = CANDIDATES if self.candidates > 1 else CAPTION
         settings = {"timeout_s": float(params[Param.REQUEST_TIMEOUT_S]),
@@ -116,7 +129,7 @@ class TritonPythonModel:
             self.rows_metric = self.metrics = None
         capture = getattr(self.engine, "capture_seconds", 0.0)
         pb_utils.Logger.log_info(
-            f"decoder: {checkpoint.spec.name} on {device}/{dtype}, engine {self.engine.name}, "
+            f"decoder: {checkpoint.spec.name} on {device}/{dtype}, engine {self.engine.name}, FP8 {fp8}, "
             f"{self.candidates} candidate(s) per row, prompt length {generator.prompt_length}, "
             f"CUDA graphs captured in {capture:.2f} s"
         )
