@@ -135,7 +135,7 @@ async def serve(args: argparse.Namespace, lock: RepositoryLock | None = None) ->
                                         triton_server_id=server_id(instance_id))
     triton_metrics = f"http://{LOOPBACK}:{args.metrics_port}/metrics" if args.metrics_port else None
     app = create_app(settings, status_source=supervisor.status, triton_metrics_url=triton_metrics,
-                     notice_source=supervisor.notice_text, liveness_source=supervisor.liveness)
+                     notice_source=lambda: supervisor.notice, liveness_source=supervisor.liveness)
     supervisor.on_devices = app.state.metrics.set_model_devices
     config = uvicorn.Config(app, host=args.bind, port=args.port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=args.graceful_timeout, **settings.uvicorn_options())

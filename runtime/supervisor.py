@@ -70,7 +70,7 @@ class Supervisor:
         self.beat = time.monotonic()  # the watch loop's last round
         self.failure: str | None = None  # the supervisor itself stopped: why (the process exits non-zero)
 
-    def status(self) -> str | None:
+    def status(self) -> str | None:  # what keeps the model from serving, for health
         return self.failure or self.problem
 
     def liveness(self) -> str | None:
@@ -86,9 +86,6 @@ class Supervisor:
         """The supervisor cannot go on: health and liveness say why from now on."""
         self.failure = reason
         log.error(reason)
-
-    def notice_text(self) -> str | None:
-        return self.notice
 
     async def _probe(self) -> tuple[ProbeReport | None, dict | None]:
         """Run `python -m embcap.gpu_probe` (torch and CUDA stay out of this process): (report, decision)."""
@@ -214,8 +211,8 @@ class Supervisor:
     async def _watch(self, stubs: dict[int, str]) -> str:
         """Return once tritonserver or one of its Python-backend stubs has died.
 
-        Triton keeps reporting a model ready after its stub died, while every request
-        to it fails, so the stubs are watched here as processes."""
+        Triton keeps reporting a model ready after its stub died, while every request to it fails,
+        so the stubs are watched here as processes."""
         self.watching, self.beat = True, time.monotonic()
         try:
             while True:
@@ -233,8 +230,7 @@ class Supervisor:
             self.watching = False
 
     def _stub_death(self, model: str) -> str:
-        """Why a stub died: the reason its engine left before exiting (embcap.contract.engine_failure_file),
-        else that it died."""
+        """Why a stub died: the reason its engine left before exiting (contract.engine_failure_file), or that it did."""
         try:
             reason = engine_failure_file(model, self.triton.temp_dir).read_text(errors="replace").strip()
         except OSError:
