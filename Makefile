@@ -14,7 +14,7 @@ export EMBCAP_CACHE_DIR ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup serve export test test-slow soak clean help
+.PHONY: setup serve export lint test test-slow soak clean help
 .DEFAULT_GOAL := help
 
 # Variables `make help` shows with their values (a target's text names them as $(NAME)).
@@ -57,7 +57,10 @@ serve: setup  ## serve $(CHECKPOINT) on port $(PORT), Triton gRPC on $(GRPC_PORT
 	$(PY) server.py --checkpoint $(CHECKPOINT) --model-repository $(REPOSITORY) --port $(PORT) \
 	  $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT))
 
-test: setup  ## the default suite (unit, integration on a real Triton, one end-to-end)
+lint: $(VENV)/.installed  ## ruff (pyproject.toml's rules), first in `make test`
+	$(PY) -m ruff check .
+
+test: setup lint  ## lint, then the default suite (unit, integration on a real Triton, one end-to-end)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-slow: setup  ## slow and soak tests only

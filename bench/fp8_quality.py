@@ -74,7 +74,7 @@ def candidate_rows(generator, prefix: np.ndarray, candidates: int, slots: int) -
 
 def greedy_tokens(generator, prefix: np.ndarray, slots: int = 16) -> list[list[int]]:
     """Each row's greedy caption tokens (the caption rules applied, as served)."""
-    from embcap.running_batch import RunningBatch
+    from embcap.engines.continuous.running_batch import RunningBatch
 
     tokens: dict[int, list[int]] = {}
     for start in range(0, len(prefix), slots):
@@ -91,7 +91,7 @@ def teacher_forced(reference, other, prefix: np.ndarray, tokens: list[list[int]]
     """Top-1 agreement and mean KL(reference || other) of next-token predictions along `tokens`."""
     import torch
 
-    from embcap.slot_decoder import SlotKVDecoder
+    from embcap.engines.continuous.slot_decoder import SlotKVDecoder
 
     agree = kl = count = 0.0
     for start in range(0, len(prefix), chunk):

@@ -270,8 +270,9 @@ def _check_weight_files(repo: Path, files: list[Path], checkpoint: str) -> list[
         if untracked:
             more = f" and {len(untracked) - 4} more" if len(untracked) > 4 else ""
             results.append(Result("models-committed", FAIL,
-                                  f"{len(untracked)} of {len(relative)} checkpoint file(s) not committed (the evaluator "
-                                  f"clones the repository): {', '.join(untracked[:4])}{more}; commit them: "
+                                  f"{len(untracked)} of {len(relative)} checkpoint file(s) not committed "
+                                  f"(the evaluator clones the repository): {', '.join(untracked[:4])}{more}; "
+                                  "commit them: "
                                   f"git add {checkpoint} && git commit"))
         else:
             results.append(Result("models-committed", PASS, f"all {len(relative)} checkpoint files are committed"))

@@ -110,7 +110,8 @@ def check_driver(repo: Path, driver: str) -> list[Result]:
             results.append(Result(build.check, WARN, f"{build.what}: its CUDA version is not in "
                                                       "embcap/cuda_builds.py; check the wheel's nvidia-* dependencies"))
         elif build.cuda is None:
-            results.append(Result(build.check, WARN, f"{build.what} is a CPU-only build: {build.fallback} on any driver"))
+            results.append(Result(build.check, WARN,
+                                  f"{build.what} is a CPU-only build: {build.fallback} on any driver"))
         elif version_tuple(driver) >= version_tuple(min_driver(build.cuda) or "999999"):
             results.append(Result(build.check, PASS, f"{build.what} (CUDA {build.cuda}, needs >= "
                                                       f"{min_driver(build.cuda)}): {build.runs} on the GPU"))

@@ -24,7 +24,7 @@ from embcap.contract import EMBEDDING_DIM
 SPEC_FILE = "caption_model.json"
 PREFIX_PLACEHOLDER = "{prefix}"
 FORMAT_VERSION = 1
-# What the decoder does when a GPU is visible but torch cannot use it (embcap.gpu_probe decides;
+# What the decoder does when a GPU is visible but torch cannot use it (embcap.device decides;
 # server.py --on-unusable-gpu overrides it). Why auto is the default: README, "GPU builds".
 UnusableGpuPolicy = Literal["auto", "serve-cpu", "refuse"]
 DEFAULT_UNUSABLE_GPU_POLICY: UnusableGpuPolicy = "auto"
@@ -79,11 +79,6 @@ class PromptTemplate(_Strict):
             raise ValueError(f"prompt template must contain {PREFIX_PLACEHOLDER!r} exactly once")
         return self
 
-    def split(self) -> tuple[str, str]:
-        """Return the text before and after the prefix placeholder."""
-        before, after = self.template.split(PREFIX_PLACEHOLDER)
-        return before, after
-
 
 class GenerationSettings(_Strict):
     """Decoding settings applied to every row."""
@@ -109,8 +104,9 @@ class SentenceTransformerEncoder(_Strict):
     kind: Literal["sentence-transformers"] = "sentence-transformers"
     path: str | None = Field(None, description="model folder, relative to the checkpoint or absolute")
     package: str | None = Field(None, description="installed Python package whose folder holds the model")
-    lift_seed: int | None = Field(None, description="map the encoder's vectors into the embedding space with the "
-                                                    "fixed orthonormal lift of embcap.text_encoder drawn from this seed")
+    lift_seed: int | None = Field(None, description="map the encoder's vectors into the embedding space with "
+                                                    "the fixed orthonormal lift of embcap.text_encoder drawn from "
+                                                    "this seed")
     chunk_tokens: int | None = Field(None, ge=1, description="split longer texts into pieces of at most this many "
                                                             "tokens and average their embeddings")
 

@@ -32,7 +32,7 @@ DEFAULT_ENGINE = "continuous"
 # requests to meet in one batch (bench/RESULTS.md: 20 ms at c=16); the continuous one
 # batches by itself and must not wait.
 QUEUE_DELAY_US = {"continuous": 0, "hf": 20_000}
-# The continuous engine's attention kernels on a GPU (embcap.slot_decoder; "auto" lets PyTorch pick).
+# The continuous engine's attention kernels on a GPU (embcap.engines.continuous.slot_decoder; "auto" lets PyTorch pick).
 ATTENTION_BACKENDS = ("auto", "cudnn", "efficient", "math")
 # The continuous engine's projections in FP8 on a GPU (embcap.fp8): off, or how their inputs are scaled.
 FP8_MODES = ("off", "static", "dynamic")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -79,11 +78,11 @@ def heldout_rows(checkpoint: Checkpoint, start: int, count: int, seed: int = 0) 
         return HeldOut(embeddings.reshape(len(table), -1), [str(t) for t in table.column("description").to_pylist()],
                        str(parquet))
     from embcap.candidate_encoders import load_text_encoder
-    from embcap.corpus import read_captions
+    from embcap.captions_file import read_caption_lines
     from embcap.inputs import realistic_around
 
     path = checkpoint.root / HELDOUT_CAPTIONS
-    captions = [caption.text for caption in read_captions(path)][start:start + count]
+    captions = read_caption_lines(path)[0][start:start + count]
     if not captions:
         raise CheckpointError(f"{path} has no rows from row {start} on")
     directions = load_text_encoder(checkpoint).encode(captions)
@@ -113,7 +112,7 @@ def observe_amax(generator, prefix: np.ndarray, candidates: int = 1) -> AmaxObse
     """Decode [N, P, H] prefix rows (each as `candidates` candidates, as served) through the continuous engine's
     unquantised forward, watching every projection's input."""
     from embcap.candidates import candidate_plan
-    from embcap.running_batch import RunningBatch
+    from embcap.engines.continuous.running_batch import RunningBatch
 
     lean = generator.lean
     if lean.fp8_mode != "off":

@@ -237,7 +237,8 @@ class LeanLlama(nn.Module):
             layers.append(LeanLayer(
                 *_fused([attention.q_proj, attention.k_proj, attention.v_proj]), attention.o_proj.weight.detach(),
                 _bias(attention.o_proj), *_fused([mlp.gate_proj, mlp.up_proj]), mlp.down_proj.weight.detach(),
-                _bias(mlp.down_proj), layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()))
+                _bias(mlp.down_proj), layer.input_layernorm.weight.detach(),
+                layer.post_attention_layernorm.weight.detach()))
         return cls(model.config, model.get_input_embeddings().weight.detach(), layers, body.norm.weight.detach(),
                    model.get_output_embeddings().weight.detach())
 
@@ -266,7 +267,8 @@ class LeanLlama(nn.Module):
                 tensors.get(f"{prefix}self_attn.o_proj.weight"), tensors.optional(f"{prefix}self_attn.o_proj.bias"),
                 *tensors.fused([f"{prefix}mlp.gate_proj", f"{prefix}mlp.up_proj"]),
                 tensors.get(f"{prefix}mlp.down_proj.weight"), tensors.optional(f"{prefix}mlp.down_proj.bias"),
-                tensors.get(f"{prefix}input_layernorm.weight"), tensors.get(f"{prefix}post_attention_layernorm.weight")))
+                tensors.get(f"{prefix}input_layernorm.weight"),
+                tensors.get(f"{prefix}post_attention_layernorm.weight")))
             if index + 1 == count or (index + 1) % max(1, count // 4) == 0:
                 log(f"decoder weights: {index + 1}/{count} layers on {device} ({tensors.bytes / 1e9:.3f} GB with the "
                     f"embeddings, {time.perf_counter() - started:.2f} s)")
@@ -314,7 +316,8 @@ class _ShardedTensors:
         path = self.where[key]
         if path not in self.open:
             # Memory-mapped, and put on the device tensor by tensor: the host never holds the model.
-            self.open[path] = safe_open(str(path), "pt", device=str(self.device) if self.device.type == "cuda" else "cpu")
+            device = str(self.device) if self.device.type == "cuda" else "cpu"
+            self.open[path] = safe_open(str(path), "pt", device=device)
         tensor = self.open[path].get_tensor(key)
         if not tensor.is_floating_point():
             raise ValueError(f"{path}: {key} is {tensor.dtype}; the continuous engine reads floating-point weights "

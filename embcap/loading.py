@@ -1,7 +1,8 @@
 """Loading a checkpoint for use: its spec, its decoder folder and config, its projector, its generator.
 
-Every caller (export, the Triton decoder, the benchmark's local model, evaluation,
-training's scoring) goes through `resolve_checkpoint`, so a checkpoint is read one way.
+Export, evaluation, training's scoring and the benchmarks go through `resolve_checkpoint`; the
+Triton decoder, whose decoder folder the export already resolved, builds a `ResolvedCheckpoint`
+from it directly. Either way one class loads a checkpoint's parts.
 """
 
 from __future__ import annotations

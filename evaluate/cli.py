@@ -56,11 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def training_captions(args: argparse.Namespace) -> list[str] | None:
     """Captions for the retrieval baseline, if asked for."""
     if args.baseline_train:
-        from evaluate.datasets import read_caption_lines
+        from embcap.captions_file import read_caption_lines
 
         return read_caption_lines(args.baseline_train)[0]
     if args.baseline_corpus:
-        from embcap.corpus import build_corpus
+        from tooling.corpus import build_corpus
 
         return [c.text for c in build_corpus().train]
     return None

@@ -64,7 +64,8 @@ def curve_markdown(rows: list[dict], judges: list[str], retrieval: dict[str, flo
     return "\n".join(lines) + "\n"
 
 
-def plot_curve(rows: list[dict], judges: list[str], path: Path, retrieval: dict[str, float] | None = None) -> Path | None:
+def plot_curve(rows: list[dict], judges: list[str], path: Path,
+               retrieval: dict[str, float] | None = None) -> Path | None:
     """Mean similarity against candidates per row (log scale), a line per judge; None without matplotlib."""
     try:
         import matplotlib

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from embcap.captions_file import read_caption_lines
+
 DEFAULT_HELDOUT = Path(__file__).resolve().parent.parent / "models" / "default" / "heldout.txt"
 NORMS = ("as-is", "realistic")
 
@@ -60,19 +62,6 @@ class Dataset:
         rows = sorted(random.Random(seed).sample(range(len(self)), limit))
         return Dataset(self.name, self.embeddings[rows], [self.references[i] for i in rows],
                        [self.sources[i] for i in rows])
-
-
-def read_caption_lines(path: str | Path) -> tuple[list[str], list[str]]:
-    """(captions, sources) from a captions file; plain lines get the source "captions"."""
-    captions, sources = [], []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        source, tab, text = line.partition("\t")
-        captions.append(text.strip() if tab else line)
-        sources.append(source if tab else "captions")
-    return captions, sources
 
 
 def from_captions(path: str | Path, name: str | None = None) -> Dataset:

@@ -37,7 +37,8 @@ def retrieval_baseline(
     """Nearest training caption (by cosine in the conditioning space) scored by the judge."""
     query = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     keys = train_embeddings / np.maximum(np.linalg.norm(train_embeddings, axis=1, keepdims=True), 1e-12)
-    nearest = np.concatenate([np.argmax(chunk @ keys.T, axis=1) for chunk in np.array_split(query, max(1, len(query) // 256))])
+    chunks = np.array_split(query, max(1, len(query) // 256))
+    nearest = np.concatenate([np.argmax(chunk @ keys.T, axis=1) for chunk in chunks])
     picked = [train_captions[i] for i in nearest]
     return score_rows(judge, picked, references), picked
 

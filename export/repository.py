@@ -11,7 +11,7 @@ from typing import Callable
 
 from embcap.candidate_encoders import check_text_encoder
 from embcap.contract import CANDIDATES, CAPTION, DECODER, ENSEMBLE, PROJECTOR, RERANKER, served_models
-from embcap.gpu_probe import resolve_decoder_device
+from embcap.device import resolve_decoder_device
 from embcap.loading import ResolvedCheckpoint, resolve_checkpoint
 from embcap.lean_llama import fp8_unsupported, unsupported
 from export.onnx_projector import PARITY_TOLERANCE, export_projector_onnx, onnx_parity_error

@@ -7,7 +7,7 @@ from pathlib import Path
 import psutil
 
 from embcap.contract import DECODER, PROJECTOR, RERANKER
-from embcap.gpu_probe import ProbeReport
+from embcap.device import ProbeReport
 from export.templates import parse_model_config
 
 # Which runtime puts each model on a GPU (the reranker: torch for a sentence-transformers encoder, the usual

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from embcap.checkpoint import SPEC_FILE
 from embcap.contract import ENSEMBLE, engine_failure_file
-from embcap.gpu_probe import ProbeReport
+from embcap.device import ProbeReport
 from export import EXPORT_FAILED
 from export.options import ExportOptions, to_argv
 from runtime.instance import Record, RepositoryLock, new_instance_id, shm_prefix
@@ -88,8 +88,8 @@ class Supervisor:
         log.error(reason)
 
     async def _probe(self) -> tuple[ProbeReport | None, dict | None]:
-        """Run `python -m embcap.gpu_probe` (torch and CUDA stay out of this process): (report, decision)."""
-        command = [sys.executable, "-m", "embcap.gpu_probe", "--json"]
+        """Run `python -m runtime.gpu_probe` (torch and CUDA stay out of this process): (report, decision)."""
+        command = [sys.executable, "-m", "runtime.gpu_probe", "--json"]
         if (Path(self.args.checkpoint) / SPEC_FILE).is_file():
             command += ["--checkpoint", str(self.args.checkpoint)]
         if self.args.on_unusable_gpu:

@@ -74,7 +74,8 @@ class TritonOptions:
         if self.metrics_port is None:
             args.append("--allow-metrics=false")
         else:
-            args += ["--allow-metrics=true", f"--allow-gpu-metrics={str(self.gpu_metrics).lower()}", "--metrics-address=127.0.0.1",
+            args += ["--allow-metrics=true", f"--allow-gpu-metrics={str(self.gpu_metrics).lower()}",
+                     "--metrics-address=127.0.0.1",
                      f"--metrics-port={self.metrics_port}"]
         return args
 

@@ -161,7 +161,8 @@ def test_report_verdicts_say_met_missed_or_na_from_the_answering_figure():
     assert "-219.00 ms" in detail and "= 3.00 ms" in detail and "n/a" in detail
 
     rng = np.random.default_rng(0)  # per-request samples: 4.8 ms apart, 1 ms jitter -> clearly missed
-    samples = {"gateway_outside_ms": list(6.0 + rng.normal(0, 1, 30)), "direct_outside_ms": list(1.2 + rng.normal(0, 1, 30))}
+    samples = {"gateway_outside_ms": list(6.0 + rng.normal(0, 1, 30)),
+               "direct_outside_ms": list(1.2 + rng.normal(0, 1, 30))}
     met = {t["key"]: t for t in report.targets(dict(results, overhead_paired=samples))}["gateway_overhead"]
     assert met["met"] is False and 4 < met["value"] < 5.6
     samples["gateway_outside_ms"] = [v - 4.0 for v in samples["gateway_outside_ms"]]  # 0.8 ms: met

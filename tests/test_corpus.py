@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from embcap import corpus
-from embcap.corpus import build_corpus, plural, present_participle, read_captions, third_person, write_captions
+from tooling import corpus
+from tooling.corpus import build_corpus, plural, present_participle, read_captions, third_person, write_captions
 
 pytestmark = pytest.mark.skipif(not (corpus.WORDNET_DIR / "data.noun").is_file(),
                                 reason="WordNet not installed (apt-get install wordnet-base)")

@@ -117,7 +117,8 @@ def test_doctor_passes_on_this_repository():
     assert code == 0, output
     failed = {name: row for name, row in rows.items() if row[0] == "FAIL"}
     assert not failed, output
-    for check in ("dockerfile-words", "dockerfile-legacy-builder", "dockerfile-workdir", "dockerfile-port", "dockerignore", "models",
+    for check in ("dockerfile-words", "dockerfile-legacy-builder", "dockerfile-workdir", "dockerfile-port",
+                  "dockerignore", "models",
                   "hadolint", "compose", "compose-sandbox", "export"):
         assert rows[check][0] == "PASS", output
 
@@ -174,11 +175,13 @@ BREAKAGES = {
                    "add to .gitattributes: *.safetensors filter=lfs diff=lfs merge=lfs -text"),
     "compose-invalid": (lambda r: edit(r / "docker-compose.yml", "pids_limit: 100", "pids_limit: lots"),
                         "compose", "does not validate"),
-    "compose-writable-root": (lambda r: edit(r / "docker-compose.yml", "    read_only: true\n    cap_drop", "    cap_drop"),
+    "compose-writable-root": (lambda r: edit(r / "docker-compose.yml", "    read_only: true\n    cap_drop",
+                                             "    cap_drop"),
                               "compose-sandbox", "root is not read-only"),
     "compose-exec-tmp": (lambda r: edit(r / "docker-compose.yml", "/tmp:rw,noexec,nosuid", "/tmp:rw,nosuid"),
                          "compose-sandbox", "/tmp is not a noexec tmpfs"),
-    "compose-no-app-cache": (lambda r: edit(r / "docker-compose.yml", "      - /app/cache:rw,exec,nosuid,size=8g\n", ""),
+    "compose-no-app-cache": (lambda r: edit(r / "docker-compose.yml",
+                                            "      - /app/cache:rw,exec,nosuid,size=8g\n", ""),
                              "compose-sandbox", "/app/cache is not an exec-able tmpfs"),
 }
 
@@ -234,8 +237,9 @@ def test_export_failure_is_reported(broken):
 
 
 def test_hotkey_command_writes_exactly_and_refuses_bad_input(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "doctor", "--repo", str(tmp_path), "hotkey", *a],
-                                    cwd=ROOT, capture_output=True, text=True)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "doctor", "--repo", str(tmp_path), "hotkey", *a],
+                              cwd=ROOT, capture_output=True, text=True)
     assert run(ALICE + "\n").returncode == 0  # a pasted newline is dropped
     assert (tmp_path / "hotkey.txt").read_bytes() == ALICE.encode()
     shown = run()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from embcap.engines import Cancelled, EngineFailed, Job, Overloaded, create_engine, generate_blocking
-from embcap.engines.continuous import ContinuousEngine
+from embcap.engines.continuous.engine import ContinuousEngine
 from embcap.engines.metrics import COUNTERS, GAUGES, STEP_HISTOGRAM, EngineMetrics
 from embcap.generation import CaptionGenerator
 from test_engines import load, random_prefix

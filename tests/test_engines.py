@@ -17,7 +17,7 @@ from embcap.engines import Cancelled, Job, create_engine, generate_blocking
 from embcap.generation import BLANK_FALLBACK, CaptionGenerator
 from embcap.inputs import realistic_embeddings
 from embcap.projector import load_projector
-from embcap.running_batch import RunningBatch
+from embcap.engines.continuous.running_batch import RunningBatch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -244,7 +244,7 @@ def test_candidates_count_against_the_slots(early_ending):
 
 
 def test_a_request_past_its_deadline_frees_all_its_candidate_rows(tiny_checkpoint):
-    from embcap.engines.continuous import ContinuousEngine
+    from embcap.engines.continuous.engine import ContinuousEngine
 
     slow = load(tiny_checkpoint, max_new_tokens=4000, min_new_tokens=4000)
     engine = ContinuousEngine(slow, slots=2, timeout_s=0.5, candidates=4)

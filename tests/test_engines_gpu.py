@@ -40,7 +40,7 @@ def prefix(g, rows: int, seed: int = 0) -> np.ndarray:
 
 
 def test_graph_replay_with_rows_joining_equals_hf_in_fp32():
-    from embcap.running_batch import RunningBatch
+    from embcap.engines.continuous.running_batch import RunningBatch
 
     g = generator("tiny", torch.float32, max_new_tokens=12, min_new_tokens=12)
     rows = prefix(g, 6)
@@ -60,7 +60,7 @@ def test_graph_replay_with_rows_joining_equals_hf_in_fp32():
 
 
 def test_graph_step_equals_eager_step():
-    from embcap.running_batch import RunningBatch
+    from embcap.engines.continuous.running_batch import RunningBatch
 
     g = generator("tiny", torch.float32, max_new_tokens=8, min_new_tokens=8)
     results = []
@@ -131,7 +131,7 @@ def test_sampled_candidates_on_an_explicit_gpu_are_reproducible_and_equal_the_de
 
 def test_candidates_in_captured_graphs_equal_eager_candidates():
     from embcap.candidates import candidate_plan
-    from embcap.running_batch import RunningBatch
+    from embcap.engines.continuous.running_batch import RunningBatch
 
     g = generator("tiny", torch.float32, max_new_tokens=8, min_new_tokens=8)
     results = []
@@ -207,7 +207,7 @@ def test_the_fp8_gemm_on_the_gpu_equals_the_cpus(static):
 @needs_fp8
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 def test_fp8_graph_replay_equals_eager_with_rows_joining(mode):
-    from embcap.running_batch import RunningBatch
+    from embcap.engines.continuous.running_batch import RunningBatch
 
     g = fp8_generator(generator("tiny", torch.bfloat16, max_new_tokens=10, min_new_tokens=10), mode)
     results = []

@@ -1,4 +1,4 @@
-"""Both engines behind a real tritonserver: staggered mixed requests, parity, cancellation, dead stubs."""
+"""Both engines behind a real tritonserver: staggered mixed requests, parity, cancellation, deadlines."""
 
 from __future__ import annotations
 
@@ -121,7 +121,8 @@ def test_an_abandoned_request_frees_its_rows(slow_triton):
 def test_a_request_past_the_deadline_is_an_error_never_a_partial_answer(slow_triton, tmp_path):
     gateway, base = start_gateway(slow_triton.url, tmp_path / "gateway.log", env={REQUEST_TIMEOUT_ENV: "1"})
     try:
-        response = httpx.post(base + "/api/v1/inference", json={"embedding": realistic_embeddings(4).reshape(-1).tolist()},
+        body = {"embedding": realistic_embeddings(4).reshape(-1).tolist()}
+        response = httpx.post(base + "/api/v1/inference", json=body,
                               timeout=30)
         assert response.status_code == 504 and response.json()["error"] == "triton_timeout"
         assert "texts" not in response.json()

@@ -22,7 +22,7 @@ from evaluate.judges import minilm_judge
 from evaluate.report import retrieval_baseline
 
 DIM = 1024
-PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's "42%|####" 
+PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's "42%|####"
 
 class BrokenPeer(BaseHTTPRequestHandler):
     """A deliberately wrong server: one caption too few on /api/v1/inference, 500 on /api/v1/v2t,

@@ -19,8 +19,8 @@ from embcap.fp8_calibration import (CALIBRATION_ROWS, calibrate, calibrate_check
 from embcap.generation import CaptionGenerator
 from embcap.lean_llama import LeanLlama, ProjectionScales
 from embcap.loading import resolve_checkpoint
-from embcap.running_batch import RunningBatch
-from embcap.slot_decoder import SlotKVDecoder
+from embcap.engines.continuous.running_batch import RunningBatch
+from embcap.engines.continuous.slot_decoder import SlotKVDecoder
 from export.options import ExportOptions, to_argv
 from export.repository import export_repository, render_configs
 from export.templates import TemplateError, parse_model_config
@@ -51,7 +51,8 @@ def logits(generator: CaptionGenerator, prefix: np.ndarray) -> torch.Tensor:
 
 def test_quantising_frees_the_projections_and_reads_about_a_quarter_of_their_fp32_bytes(tiny_checkpoint):
     model = LeanLlama.from_pretrained(tiny_checkpoint / "decoder")
-    projections = sum(getattr(layer, name).numel() for layer in model.layers for name in ("qkv", "o", "gate_up", "down"))
+    names = ("qkv", "o", "gate_up", "down")
+    projections = sum(getattr(layer, name).numel() for layer in model.layers for name in names)
     before = model.weight_bytes()
     assert model.fp8_mode == "off"
     model.quantise_fp8(None)

@@ -20,8 +20,9 @@ from conftest import ROOT
 from doctor import driver as doctor_driver
 from embcap import cuda_builds
 from embcap.checkpoint import CheckpointError, load_checkpoint
-from embcap.gpu_probe import (CPU_ANSWER_BUDGET_S, GpuSignals, ProbeReport, Surroundings, cpu_request_seconds,
-                              decide, decoder_parameters, detect_gpu, judge, probe, resolve_decoder_device)
+from embcap.device import (CPU_ANSWER_BUDGET_S, GpuSignals, ProbeReport, Surroundings, cpu_request_seconds, decide,
+                           decoder_parameters, detect_gpu, judge, resolve_decoder_device)
+from runtime.gpu_probe import probe
 
 H100_SMI = "535.104.05, NVIDIA H100 80GB HBM3"
 PROC_VERSION = ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  550.54.15  Release Build  "
@@ -216,14 +217,15 @@ def test_checkpoint_setting(tiny_checkpoint, tmp_path):
 
 
 def test_probe_command_under_a_faked_gpu(tiny_checkpoint, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "embcap.gpu_probe", "--json", "--checkpoint", str(tiny_checkpoint)],
+    run = subprocess.run([sys.executable, "-m", "runtime.gpu_probe", "--json", "--checkpoint", str(tiny_checkpoint)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, **fake_gpu_env(tmp_path)})
     assert run.returncode == 0, run.stderr
     answer = json.loads(run.stdout)
     assert answer["decision"]["serve"] and answer["decision"]["policy"] == "auto"
-    assert "NVIDIA driver 535.104.05" in answer["decision"]["line"] and "policy auto: ~0 s" in answer["decision"]["line"]
-    plain = subprocess.run([sys.executable, "-m", "embcap.gpu_probe", "--policy", "refuse"], cwd=ROOT,
+    line = answer["decision"]["line"]
+    assert "NVIDIA driver 535.104.05" in line and "policy auto: ~0 s" in line
+    plain = subprocess.run([sys.executable, "-m", "runtime.gpu_probe", "--policy", "refuse"], cwd=ROOT,
                            capture_output=True, text=True, timeout=120, env={**os.environ, **fake_gpu_env(tmp_path)})
     assert plain.stdout.splitlines()[0].endswith("Refusing to serve on the CPU (policy refuse)")
 

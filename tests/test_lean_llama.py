@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from embcap.checkpoint import load_checkpoint
 from embcap.engines import create_engine, generate_blocking
 from embcap.generation import CaptionGenerator
 from embcap.lean_llama import LeanLlama, unsupported

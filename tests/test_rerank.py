@@ -10,7 +10,7 @@ import torch
 
 from embcap.candidate_encoders import (OnnxTextTower, check_text_encoder, load_text_encoder,
                                        split_by_token_limit)
-from embcap.checkpoint import CheckpointError, OnnxTextEncoder, RerankSettings, load_checkpoint, save_spec
+from embcap.checkpoint import CheckpointError, OnnxTextEncoder, RerankSettings, load_checkpoint
 from embcap.generation import BLANK_FALLBACK
 from embcap.rerank import Reranker, candidate_scores
 from embcap.text_encoder import encode_captions

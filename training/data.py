@@ -7,10 +7,10 @@ others. Every file is checked before training starts; a bad one stops the run wi
 error naming the file, the column and the row.
 
 Captions (today's default recipe): a captions file, or ``wordnet`` for the WordNet corpus of
-`embcap.corpus`; the conditioning vectors are `embcap.text_encoder.encode_captions` of
+`tooling.corpus`; the conditioning vectors are `embcap.text_encoder.encode_captions` of
 each caption, computed per batch. A captions file is UTF-8 text with one caption per line,
 or ``SOURCE<TAB>caption`` (SOURCE tags the row, e.g. ``scene``; scores are reported per tag);
-blank lines and lines starting with ``#`` are skipped (`evaluate.datasets.read_caption_lines`).
+blank lines and lines starting with ``#`` are skipped (`embcap.captions_file`).
 
 Longer than 250 lines: the parquet checks (every file, column and row named in the errors)
 and the caption-embedding path yield the same Examples, so they live together.
@@ -218,7 +218,7 @@ def captions_examples(captions: list[str], sources: list[str], name: str = "capt
 
 def read_captions_file(path: str | Path) -> tuple[list[str], list[str]]:
     """(captions, sources) of a captions file; DataError when it is missing or unreadable."""
-    from evaluate.datasets import read_caption_lines
+    from embcap.captions_file import read_caption_lines
 
     if not Path(path).is_file():
         raise DataError(f"{path}: no such captions file (nor parquet files)")
@@ -247,7 +247,7 @@ def load_data(spec: str, *, conditioning: str, heldout: str | None, heldout_size
         raise DataError(f"{spec}: captions data is conditioned on the encoder, not {conditioning!r} "
                         "(give parquet files for a column)")
     if spec == WORDNET:
-        from embcap.corpus import build_corpus, read_captions, write_captions
+        from tooling.corpus import build_corpus, read_captions, write_captions
 
         train_path, held_path = run_dir / "train.txt", run_dir / "heldout.txt"
         if not (train_path.is_file() and held_path.is_file()):
@@ -258,7 +258,7 @@ def load_data(spec: str, *, conditioning: str, heldout: str | None, heldout_size
         held = read_captions(held_path)
         return DataSet(captions_examples([c.text for c in train], [c.source for c in train]),
                        captions_examples([c.text for c in held], [c.source for c in held]),
-                       [f"WordNet corpus (embcap/corpus.py, seed {seed})"], ENCODER, CORPUS_SPLIT)
+                       [f"WordNet corpus (tooling/corpus.py, seed {seed})"], ENCODER, CORPUS_SPLIT)
     captions, sources = read_captions_file(spec)
     data = captions_examples(captions, sources, spec)
     if heldout:

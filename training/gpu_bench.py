@@ -130,7 +130,7 @@ def measure(args: argparse.Namespace, mode: str, prompt: tuple[list[int], list[i
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
         "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)] if losses else None,
     }
-    del model, optimizer, projector
+    model = optimizer = projector = None  # the closure holds them: rebinding frees the memory before empty_cache
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -146,7 +146,8 @@ def markdown(report: dict) -> str:
         ratio = row.get("ratio_to_frozen")
         lines.append(f"| {row['mode']} | {row['steps_per_s']:.3f} | {row['samples_per_s']:.1f} | "
                      f"{row['tokens_per_s']:.0f} | {'n/a' if ratio is None else f'{ratio:.3f}'} | "
-                     f"{row['trainable_params']:,} | {row['peak_memory_gib'] if row['peak_memory_gib'] is not None else '-'} |")
+                     f"{row['trainable_params']:,} | "
+                     f"{row['peak_memory_gib'] if row['peak_memory_gib'] is not None else '-'} |")
     return "\n".join(lines) + "\n"
 
 

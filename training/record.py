@@ -56,7 +56,8 @@ def final_table(record: dict) -> list[str]:
     lines = [f"The written checkpoint, loaded as the server loads it, on {first['rows']} held-out rows, greedy, "
              f"engine `{first['engine']}`. Retrieval: the training caption nearest each input (cosine in the "
              "conditioning space), judged the same way.", "",
-             "| inputs | judge | this model | nearest training caption | model - retrieval |", "|---|---|---:|---:|---:|"]
+             "| inputs | judge | this model | nearest training caption | model - retrieval |",
+             "|---|---|---:|---:|---:|"]
     for shape, score in final.items():
         for judge, value in score["judges"].items():
             base = score["retrieval"].get(judge)
@@ -100,8 +101,9 @@ def model_card(record: dict) -> str:
              "", "## Data",
              f"- Files: {', '.join(f'`{f}`' for f in data['files'])}",
              f"- Conditioning: `{data['conditioning']}`"
-             + (" (`embcap.text_encoder`: all-MiniLM-L6-v2 lifted to 1024-d; the model captions vectors near caption "
-                "embeddings in that space, not ImageBind video embeddings)" if data["conditioning"] == "encoder" else "")
+             + (" (`embcap.text_encoder`: all-MiniLM-L6-v2 lifted to 1024-d; the model captions vectors near "
+                "caption embeddings in that space, not ImageBind video embeddings)"
+                if data["conditioning"] == "encoder" else "")
              + f"; target: `{data['target']}`, cut to {record['max_caption_tokens']} tokens",
              f"- Rows: {data['train_rows']} training, {data['heldout_rows']} held out ({data['split']})",
              f"- Input noise model (`{RECORD_FILE}` `noise_model`): {_describe(noise)}",

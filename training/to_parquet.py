@@ -4,7 +4,8 @@
     python -m training.to_parquet --captions my_captions.txt --out data/mine
 
 A captions file is UTF-8 text, one caption per line, or ``SOURCE<TAB>caption`` (SOURCE tags the row,
-e.g. ``scene``); blank lines and lines starting with ``#`` are skipped. Each row: ``video_embed`` = `embcap.text_encoder.encode_captions(description)` scaled to
+e.g. ``scene``); blank lines and lines starting with ``#`` are skipped. Each row: ``video_embed`` =
+`embcap.text_encoder.encode_captions(description)` scaled to
 `--norm` (the evaluator's video embeddings have norms of about 0.5-0.9), ``description`` and a
 ``video_id``. The WordNet corpus keeps its own held-out split (``heldout.parquet``).
 """
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         parser.error("--norm must be in (0, 1]")
     written = []
     if args.captions == WORDNET:
-        from embcap.corpus import build_corpus
+        from tooling.corpus import build_corpus
 
         corpus = build_corpus(seed=args.seed, heldout_size=args.heldout_size, max_train=args.max_train)
         for name, part in (("train", corpus.train), ("heldout", corpus.heldout)):

@@ -73,7 +73,8 @@ def copied_encoder_spec(folder: Path) -> SentenceTransformerEncoder | OnnxTextEn
     """The spec of an encoder folder once copied to the checkpoint's RERANK_ENCODER_DIR: an ONNX text tower
     (model.onnx + tokenizer.json) or a sentence-transformers folder (modules.json)."""
     if (folder / "model.onnx").is_file() and (folder / "tokenizer.json").is_file():
-        return OnnxTextEncoder(path=f"{RERANK_ENCODER_DIR}/model.onnx", tokenizer=f"{RERANK_ENCODER_DIR}/tokenizer.json")
+        return OnnxTextEncoder(path=f"{RERANK_ENCODER_DIR}/model.onnx",
+                               tokenizer=f"{RERANK_ENCODER_DIR}/tokenizer.json")
     if (folder / "modules.json").is_file():
         return SentenceTransformerEncoder(path=RERANK_ENCODER_DIR)
     raise ValueError(f"--rerank-encoder {folder}: neither model.onnx + tokenizer.json nor a sentence-transformers "

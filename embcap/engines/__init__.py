@@ -26,7 +26,7 @@ def create_engine(name: str, generator: "CaptionGenerator", slots: int, use_grap
 
         return HFEngine(generator, candidates)
     if name == "continuous":
-        from embcap.engines.continuous import ContinuousEngine
+        from embcap.engines.continuous.engine import ContinuousEngine
 
         return ContinuousEngine(generator, slots, use_graphs, candidates=candidates, **continuous)
     raise ValueError(f"unknown engine {name!r}: choose one of {ENGINES}")

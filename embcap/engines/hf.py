@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
+from itertools import islice
 
 import numpy as np
 
-from embcap.batching import split_rows
 from embcap.candidates import candidate_plan
 from embcap.engines.base import EngineStats, Job, answer
 from embcap.generation import BLANK_FALLBACK, CaptionGenerator
@@ -46,8 +46,9 @@ class HFEngine:
         if fallbacks:
             self.stats.blank_fallbacks += fallbacks
             log.warning("%d row(s) stayed blank up to max_new_tokens: answered %r", fallbacks, BLANK_FALLBACK)
-        for job, rows in zip(jobs, split_rows(captions, [job.rows * self.candidates for job in jobs])):
-            answer(job, list(rows), None)
+        rows = iter(captions)
+        for job in jobs:
+            answer(job, list(islice(rows, job.rows * self.candidates)), None)
 
     def close(self) -> None:
         """Nothing runs in the background."""

@@ -19,7 +19,6 @@ import tempfile
 import time
 
 import httpx
-import numpy as np
 
 sys.path.insert(0, os.getcwd())  # the repository (nsenter --wd): the shared input generator
 from embcap.inputs import realistic_embeddings  # noqa: E402
@@ -80,8 +79,11 @@ def wait(base: str, seconds: float) -> dict:
 
 
 def api(base: str) -> dict:
-    body = lambda rows: {"embedding": realistic_embeddings(rows, seed=rows).ravel().tolist()}
-    out = {"health": {path: httpx.get(base + path, timeout=5).status_code for path in ("/api/v1/health", "/health", "/")}}
+    def body(rows: int) -> dict:
+        return {"embedding": realistic_embeddings(rows, seed=rows).ravel().tolist()}
+
+    paths = ("/api/v1/health", "/health", "/")
+    out = {"health": {path: httpx.get(base + path, timeout=5).status_code for path in paths}}
     counts = {}
     for path in ("/api/v1/inference", "/api/v1/v2t"):
         for rows in (1, 4, 33):
@@ -92,7 +94,8 @@ def api(base: str) -> dict:
 
     async def concurrent() -> list[list[int]]:
         async with httpx.AsyncClient(timeout=60) as client:
-            responses = await asyncio.gather(*(client.post(base + "/api/v1/inference", json=body(4)) for _ in range(16)))
+            posts = (client.post(base + "/api/v1/inference", json=body(4)) for _ in range(16))
+            responses = await asyncio.gather(*posts)
         return [[r.status_code, len(r.json().get("texts", []))] for r in responses]
 
     out["concurrent"] = asyncio.run(concurrent())

@@ -65,7 +65,7 @@ class TritonPythonModel:
         from embcap.checkpoint import load_checkpoint
         from embcap.engines import Cancelled, EngineFailed, Job, Overloaded, create_engine
         from embcap.engines.metrics import EngineMetrics
-        from embcap.gpu_probe import resolve_decoder_device
+        from embcap.device import resolve_decoder_device
         from embcap.loading import ResolvedCheckpoint
 
         self.job, self.cancelled_error = Job, Cancelled

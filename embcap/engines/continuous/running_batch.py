@@ -28,7 +28,7 @@ import torch
 
 from embcap.candidates import CandidatePlan, candidate_plan
 from embcap.generation import BLANK_FALLBACK, CaptionGenerator, is_visible
-from embcap.slot_decoder import SlotKVDecoder, bucket_sizes
+from embcap.engines.continuous.slot_decoder import SlotKVDecoder, bucket_sizes
 
 
 @dataclass

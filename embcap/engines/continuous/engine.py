@@ -9,7 +9,7 @@ whole batch, and short captions leave without waiting for long ones. A job whose
 (embcap.deadlines), is answered with Cancelled and its rows leave the batch.
 
 With N candidates per row (best-of-N), each of a job's rows takes N slots of the running
-batch (its prompt prefilled once, see embcap.running_batch); the job is admitted when all
+batch (its prompt prefilled once, see embcap.engines.continuous.running_batch); the job is admitted when all
 its rows x N slots are free, and answered with rows x N captions, row by row.
 
 Failures stay with the jobs they belong to: a failed admission (a prefill that raises, out
@@ -45,7 +45,7 @@ from embcap.contract import OVERLOAD_MARK
 from embcap.deadlines import request_timeout_s
 from embcap.engines.base import Cancelled, EngineFailed, EngineStats, Job, Overloaded, answer
 from embcap.generation import BLANK_FALLBACK, CaptionGenerator
-from embcap.running_batch import RunningBatch
+from embcap.engines.continuous.running_batch import RunningBatch
 
 log = logging.getLogger(__name__)
 FAILURE_LIMIT = 3  # consecutive failed steps that make the engine failed for good

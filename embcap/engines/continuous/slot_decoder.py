@@ -3,7 +3,7 @@
 This is the tensor half of the continuous engine: it owns the KV cache, runs the
 prefill of newly joined rows and one decode step for the first `bucket` slots,
 and picks the next token of every slot on the device. Rows come and go between
-steps; the caller (embcap.running_batch) decides which slot holds which row.
+steps; the caller (embcap.engines.continuous.running_batch) decides which slot holds which row.
 
 Why a forward of our own instead of the model's `forward()`: Hugging Face's caches
 keep one length for the whole batch (transformers 5.24's StaticLayer writes at a
@@ -57,7 +57,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
-def _linear_add(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _linear_add(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
     """residual + x @ weight.T (+ bias), the addition done by the matrix multiply itself (one kernel, not two)."""
     if bias is not None:
         return residual + F.linear(x, weight, bias)

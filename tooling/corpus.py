@@ -27,6 +27,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from embcap.captions_file import read_caption_lines
+
 WORDNET_DIR = Path("/usr/share/wordnet")
 
 NOUN_LEX = {"animal": 5, "artifact": 6, "food": 13, "location": 15, "object": 17, "person": 18, "plant": 20}
@@ -132,7 +134,8 @@ def _descends(offset: str, synsets: dict[str, _Synset], roots: set[str], memo: d
         return memo[offset]
     memo[offset] = False  # guards against cycles
     synset = synsets.get(offset)
-    result = offset in roots or (synset is not None and any(_descends(h, synsets, roots, memo) for h in synset.hypernyms))
+    result = offset in roots or (synset is not None
+                                 and any(_descends(h, synsets, roots, memo) for h in synset.hypernyms))
     memo[offset] = result
     return result
 
@@ -183,7 +186,8 @@ def load_vocabulary(root: Path = WORDNET_DIR) -> Vocabulary:
     noun_home, verb_home = _dominant(counts, 1), _dominant(counts, 2)
     nouns = _parse_data(root / "data.noun", "n")
     verbs = _parse_data(root / "data.verb", "v")
-    roots = {s.offset for s in nouns.values() for lemma, lex in PLACE_ROOTS if s.lexfile == lex and lemma in s.words[:1]}
+    roots = {s.offset for s in nouns.values() for lemma, lex in PLACE_ROOTS
+             if s.lexfile == lex and lemma in s.words[:1]}
     memo: dict[str, bool] = {}
     place_offsets = {o for o in nouns if _descends(o, nouns, roots, memo)}
 
@@ -221,8 +225,10 @@ def load_vocabulary(root: Path = WORDNET_DIR) -> Vocabulary:
     places = _ranked(noun_words({lex["artifact"], lex["object"], lex["location"], 3}, only_places=True), 2, 120)
     return Vocabulary(
         people=people, animals=animals, objects=objects, foods=foods, places=places,
-        verbs_intransitive=_ranked(verb_words({vlex["motion"], vlex["body"], vlex["competition"]}, INTRANSITIVE), 2, 80),
-        verbs_thing=_ranked(verb_words({vlex["contact"], vlex["creation"], vlex["perception"]}, TRANSITIVE_THING), 2, 100),
+        verbs_intransitive=_ranked(verb_words({vlex["motion"], vlex["body"], vlex["competition"]}, INTRANSITIVE),
+                                   2, 80),
+        verbs_thing=_ranked(verb_words({vlex["contact"], vlex["creation"], vlex["perception"]}, TRANSITIVE_THING),
+                            2, 100),
         verbs_food=[wc for wc in _ranked(verb_words(set(vlex.values()), TRANSITIVE_THING), 0, 10**6)
                     if wc[0] in FOOD_VERBS or verb_home.get(wc[0]) == vlex["consumption"]][:30],
         verbs_person=_ranked(verb_words({vlex["social"], vlex["contact"]}, TRANSITIVE_PERSON), 2, 50),
@@ -354,7 +360,8 @@ class SceneGenerator:
         if kind == "animal" or roll < 0.3:
             if kind == "animal" and self.rng.random() < 0.3:
                 verb = self._pick(self.vocab.verbs_food)
-                return f"{subject} {self._verb_phrase(verb, is_plural)} {self._np(self.vocab.foods, [])} {self._place()}"
+                food = self._np(self.vocab.foods, [])
+                return f"{subject} {self._verb_phrase(verb, is_plural)} {food} {self._place()}"
             verb = self._pick(self.vocab.verbs_intransitive)
             return f"{subject} {self._verb_phrase(verb, is_plural)} {self._place()}"
         if roll < 0.6:
@@ -454,12 +461,5 @@ def write_captions(captions: list[Caption], path: str | Path) -> Path:
 
 
 def read_captions(path: str | Path) -> list[Caption]:
-    """Read a captions file: `source<TAB>text` lines, or plain one caption per line."""
-    out = []
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        source, tab, text = line.partition("\t")
-        out.append(Caption(text.strip(), source, source) if tab else Caption(line, "captions", "captions"))
-    return out
+    """Read a captions file (embcap.captions_file): one Caption per line, grouped by its source."""
+    return [Caption(text, source, source) for text, source in zip(*read_caption_lines(path))]
