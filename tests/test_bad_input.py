@@ -1,5 +1,6 @@
 """Malformed requests against the live gateway: each gets a 4xx JSON error, never a 500,
-and the server stays healthy."""
+and the server stays healthy (a smoke test of one case per answer, and what only a live server shows:
+methods, body sizes, slow and aborted uploads)."""
 
 from __future__ import annotations
 
@@ -23,49 +24,17 @@ LIMIT = GatewaySettings().max_body_bytes  # the test gateway runs with the defau
 DRAIN = GatewaySettings().max_drain_bytes
 
 
-def as_json(obj) -> bytes:
-    return json.dumps(obj).encode()
-
-
-def raw_number(text: str) -> bytes:
-    return b'{"embedding": [' + b"0.5, " * 1023 + text.encode() + b"]}"
-
-
+# One of each answer the live gateway gives a malformed body (the full table is tests/test_validation.py's).
 # (case, body, content type, status, fragment of the detail)
 CASES = [
-    ("empty body", b"", "application/json", 400, "empty"),
     ("not JSON", b"hello", "application/json", 400, "not valid JSON"),
-    ("truncated JSON", b'{"embedding": [1, 2', "application/json", 400, "not valid JSON"),
-    ("invalid UTF-8", b'{"embedding": ["\xff\xfe"]}', "application/json", 400, "not valid JSON"),
     ("deeply nested", b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "not valid JSON"),
-    ("JSON array", as_json([ROW]), "application/json", 422, "JSON object"),
-    ("JSON string", as_json("embedding"), "application/json", 422, "JSON object"),
-    ("JSON null", b"null", "application/json", 422, "JSON object"),
-    ("JSON number", b"42", "application/json", 422, "JSON object"),
-    ("no fields", as_json({}), "application/json", 422, "missing field 'embedding'"),
-    ("wrong field name", as_json({"embeddings": ROW}), "application/json", 422, "missing field 'embedding'"),
-    ("extra field", as_json({"embedding": ROW, "model": "x"}), "application/json", 422, "unknown field(s) 'model'"),
-    ("embedding is a string", as_json({"embedding": "0.1,0.2"}), "application/json", 422, "flat list"),
-    ("embedding is a number", as_json({"embedding": 0.5}), "application/json", 422, "flat list"),
-    ("embedding is an object", as_json({"embedding": {"a": 1}}), "application/json", 422, "flat list"),
-    ("embedding is null", as_json({"embedding": None}), "application/json", 422, "flat list"),
-    ("empty list", as_json({"embedding": []}), "application/json", 422, "is empty"),
-    ("1000 numbers", as_json({"embedding": ROW[:1000]}), "application/json", 422, "not a multiple of 1024"),
-    ("1025 numbers", as_json({"embedding": ROW + [0.1]}), "application/json", 422, "not a multiple of 1024"),
-    ("NaN", raw_number("NaN"), "application/json", 422, "NaN"),
-    ("Infinity", raw_number("Infinity"), "application/json", 422, "Infinity"),
-    ("-Infinity", raw_number("-Infinity"), "application/json", 422, "Infinity"),
-    ("string element", as_json({"embedding": ROW[:-1] + ["0.5"]}), "application/json", 422, "[1023] is str"),
-    ("null element", as_json({"embedding": [None] + ROW[1:]}), "application/json", 422, "[0] is NoneType"),
-    ("bool element", as_json({"embedding": [False] + ROW[1:]}), "application/json", 422, "[0] is bool"),
-    ("nested lists", as_json({"embedding": [ROW, ROW]}), "application/json", 422, "[0] is list"),
-    ("beyond float32", raw_number("1e39"), "application/json", 422, "not a finite float32"),
-    ("beyond float64", raw_number("1e400"), "application/json", 422, "not a finite float32"),
-    ("huge integer", raw_number("1" + "0" * 400), "application/json", 422, "too large"),
-    ("batch above the limit", as_json({"embedding": ROW * 257}), "application/json", 422, "limit of 256"),
-    ("text/plain", as_json({"embedding": ROW}), "text/plain", 415, "not JSON"),
-    ("multipart", as_json({"embedding": ROW}), "multipart/form-data; boundary=x", 415, "not JSON"),
-    ("XML", b"<embedding/>", "application/xml", 415, "not JSON"),
+    ("wrong field name", json.dumps({"embeddings": ROW}).encode(), "application/json", 422,
+     "missing field 'embedding'"),
+    ("NaN", b'{"embedding": [' + b"0.5, " * 1023 + b"NaN]}", "application/json", 422, "NaN"),
+    ("batch above the served limit", json.dumps({"embedding": ROW * 257}).encode(), "application/json", 422,
+     "limit of 256"),
+    ("text/plain", json.dumps({"embedding": ROW}).encode(), "text/plain", 415, "not JSON"),
 ]
 
 
