@@ -122,7 +122,7 @@ class TritonPythonModel:
         self.factory = _Metrics()
         try:
             self.rows_metric = self.factory.counter(*ROWS_COUNTER, instance)
-            self.metrics = EngineMetrics(self.engine, self.factory, {"engine": self.engine.name},
+            self.metrics = EngineMetrics(self.engine, self.factory, instance,
                                          warn=pb_utils.Logger.log_warn).start()
         except Exception as exc:  # metrics are a convenience, never a reason to fail loading
             pb_utils.Logger.log_warn(f"decoder: metrics unavailable: {exc}")
