@@ -77,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         print(binary)
         return 0
     if args.command == "report":
-        from bench.report import main as report_main
+        import json
 
-        report_main([str(args.run_dir)])
+        from bench.report import write
+
+        print(write(json.loads((args.run_dir / "results.json").read_text()), args.run_dir))
         return 0
     from bench.run import Plan, PlanError, run as run_bench
 

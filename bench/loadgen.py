@@ -98,7 +98,6 @@ class LevelResult:
     mean_ms: float
     ramp_requests: int = 0  # each worker's first request: counted for throughput, not for latency
     over_deadline: int = 0  # answered, but later than the evaluator's deadline (60 s)
-    mean_all_ms: float = float("nan")  # mean over every answered request, ramp-up included
     error_samples: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
@@ -174,9 +173,7 @@ async def run_level(base_url: str, bodies: list[bytes], rows_per_request: int, c
         timeouts=timeouts, captions=captions, wall_s=wall, captions_per_s=captions / wall if wall else 0.0,
         requests_per_s=ok / wall if wall else 0.0, p50_ms=percentile(ms, 50), p95_ms=percentile(ms, 95),
         p99_ms=percentile(ms, 99), mean_ms=float(np.mean(ms)) if ms else float("nan"), ramp_requests=len(ramp),
-        over_deadline=sum(v > EVALUATOR_DEADLINE_S for v in latencies + ramp),
-        mean_all_ms=1000 * float(np.mean(latencies + ramp)) if latencies + ramp else float("nan"),
-        error_samples=errors[:5],
+        over_deadline=sum(v > EVALUATOR_DEADLINE_S for v in latencies + ramp), error_samples=errors[:5],
     )
 
 
@@ -229,8 +226,7 @@ async def run_open_loop(base_url: str, bodies: list[bytes], rows_per_request: in
         timeouts=timeouts, captions=captions, wall_s=wall, captions_per_s=captions / wall if wall else 0.0,
         requests_per_s=len(latencies) / wall if wall else 0.0, p50_ms=percentile(ms, 50), p95_ms=percentile(ms, 95),
         p99_ms=percentile(ms, 99), mean_ms=float(np.mean(ms)) if ms else float("nan"),
-        over_deadline=sum(v > EVALUATOR_DEADLINE_S for v in latencies),
-        mean_all_ms=float(np.mean(ms)) if ms else float("nan"), error_samples=errors[:5],
+        over_deadline=sum(v > EVALUATOR_DEADLINE_S for v in latencies), error_samples=errors[:5],
         extra={"rate_rps": rate_rps, "latencies_ms": ms},
     )
 
