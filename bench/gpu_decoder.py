@@ -31,8 +31,9 @@ head). Targets for FP8 on the 8B shape: at most 3.3 ms per step at batch <= 16 a
 Writes results.json and
 results.md (and results.png where matplotlib is installed) into `--out`.
 
-Longer than 250 lines on purpose: it is carried alone to a bare CUDA host (torch and
-transformers only), so the model builder, both engines' timing and the report stay in one file.
+Longer than 250 lines on purpose: it is the one command run on a bare CUDA host (torch and
+transformers beside the repository), so both engines' timing, FP8, best-of-N and the report stay in one file;
+the model builder is tooling.builders'.
 """
 
 from __future__ import annotations
@@ -45,36 +46,11 @@ import sys
 import time
 from pathlib import Path
 
-SHAPES = {
-    # name: (hidden, intermediate, layers, heads, kv heads, tie embeddings)
-    "tiny": (64, 128, 2, 4, 2, False),
-    "smollm2-135m": (576, 1536, 30, 9, 3, True),
-    "llama-0.5b": (1024, 4096, 24, 16, 4, False),
-    "llama-1b": (2048, 8192, 16, 32, 8, True),  # Llama-3.2-1B's layers
-    "llama3-8b": (4096, 14336, 32, 32, 8, False),
-}
+from tooling.builders import SHAPES, build_model
+
 BANDWIDTH_TB_S = {"H100": 3.35, "H200": 4.8, "A100": 2.0}  # HBM, per card name
 FP8_TARGET_MS = ((16, 3.3), (64, 4.0))  # 8B shape: ms per step at batch <= 16 and at batch 64
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def build_model(shape: str, vocab: int, device: str, dtype):
-    """A Llama-family decoder of `shape` with random weights, built on `device` in `dtype`."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hidden, intermediate, layers, heads, kv_heads, tie = SHAPES[shape]
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=4096, rope_theta=500_000.0, tie_word_embeddings=tie)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
 
 
 def fp8_generator(generator, mode: str, device: str, rows: int = 16):
