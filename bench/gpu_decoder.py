@@ -20,7 +20,7 @@ calibrated from other rows of the benchmark's own inputs (random weights have no
 the time to calibrate and quantise is reported beside the start-up. On the CPU the FP8 GEMMs run
 through torch's CPU `_scaled_mm` (numerics only: serving FP8 there is refused at export). Agreement
 of FP8 with the unquantised decoder is measured on real weights too: the default checkpoint's
-SmolLM2 and projector on its held-out rows (`--agreement-checkpoint`; bench.fp8_quality), where its
+SmolLM2 and projector on its held-out rows (`--agreement-checkpoint`; tooling.fp8_agreement), where its
 decoder folder is on disk. With `--candidates 8,16` it adds
 best-of-N: a request of `--candidate-rows` rows, each decoded as N sampled candidates
 sharing its prefill (continuous engine), with its ms per step and request time
@@ -273,14 +273,14 @@ def agreement(generator, fp8_generators: dict, device: str) -> tuple[float, dict
 
 
 def real_weights_agreement(folder: str, device: str, dtype, modes: list[str], rows: int) -> dict:
-    """FP8 against the unquantised decoder on a checkpoint's real weights and held-out rows (bench.fp8_quality),
+    """FP8 against the unquantised decoder on a checkpoint's real weights and held-out rows (tooling.fp8_agreement),
     or why it was not measured."""
     if folder == "none" or not modes:
         return {"skipped": "not asked for"}
     from embcap.checkpoint import CheckpointError
     from embcap.loading import resolve_checkpoint
 
-    from bench.fp8_quality import greedy_agreement
+    from tooling.fp8_agreement import greedy_agreement
 
     try:
         resolved = resolve_checkpoint(folder)
