@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench import loadgen, triton_stats
-from bench.common import embedding_pool
-from bench.report import pyplot
+from bench.common import embedding_pool, pyplot
 from tooling.stats import VERDICT_WORDS, p50_ratio, p50_seconds, throughput_ratio, verdict
 
 P50_TARGET_S = 8.0  # the shipped N's 4-row request p50 on the development CPU (2 cores)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.report import fmt, level, pyplot, verdict_lines
+from bench.common import fmt, level, pyplot, verdict_lines
 from tooling.stats import VERDICT_WORDS, Estimate, bootstrap_ratio, p50_ratio, throughput_ratio, verdict
 
 NEW, REFERENCE = "continuous", "hf"

@@ -5,9 +5,9 @@ call to the same Triton model with the same embeddings. Triton's statistics are 
 before and after each request, so each sample is that request's time outside Triton: the
 decoder's run-to-run jitter, which dominates an unpaired p50 difference, cancels per
 request. The overhead is mean(gateway path) - mean(direct path), with a Welch 95% interval
-(tooling.stats.welch_difference): the benchmark's one gateway-overhead figure. The HTTP side uses the standard library's keep-alive
-client, lean like tritonclient's gRPC on the direct side, so the figure is the gateway's cost,
-not an HTTP client library's (httpx adds ~0.45 ms per request of its own).
+(tooling.stats.welch_difference): the benchmark's one gateway-overhead figure. The HTTP side uses
+the standard library's keep-alive client, lean like tritonclient's gRPC on the direct side, so the
+figure is the gateway's cost, not an HTTP client library's (httpx adds ~0.45 ms per request of its own).
 
     python -m bench.overhead --gateway-url http://127.0.0.1:8000 --grpc-url 127.0.0.1:8001
 """

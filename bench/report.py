@@ -1,15 +1,14 @@
-"""results.json -> report.md (tables, targets, machine) and plot.png; the helpers the other reports share.
+"""results.json -> report.md (tables, targets, machine) and plot.png.
 
 Every verdict comes from tooling.stats: met or missed only when the whole 95% interval is on one side.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-from tooling.stats import VERDICT_WORDS, throughput_rel_se, p50_ratio, ratio_estimate, throughput_ratio, verdict, \
-    welch_difference
+from bench.common import fmt, level, pyplot, save, table, verdict_lines
+from tooling.stats import p50_ratio, ratio_estimate, throughput_ratio, throughput_rel_se, verdict, welch_difference
 
 TARGETS = {
     "throughput_c16": "captions/s at concurrency 16 >= 4x the naive baseline",
@@ -19,40 +18,6 @@ TARGETS = {
     "offline_c32": "captions/s at concurrency 32 >= 80% of offline throughput at the same batch size",
     "cold_start": "cold start (process start to healthy) < 30 s",
 }
-
-
-def level(rows: list[dict], concurrency: int) -> dict | None:
-    return next((r for r in rows if r["concurrency"] == concurrency), None)
-
-
-def fmt(value, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:,.{digits}f}"
-
-
-def verdict_lines(title: str, targets: list[dict]) -> str:
-    """One line per target: [MET|MISSED|n/a] target: detail."""
-    return "\n".join([title] + [f"  [{VERDICT_WORDS[t['met']]:6}] {t['target']}: {t['detail']}" for t in targets])
-
-
-def pyplot():
-    """matplotlib's pyplot on the Agg backend, or None where matplotlib is not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save(figure, path: Path, dpi: int = 110) -> Path:
-    figure.tight_layout()
-    figure.savefig(path, dpi=dpi)
-    pyplot().close(figure)
-    return path
 
 
 def _offline_at(offline: dict | None, batch: float, exact: bool = False) -> dict | None:
@@ -136,9 +101,9 @@ def markdown(results: dict) -> str:
         "",
         "## Load: our stack (gateway -> Triton) vs the naive baseline",
         "",
-        "| concurrency | ours captions/s | ours p50 ms | ours p95 ms | ours p99 ms | ours errors | decoder batch (mean rows) "
-        "| baseline captions/s | baseline p50 ms | baseline p95 ms | baseline p99 ms | baseline errors | speed-up |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *table("concurrency", "ours captions/s", "ours p50 ms", "ours p95 ms", "ours p99 ms", "ours errors",
+               "decoder batch (mean rows)", "baseline captions/s", "baseline p50 ms", "baseline p95 ms",
+               "baseline p99 ms", "baseline errors", "speed-up"),
     ]
     def errors(row: dict) -> str:
         late = row.get("over_deadline", 0)
@@ -163,20 +128,20 @@ def markdown(results: dict) -> str:
     pa = results.get("perf_analyzer", [])
     if pa:
         lines += ["", "## Triton direct (perf_analyzer, gRPC, no gateway)", "",
-                  "| concurrency | requests | captions/s | p50 ms | p95 ms | p99 ms | server queue ms | server compute ms |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  *table("concurrency", "requests", "captions/s", "p50 ms", "p95 ms", "p99 ms", "server queue ms",
+                         "server compute ms")]
         for r in pa:
             lines.append(f"| {r['concurrency']} | {r['requests']} | {fmt(r['captions_per_s'], 2)} | {fmt(r['p50_ms'])} "
                          f"| {fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['server_queue_ms'])} "
                          f"| {fmt(r['server_compute_ms'])} |")
     offline = results.get("offline")
     if offline:
-        lines += ["", f"## Offline limit (decoder only, plain loop, `{offline.get('generator', 'hf')}` generate)", "",
-                  "| batch | captions/s | s per batch | repeats | mean caption tokens |", "|---:|---:|---:|---:|---:|"]
+        lines += ["", f"## Offline limit (decoder only, in-process, `{offline.get('engine', 'hf')}` engine)", "",
+                  *table("batch", "captions/s", "s per batch (best)", "repeats", "mean caption tokens")]
         for r in offline["results"]:
-            lines.append(f"| {r['batch']} | {fmt(r['captions_per_s'], 2)} | {fmt(r['seconds_per_batch_mean'], 3)} "
+            lines.append(f"| {r['batch']} | {fmt(r['captions_per_s'], 2)} | {fmt(r['request_s'], 3)} "
                          f"| {r['repeats']} | {fmt(r['mean_caption_tokens'])} |")
-    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    lines += ["", "## Targets", "", *table("target", "measured", "met", align="---")]
     for t in targets(results):
         word = {True: "met", False: "**missed**", None: "n/a"}[t["met"]]
         lines.append(f"| {t['target']} | {t['detail']} | {word} |")
@@ -184,16 +149,18 @@ def markdown(results: dict) -> str:
     opts = results.get("export_options", {})
     lines += [
         "", "## Machine and settings", "",
-        f"- CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs, {m['cpus_usable']} usable; {', '.join(m['cpu_flags'])}), "
-        f"{m['memory_gib']} GiB RAM, {m['platform']}",
+        f"- CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs, {m['cpus_usable']} usable; "
+        f"{', '.join(m['cpu_flags'])}), {m['memory_gib']} GiB RAM, {m['platform']}",
         f"- Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, numpy {m['numpy']}",
         f"- Threads (decoder, baseline and offline alike): {results['thread_settings']['env']}, "
         f"decoder_threads={results['thread_settings']['decoder_threads']}; projector in Triton: ONNX Runtime, "
         f"{opts.get('projector_threads', '-')} thread",
         f"- Triton export: max_batch_size {opts.get('max_batch_size', '-')}, decoder engine "
         f"{opts.get('engine', '-')}, queue delay "
-        f"{'the engine default (embcap.engines.QUEUE_DELAY_US)' if opts.get('queue_delay_us') is None else str(opts['queue_delay_us']) + ' us'}"
-        f", dynamic batching {opts.get('dynamic_batching', '-')}, decoder instances {opts.get('decoder_instances', '-')}",
+        + ("the engine default (embcap.engines.QUEUE_DELAY_US)" if opts.get("queue_delay_us") is None
+           else f"{opts['queue_delay_us']} us")
+        + f", dynamic batching {opts.get('dynamic_batching', '-')}, decoder instances "
+          f"{opts.get('decoder_instances', '-')}",
         f"- Load average at start: {m['load_average_at_start']}, at end: {m.get('load_average_at_end', '-')}; "
         f"other busy processes at start: {'; '.join(m['busy_processes_at_start']) or 'none'}",
         "- CPU used by processes outside this benchmark, mean cores per phase (of "
