@@ -51,7 +51,8 @@ def measure(shape: str, work: Path, timeout_s: float) -> dict:
 
 
 def render(rows: list[dict]) -> str:
-    lines = ["| decoder | parameters | weights (GB) | weights onto the device (s) | GB/s | process start to healthy (s) |",
+    lines = ["| decoder | parameters | weights (GB) | weights onto the device (s) | GB/s "
+             "| process start to healthy (s) |",
              "|---|---:|---:|---:|---:|---:|"]
     for row in rows:
         rate = row["weights_gb"] / row["weights_load_s"] if row["weights_load_s"] else None
