@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--level-duration-s", type=float, help="stop issuing requests after this long per level")
     run.add_argument("--timeout-s", type=float, help="per-request timeout (evaluator: 60)")
     run.add_argument("--offline-batches", type=_ints)
-    run.add_argument("--offline-min-seconds", type=float)
-    run.add_argument("--offline-max-repeats", type=int)
+    run.add_argument("--offline-repeats", type=int, help="timed decodes per offline batch size (the best counts)")
     run.add_argument("--pa-levels", type=_ints, help="perf_analyzer concurrency levels")
     run.add_argument("--pa-requests-per-level", type=int)
     run.add_argument("--pool-requests", type=int, help="distinct request bodies")
@@ -77,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         print(binary)
         return 0
     if args.command == "report":
-        from bench.report import main as report_main
+        import json
 
-        report_main([str(args.run_dir)])
+        from bench.report import write
+
+        print(write(json.loads((args.run_dir / "results.json").read_text()), args.run_dir))
         return 0
     from bench.run import Plan, PlanError, run as run_bench
 

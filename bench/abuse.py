@@ -300,26 +300,17 @@ def main(argv: list[str] | None = None) -> None:
                  "shm": lambda: probe_shm(stack)}[name]()
         finally:
             stack.stop()
-    if "flood" in probes:
-        stack = Stack(args.checkpoint, args.work / "flood", fd_limit=args.flood_fd_limit)
-        try:
-            probe_flood(stack, args.flood)
-        finally:
-            stack.stop()
-    if "capacity" in probes:
-        stack = Stack(args.checkpoint, args.work / "capacity", env={"EMBCAP_REQUEST_TIMEOUT_S":
-                                                                     str(args.capacity_timeout_s)})
-        try:
-            probe_capacity(stack, args.capacity_requests)
-        finally:
-            stack.stop()
-    if "fds" in probes:
-        stack = Stack(args.checkpoint, args.work / "fds", fd_limit=args.fd_limit)
-        try:
-            probe_fds(stack, args.fd_limit)
-        finally:
-            stack.stop()
-
+    runs = {"flood": (dict(fd_limit=args.flood_fd_limit), lambda stack: probe_flood(stack, args.flood)),
+            "capacity": (dict(env={"EMBCAP_REQUEST_TIMEOUT_S": str(args.capacity_timeout_s)}),
+                         lambda stack: probe_capacity(stack, args.capacity_requests)),
+            "fds": (dict(fd_limit=args.fd_limit), lambda stack: probe_fds(stack, args.fd_limit))}
+    for name, (settings, probe) in runs.items():  # each on a server of its own, started with its limits
+        if name in probes:
+            stack = Stack(args.checkpoint, args.work / name, **settings)
+            try:
+                probe(stack)
+            finally:
+                stack.stop()
 
 if __name__ == "__main__":
     main()

@@ -18,18 +18,39 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from bench.model import load_local_model
 from gateway.app import HEALTH_PATHS, INFERENCE_PATHS
 from gateway.protocol import Limits, RequestError, encode_texts, parse_embeddings
 
 
+def load_captioner(checkpoint: Path, threads: int, engine: str = "hf"):
+    """(embeddings -> captions, row width): the checkpoint on the CPU as the Triton decoder loads it (same
+    CaptionGenerator and engines, `threads` torch threads, the spec's seed)."""
+    import torch
+
+    from embcap.engines import create_engine, generate_blocking
+    from embcap.loading import resolve_checkpoint
+
+    torch.set_num_threads(threads)
+    resolved = resolve_checkpoint(checkpoint)
+    torch.manual_seed(resolved.spec.generation.seed)
+    projector, decoder = resolved.load_projector(), create_engine(engine, resolved.load_generator(), 64)
+
+    def caption(embeddings: np.ndarray) -> list[str]:
+        with torch.inference_mode():
+            prefix = projector(torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)))
+        return generate_blocking(decoder, np.asarray(prefix, dtype=np.float32))
+
+    return caption, resolved.spec.embedding_dim
+
+
 def create_app(checkpoint: Path, threads: int) -> FastAPI:
-    model = load_local_model(checkpoint, threads)
+    caption, embedding_dim = load_captioner(checkpoint, threads)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")  # one request at a time
-    limits = Limits(embedding_dim=model.embedding_dim)
+    limits = Limits(embedding_dim=embedding_dim)
     app = FastAPI(title="embcap naive baseline", docs_url=None, redoc_url=None)
 
     async def health() -> JSONResponse:
@@ -40,7 +61,7 @@ def create_app(checkpoint: Path, threads: int) -> FastAPI:
             embeddings = parse_embeddings(await request.body(), limits)
         except RequestError as exc:
             return JSONResponse({"error": exc.code, "detail": exc.message}, status_code=exc.status)
-        texts = await asyncio.get_running_loop().run_in_executor(worker, model.caption, embeddings)
+        texts = await asyncio.get_running_loop().run_in_executor(worker, caption, embeddings)
         return Response(encode_texts(texts), media_type="application/json")
 
     for path in HEALTH_PATHS:

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Callable
 
 from bench import loadgen, triton_stats
-from bench.common import embedding_pool
-from bench.report import Estimate, median_se_ms, ratio_estimate, throughput_rel_se, verdict
+from bench.common import embedding_pool, pyplot
+from tooling.stats import VERDICT_WORDS, p50_ratio, p50_seconds, throughput_ratio, verdict
 
 P50_TARGET_S = 8.0  # the shipped N's 4-row request p50 on the development CPU (2 cores)
-VERDICT_WORDS = {True: "MET", False: "MISSED", None: "n/a"}
 
 
 def run_candidates(plan, out: Path, start_stack: Callable, warm: Callable, log: Callable[[str], None]) -> dict:
@@ -61,11 +60,6 @@ def run_candidates(plan, out: Path, start_stack: Callable, warm: Callable, log: 
     return results
 
 
-def _p50_s(level: dict) -> Estimate:
-    se = median_se_ms(level)
-    return Estimate.around(level["p50_ms"] / 1000, None if se is None else 1.96 * se / 1000)
-
-
 def write(phase: dict, out: Path) -> str:
     """candidates.md (table + verdict) and candidates.png; returns the markdown."""
     counts = sorted(int(count) for count in phase["counts"])
@@ -76,17 +70,16 @@ def write(phase: dict, out: Path) -> str:
     for count in counts:
         entry = phase["counts"][str(count)]
         seq, loaded = entry["sequential"], entry["loaded"]
-        p50_ratio = ratio_estimate(seq["p50_ms"], _rel(seq), base["sequential"]["p50_ms"], _rel(base["sequential"]))
-        rate_ratio = ratio_estimate(loaded["captions_per_s"], throughput_rel_se(loaded),
-                                    base["loaded"]["captions_per_s"], throughput_rel_se(base["loaded"]))
+        latency = p50_ratio(seq, base["sequential"])
+        rate = throughput_ratio(loaded, base["loaded"])
         shipped = " (shipped)" if count == phase["shipped"] else ""
-        lines.append(f"| {count}{shipped} | {_p50_s(seq).text(2)} | {p50_ratio.text(2, 'x')} | "
-                     f"{loaded['captions_per_s']:.2f} | {rate_ratio.text(2, 'x')} | {entry['cold_start_s']:.1f} |")
+        lines.append(f"| {count}{shipped} | {p50_seconds(seq).text(2)} | {latency.text(2, 'x')} | "
+                     f"{loaded['captions_per_s']:.2f} | {rate.text(2, 'x')} | {entry['cold_start_s']:.1f} |")
     shipped = phase["counts"][str(phase["shipped"])]["sequential"]
-    estimate = _p50_s(shipped)
+    estimate = p50_seconds(shipped)
     met = verdict(estimate, P50_TARGET_S, higher_is_better=False)
     summary = (f"shipped N={phase['shipped']}: 4-row p50 {estimate.text(2, ' s')} (target <= {P50_TARGET_S:g} s; "
-               f"N=1: {_p50_s(base['sequential']).text(2, ' s')}): {VERDICT_WORDS[met]}")
+               f"N=1: {p50_seconds(base['sequential']).text(2, ' s')}): {VERDICT_WORDS[met]}")
     lines += ["", summary, "", "Inside Triton, per sequential request (ms): the reranker stage's time against its own "
               "compute; the difference is the ensemble step's queueing and transfer.", "",
               "| N | decoder | reranker | reranker compute | ensemble step overhead |", "|---:|---:|---:|---:|---:|"]
@@ -107,18 +100,9 @@ def write(phase: dict, out: Path) -> str:
     return text
 
 
-def _rel(level: dict) -> float | None:
-    se = median_se_ms(level)
-    return None if se is None else se / level["p50_ms"]
-
-
 def _plot(phase: dict, counts: list[int], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     p50 = [phase["counts"][str(c)]["sequential"]["p50_ms"] / 1000 for c in counts]
     rate = [phase["counts"][str(c)]["loaded"]["captions_per_s"] for c in counts]

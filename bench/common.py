@@ -1,12 +1,17 @@
-"""Shared pieces of the benchmark: paths, the measured processes' environment, the request pool."""
+"""Shared pieces of the benchmark: paths, the measured processes' environment, the request pool, and the
+helpers the reports share (tables, numbers, verdict lines, plots)."""
 
 from __future__ import annotations
+
+import math
+from pathlib import Path
 
 import numpy as np
 
 from embcap.contract import EMBEDDING_DIM
 from runtime.local import ROOT
 from runtime.threads import worker_environment
+from tooling.stats import VERDICT_WORDS
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -43,3 +48,42 @@ def embedding_pool(requests: int, rows: int, seed: int = 0, kind: str = "normal"
         raise ValueError(f"unknown input kind {kind!r}: one of {INPUT_KINDS}")
     rng = np.random.default_rng(seed)
     return rng.standard_normal((requests, rows, EMBEDDING_DIM)).astype(np.float32)
+
+
+def level(rows: list[dict], concurrency: int) -> dict | None:
+    return next((r for r in rows if r["concurrency"] == concurrency), None)
+
+
+def fmt(value, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def verdict_lines(title: str, targets: list[dict]) -> str:
+    """One line per target: [MET|MISSED|n/a] target: detail."""
+    return "\n".join([title] + [f"  [{VERDICT_WORDS[t['met']]:6}] {t['target']}: {t['detail']}" for t in targets])
+
+
+def table(*columns: str, align: str = "---:") -> list[str]:
+    """A markdown table's header and alignment rows."""
+    return ["| " + " | ".join(columns) + " |", "|" + "|".join(align for _ in columns) + "|"]
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None where matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(figure, path: Path, dpi: int = 110) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+    pyplot().close(figure)
+    return path

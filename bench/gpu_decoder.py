@@ -20,7 +20,7 @@ calibrated from other rows of the benchmark's own inputs (random weights have no
 the time to calibrate and quantise is reported beside the start-up. On the CPU the FP8 GEMMs run
 through torch's CPU `_scaled_mm` (numerics only: serving FP8 there is refused at export). Agreement
 of FP8 with the unquantised decoder is measured on real weights too: the default checkpoint's
-SmolLM2 and projector on its held-out rows (`--agreement-checkpoint`; bench.fp8_quality), where its
+SmolLM2 and projector on its held-out rows (`--agreement-checkpoint`; tooling.fp8_agreement), where its
 decoder folder is on disk. With `--candidates 8,16` it adds
 best-of-N: a request of `--candidate-rows` rows, each decoded as N sampled candidates
 sharing its prefill (continuous engine), with its ms per step and request time
@@ -31,8 +31,9 @@ head). Targets for FP8 on the 8B shape: at most 3.3 ms per step at batch <= 16 a
 Writes results.json and
 results.md (and results.png where matplotlib is installed) into `--out`.
 
-Longer than 250 lines on purpose: it is carried alone to a bare CUDA host (torch and
-transformers only), so the model builder, both engines' timing and the report stay in one file.
+Longer than 250 lines on purpose: it is the one command run on a bare CUDA host (torch and
+transformers beside the repository), so both engines' timing, FP8, best-of-N and the report stay in one file;
+the model builder is tooling.builders'.
 """
 
 from __future__ import annotations
@@ -45,36 +46,11 @@ import sys
 import time
 from pathlib import Path
 
-SHAPES = {
-    # name: (hidden, intermediate, layers, heads, kv heads, tie embeddings)
-    "tiny": (64, 128, 2, 4, 2, False),
-    "smollm2-135m": (576, 1536, 30, 9, 3, True),
-    "llama-0.5b": (1024, 4096, 24, 16, 4, False),
-    "llama-1b": (2048, 8192, 16, 32, 8, True),  # Llama-3.2-1B's layers
-    "llama3-8b": (4096, 14336, 32, 32, 8, False),
-}
+from tooling.builders import SHAPES, build_model
+
 BANDWIDTH_TB_S = {"H100": 3.35, "H200": 4.8, "A100": 2.0}  # HBM, per card name
 FP8_TARGET_MS = ((16, 3.3), (64, 4.0))  # 8B shape: ms per step at batch <= 16 and at batch 64
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def build_model(shape: str, vocab: int, device: str, dtype):
-    """A Llama-family decoder of `shape` with random weights, built on `device` in `dtype`."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hidden, intermediate, layers, heads, kv_heads, tie = SHAPES[shape]
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=4096, rope_theta=500_000.0, tie_word_embeddings=tie)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
 
 
 def fp8_generator(generator, mode: str, device: str, rows: int = 16):
@@ -124,9 +100,10 @@ def sync(device: str) -> None:
 
 def measure_engine(name: str, generator, batches: list[int], new_tokens: int, device: str, repeats: int,
                    profile: bool = False, attention_backend: str = "auto", label: str | None = None,
-                   bandwidth_b_s: float | None = None) -> dict:
-    """Start-up, then per batch size: ms/step, request seconds and captions/s (best of `repeats`); the
-    weight bytes a step reads and their floor at `bandwidth_b_s`."""
+                   bandwidth_b_s: float | None = None, inputs=random_prefix) -> dict:
+    """Start-up, then per batch size: ms/step, request seconds and captions/s (best of `repeats`), mean caption
+    tokens; the weight bytes a step reads and their floor at `bandwidth_b_s`. `inputs(generator, rows, seed)`
+    gives each batch's prefix vectors."""
     import torch
 
     from embcap.engines import create_engine
@@ -142,10 +119,11 @@ def measure_engine(name: str, generator, batches: list[int], new_tokens: int, de
               "floor_ms": 1000 * read_bytes / bandwidth_b_s if bandwidth_b_s else None, "batches": {}}
     try:
         for index, batch in enumerate(batches):
-            prefix = random_prefix(generator, batch, seed=100 + index)
-            request_s = best_request_seconds(engine, prefix, batch, device, repeats)
-            entry = {"request_s": request_s, "captions_per_s": batch / request_s,
-                     "ms_per_step": 1000 * request_s / new_tokens}
+            request_s, texts = best_request_seconds(engine, inputs(generator, batch, 100 + index), batch, device,
+                                                    repeats)
+            tokens = [len(generator.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+            entry = {"request_s": request_s, "captions_per_s": batch / request_s, "repeats": repeats,
+                     "ms_per_step": 1000 * request_s / new_tokens, "mean_caption_tokens": sum(tokens) / batch}
             if name == "continuous":
                 entry["ms_per_step"] = 1000 * decode_step_seconds(engine, batch, device, steps=new_tokens)
             result["batches"][str(batch)] = entry
@@ -168,8 +146,9 @@ def measure_engine(name: str, generator, batches: list[int], new_tokens: int, de
     return result
 
 
-def best_request_seconds(engine, prefix, captions: int, device: str, repeats: int) -> float:
-    """One request of `prefix`'s rows, warmed once at this shape, then timed `repeats` times: the best."""
+def best_request_seconds(engine, prefix, captions: int, device: str, repeats: int) -> tuple[float, list[str]]:
+    """One request of `prefix`'s rows, warmed once at this shape, then timed `repeats` times: the best, and the
+    warm-up's captions."""
     from embcap.engines import generate_blocking
 
     texts = generate_blocking(engine, prefix)
@@ -181,7 +160,7 @@ def best_request_seconds(engine, prefix, captions: int, device: str, repeats: in
         generate_blocking(engine, prefix)
         sync(device)
         times.append(time.perf_counter() - began)
-    return min(times)
+    return min(times), texts
 
 
 CANDIDATES_TARGET_S = 0.30  # 4 rows x 8 candidates x 32 tokens, 8B shape on one H100-class GPU
@@ -201,7 +180,7 @@ def measure_candidates(generator, counts: list[int], rows: int, new_tokens: int,
         engine = create_engine("continuous", generator, slots=rows, candidates=count)
         try:
             entry = {"candidates": count, "rows": rows, "slots": rows * count,
-                     "request_s": best_request_seconds(engine, prefix, rows * count, device, repeats),
+                     "request_s": best_request_seconds(engine, prefix, rows * count, device, repeats)[0],
                      "ms_per_step": 1000 * decode_step_seconds(engine, rows * count, device, steps=new_tokens)}
         finally:
             engine.close()
@@ -297,14 +276,14 @@ def agreement(generator, fp8_generators: dict, device: str) -> tuple[float, dict
 
 
 def real_weights_agreement(folder: str, device: str, dtype, modes: list[str], rows: int) -> dict:
-    """FP8 against the unquantised decoder on a checkpoint's real weights and held-out rows (bench.fp8_quality),
+    """FP8 against the unquantised decoder on a checkpoint's real weights and held-out rows (tooling.fp8_agreement),
     or why it was not measured."""
     if folder == "none" or not modes:
         return {"skipped": "not asked for"}
     from embcap.checkpoint import CheckpointError
     from embcap.loading import resolve_checkpoint
 
-    from bench.fp8_quality import greedy_agreement
+    from tooling.fp8_agreement import greedy_agreement
 
     try:
         resolved = resolve_checkpoint(folder)
@@ -323,10 +302,11 @@ def render_markdown(report: dict) -> str:
     lines = [f"# Decoder engines: {report['shape']} on {report['device_name']} ({report['dtype']})", "",
              f"{report['weight_gb']:.2f} GB of weights read per step; floor "
              f"{'%.2f ms' % floor if floor else 'n/a (unknown bandwidth)'}; {report['new_tokens']} new tokens "
-             f"forced; prompt {report['prompt_length']} positions; greedy agreement hf vs continuous "
-             f"{report['agreement']:.2f}" + "".join(f", FP8 {mode} vs continuous {share:.2f}"
-                                                    for mode, share in report.get("fp8_agreement", {}).items())
-             + " (random weights: near-uniform logits flip on any rounding)."]
+             + ("at most (the checkpoint's own weights)" if report.get("checkpoint") else "forced")
+             + f"; prompt {report['prompt_length']} positions"
+             + ("" if report["agreement"] is None else f"; greedy agreement hf vs continuous {report['agreement']:.2f}"
+                + "".join(f", FP8 {mode} vs continuous {share:.2f}" for mode, share in report["fp8_agreement"].items())
+                + " (random weights: near-uniform logits flip on any rounding)") + "."]
     if report["device"] == "cpu" and report.get("fp8"):
         lines += ["", "On the CPU the FP8 GEMMs run through torch's CPU `_scaled_mm` (numerics, not speed)."]
     baseline = next((e for e in report["engines"] if e["engine"] == "continuous"), None)
@@ -407,46 +387,53 @@ def plot(report: dict, path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    def names(text: str) -> list[str]:
+        return [part.strip() for part in text.split(",") if part.strip()]
+
+    def numbers(text: str) -> list[int]:
+        return [int(part) for part in names(text)]
+
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_decoder", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="llama3-8b")
+    parser.add_argument("--checkpoint", type=Path, help="time this checkpoint's decoder instead, on its projector's "
+                        "prefixes of standard-normal rows (`python -m bench run`'s offline limit)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the de-quantised SmolLM2)")
-    parser.add_argument("--engines", default="hf,continuous")
-    parser.add_argument("--fp8", default="static,dynamic",
+    parser.add_argument("--engines", type=names, default="hf,continuous")
+    parser.add_argument("--fp8", type=names, default="static,dynamic",
                         help="FP8 input scalings to run the continuous engine with beside the unquantised one "
                              "(export --fp8 values); empty: none")
     parser.add_argument("--agreement-checkpoint", default=str(ROOT / "models" / "default"),
                         help="checkpoint whose real decoder and held-out rows measure FP8's agreement with the "
                              "unquantised decoder (skipped where its decoder is not on disk); none: skip")
     parser.add_argument("--agreement-rows", type=int, default=32)
-    parser.add_argument("--batches", default="1,4,16,64")
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batches", type=numbers, default="1,4,16,64")
+    parser.add_argument("--new-tokens", type=int, default=32, help="forced caption length (random weights)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="also list the kernels of one decode step")
-    parser.add_argument("--candidates", default="8,16",
+    parser.add_argument("--candidates", type=numbers, default="8,16",
                         help="best-of-N counts to measure (continuous engine); empty: none")
     parser.add_argument("--candidate-rows", type=int, default=4, help="rows of the best-of-N request")
-    parser.add_argument("--attention", default="auto",
+    parser.add_argument("--attention", type=names, default="auto",
                         help="continuous engine's attention kernels to compare (export --attention-backend values), "
                              "e.g. auto,efficient,math")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
+    import numpy as np
     import torch
-    from transformers import AutoTokenizer
 
-    from embcap.checkpoint import CaptionModelSpec, DecoderSource, GenerationSettings
     from embcap.contract import FP8_MODES
-    from embcap.generation import CaptionGenerator
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available here", file=sys.stderr)
         return 2
-    modes = [m.strip() for m in args.fp8.split(",") if m.strip()]
+    modes = args.fp8
     if set(modes) - set(FP8_MODES[1:]):
-        parser.error(f"--fp8 takes {','.join(FP8_MODES[1:])}, not {args.fp8!r}")
+        parser.error(f"--fp8 takes {','.join(FP8_MODES[1:])}, not {','.join(modes)!r}")
     if modes and args.device == "cuda":
         from embcap.fp8 import serving_problem
 
@@ -455,56 +442,72 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FP8 not measured: {problem}", file=sys.stderr)
             modes = []
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
-    tokenizer_dir = args.tokenizer
-    if tokenizer_dir is None:
-        from embcap.decoder_source import smollm2_decoder_dir
-
-        tokenizer_dir = smollm2_decoder_dir()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    spec = CaptionModelSpec(
-        name=f"random-{args.shape}", prefix_length=4, decoder=DecoderSource(path="random"),
-        prompt={"template": "Video:\n{prefix}\nCaption:"},
-        generation=GenerationSettings(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens),
-    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    model = build_model(args.shape, len(tokenizer), args.device, dtype)
-    generator = CaptionGenerator(spec, model, tokenizer)
+    inputs = random_prefix
+    if args.checkpoint:
+        from embcap.loading import resolve_checkpoint
+        from tooling.fp8_agreement import prefix_of
+
+        resolved = resolve_checkpoint(args.checkpoint)
+        torch.manual_seed(resolved.spec.generation.seed)
+        generator = resolved.load_generator(args.device, dtype)
+        shape, spec, new_tokens = resolved.spec.name, resolved.spec, resolved.spec.generation.max_new_tokens
+
+        def inputs(_, rows: int, seed: int):
+            embeddings = np.random.default_rng(seed).standard_normal((rows, spec.embedding_dim), dtype=np.float32)
+            return prefix_of(resolved, embeddings)
+    else:
+        from transformers import AutoTokenizer
+
+        from embcap.checkpoint import CaptionModelSpec, DecoderSource, GenerationSettings
+        from embcap.decoder_source import smollm2_decoder_dir
+        from embcap.generation import CaptionGenerator
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or smollm2_decoder_dir())
+        shape, new_tokens = args.shape, args.new_tokens
+        spec = CaptionModelSpec(
+            name=f"random-{shape}", prefix_length=4, decoder=DecoderSource(path="random"),
+            prompt={"template": "Video:\n{prefix}\nCaption:"},
+            generation=GenerationSettings(max_new_tokens=new_tokens, min_new_tokens=new_tokens),
+        )
+        generator = CaptionGenerator(spec, build_model(shape, len(tokenizer), args.device, dtype), tokenizer)
     sync(args.device)
     name = device_name(args.device)
     read_bytes = generator.lean.weight_bytes()
     speed = bandwidth(name) if args.device == "cuda" else None
-    print(f"{args.shape}: {read_bytes / 1e9:.2f} GB of weights on {name} ({dtype}), built in "
+    print(f"{shape}: {read_bytes / 1e9:.2f} GB of weights on {name} ({dtype}), built in "
           f"{time.perf_counter() - started:.1f} s; prompt {generator.prompt_length} positions", flush=True)
     fp8_generators, prepare_s = {}, {}
     for mode in modes:
         fp8_generators[mode], prepare_s[mode] = fp8_generator(generator, mode, args.device)
         print(f"FP8 {mode}: {fp8_generators[mode].lean.weight_bytes() / 1e9:.2f} GB of weights, calibrated and "
               f"quantised in {prepare_s[mode]:.1f} s", flush=True)
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    batches = [int(b) for b in args.batches.split(",")]
-    hf_agreement, fp8_agreement = agreement(generator, fp8_generators, args.device)
+    engines, batches, backends = args.engines, args.batches, args.attention
+    hf_agreement, fp8_agreement = (agreement(generator, fp8_generators, args.device)
+                                   if {"hf", "continuous"} <= set(engines) else (None, {}))
     report = {
-        "shape": args.shape, "device": args.device, "device_name": name, "dtype": str(dtype).removeprefix("torch."),
-        "torch": torch.__version__, "new_tokens": args.new_tokens, "prompt_length": generator.prompt_length,
-        "weight_gb": read_bytes / 1e9, "floor_ms": 1000 * read_bytes / speed if speed else None,
-        "agreement": hf_agreement, "fp8": modes, "fp8_agreement": fp8_agreement,
-        "engines": [],
+        "shape": shape, "checkpoint": args.checkpoint and str(args.checkpoint), "device": args.device,
+        "device_name": name, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+        "new_tokens": new_tokens, "generation": spec.generation.model_dump(mode="json"),
+        "prompt_length": generator.prompt_length, "weight_gb": read_bytes / 1e9,
+        "floor_ms": 1000 * read_bytes / speed if speed else None, "agreement": hf_agreement, "fp8": modes,
+        "fp8_agreement": fp8_agreement, "engines": [],
     }
-    backends = [b.strip() for b in args.attention.split(",") if b.strip()]
     for engine in engines:
         for backend in backends if engine == "continuous" else ["auto"]:
             label = f"continuous[{backend}]" if engine == "continuous" and len(backends) > 1 else engine
-            report["engines"].append(measure_engine(engine, generator, batches, args.new_tokens, args.device,
+            report["engines"].append(measure_engine(engine, generator, batches, new_tokens, args.device,
                                                     args.repeats, args.profile and backend == backends[0], backend,
-                                                    label, speed))
+                                                    label, speed, inputs))
         if engine == "continuous":
             for mode, fp8_model in fp8_generators.items():
-                result = measure_engine(engine, fp8_model, batches, args.new_tokens, args.device, args.repeats,
-                                        args.profile, backends[0], f"continuous fp8 {mode}", speed)
+                result = measure_engine(engine, fp8_model, batches, new_tokens, args.device, args.repeats,
+                                        args.profile, backends[0], f"continuous fp8 {mode}", speed, inputs)
                 report["engines"].append({**result, "prepare_s": prepare_s[mode]})
-    counts = [int(c) for c in args.candidates.split(",") if c.strip()]
-    if counts:
-        report["candidates"] = measure_candidates(generator, counts, args.candidate_rows, args.new_tokens,
+    if args.candidates:
+        report["candidates"] = measure_candidates(generator, args.candidates, args.candidate_rows, new_tokens,
                                                   args.device, args.repeats)
     del fp8_generators
     report["real_weights_agreement"] = real_weights_agreement(args.agreement_checkpoint, args.device, dtype, modes,

@@ -137,36 +137,13 @@ def unpack_triton(bundle: Path) -> Path:
 def write_checkpoint(shape: str, device: str, out: Path, candidates: int) -> Path:
     """Random weights of `shape` (bf16 on CUDA), SmolLM2's tokenizer, a seeded projector, and with N > 1 a tiny
     ONNX text tower as the reranker's encoder."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from bench.gpu_decoder import build_model
-    from embcap.checkpoint import (CaptionModelSpec, DecoderSource, GenerationSettings, OnnxTextEncoder,
-                                   RerankSettings, save_spec)
     from embcap.decoder_source import smollm2_decoder_dir
-    from embcap.projector import save_projector, seeded_projector
-    from tooling.builders import make_onnx_text_tower
+    from tooling.builders import make_random_checkpoint
 
-    tokenizer_dir = os.environ.get("EMBCAP_TOKENIZER_DIR") or smollm2_decoder_dir()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     started = time.perf_counter()
-    model = build_model(shape, len(tokenizer), device, dtype)
-    model.save_pretrained(out / "decoder")
-    tokenizer.save_pretrained(out / "decoder")
-    hidden = model.config.hidden_size
-    del model
-    rerank = RerankSettings()
-    if candidates > 1:
-        make_onnx_text_tower(out / "tower", tokenizer_dir)
-        rerank = RerankSettings(candidates=candidates, encoder=OnnxTextEncoder(path="tower/model.onnx",
-                                                                               tokenizer="tower/tokenizer.json"))
-    spec = CaptionModelSpec(name=f"random-{shape}", prefix_length=4, decoder=DecoderSource(path="decoder"),
-                            prompt={"template": "Video:\n{prefix}\nCaption:"}, rerank=rerank,
-                            generation=GenerationSettings(max_new_tokens=32, min_new_tokens=32))
-    save_projector(seeded_projector(spec.embedding_dim, hidden, spec.prefix_length, 0), out / spec.projector)
-    save_spec(out, spec)
+    make_random_checkpoint(out, shape, os.environ.get("EMBCAP_TOKENIZER_DIR") or smollm2_decoder_dir(), device,
+                           prefix_length=4, new_tokens=32, candidates=candidates,
+                           prompt={"template": "Video:\n{prefix}\nCaption:"})
     print(f"[gpu-stack] checkpoint {shape} written in {time.perf_counter() - started:.1f} s", flush=True)
     return out
 

@@ -7,9 +7,6 @@ finish. Bodies are encoded before the clock starts and the client is a few lines
 asyncio streams, so the generator itself costs little CPU on the shared cores.
 
 Traffic goes to 127.0.0.1 only; every loop is bounded in count and time.
-
-Longer than 250 lines: the closed-loop and the open-loop (Poisson) generators share the
-connection, encoding and timing code that make the client cheap; split, they would repeat it.
 """
 
 from __future__ import annotations
@@ -98,7 +95,6 @@ class LevelResult:
     mean_ms: float
     ramp_requests: int = 0  # each worker's first request: counted for throughput, not for latency
     over_deadline: int = 0  # answered, but later than the evaluator's deadline (60 s)
-    mean_all_ms: float = float("nan")  # mean over every answered request, ramp-up included
     error_samples: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
@@ -111,73 +107,78 @@ def percentile(values: list[float], q: float) -> float:
 
 
 EVALUATOR_DEADLINE_S = 60.0
+FAILURES = (OSError, HttpError, asyncio.IncompleteReadError, ValueError)
+
+
+def _local_address(base_url: str) -> tuple[str, int]:
+    url = urlsplit(base_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError("the load generator only talks to local servers")
+    return host, port
+
+
+async def _send(connection: Connection, path: str, body: bytes, rows: int, timeout_s: float) -> tuple[float, str]:
+    """One request: (seconds, "") when it was answered with `rows` captions, else (0, what went wrong); a
+    connection that failed is closed (the next request opens a new one)."""
+    sent = time.perf_counter()
+    try:
+        status, payload = await asyncio.wait_for(connection.post(path, body), timeout_s)
+    except (asyncio.TimeoutError, *FAILURES) as exc:
+        await connection.close()
+        timed_out = isinstance(exc, asyncio.TimeoutError)
+        return 0.0, f"timeout after {timeout_s:.0f} s" if timed_out else f"{type(exc).__name__}: {exc}"
+    elapsed = time.perf_counter() - sent
+    if status != 200:
+        return 0.0, f"HTTP {status}: {payload[:200]!r}"
+    texts = orjson.loads(payload).get("texts", [])
+    return (elapsed, "") if len(texts) == rows else (0.0, f"{len(texts)} captions for {rows} rows")
+
+
+def _result(concurrency: int, latencies: list[float], ramp: list[float], errors: list[str], rows: int,
+            wall: float, **more) -> LevelResult:
+    ms, ok = [1000 * v for v in latencies], len(latencies) + len(ramp)
+    return LevelResult(
+        concurrency=concurrency, requests=ok + len(errors), ok=ok, errors=len(errors),
+        timeouts=sum(e.startswith("timeout") for e in errors), captions=ok * rows, wall_s=wall,
+        captions_per_s=ok * rows / wall if wall else 0.0, requests_per_s=ok / wall if wall else 0.0,
+        p50_ms=percentile(ms, 50), p95_ms=percentile(ms, 95), p99_ms=percentile(ms, 99),
+        mean_ms=float(np.mean(ms)) if ms else float("nan"), ramp_requests=len(ramp),
+        over_deadline=sum(v > EVALUATOR_DEADLINE_S for v in latencies + ramp), error_samples=errors[:5], **more)
 
 
 async def run_level(base_url: str, bodies: list[bytes], rows_per_request: int, concurrency: int, requests: int,
                     duration_s: float, timeout_s: float = 300.0, path: str = "/api/v1/inference") -> LevelResult:
     """Closed loop at `concurrency` until `requests` are issued or `duration_s` passes."""
-    url = urlsplit(base_url)
-    host, port = url.hostname or "127.0.0.1", url.port or 80
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        raise ValueError("the load generator only talks to local servers")
+    host, port = _local_address(base_url)
     issued = 0
     latencies: list[float] = []
     ramp: list[float] = []
     errors: list[str] = []
-    timeouts = 0
-    captions = 0
     started = time.perf_counter()
     deadline = started + duration_s
 
-    async def worker(index: int) -> None:
-        nonlocal issued, timeouts, captions
-        connection = Connection(host, port)
-        done = 0
+    async def worker() -> None:
+        nonlocal issued
+        connection, answered = Connection(host, port), 0
         try:
             while issued < requests and time.perf_counter() < deadline:
-                body = bodies[issued % len(bodies)]
                 issued += 1
-                sent = time.perf_counter()
-                try:
-                    status, payload = await asyncio.wait_for(connection.post(path, body), timeout_s)
-                except asyncio.TimeoutError:
-                    timeouts += 1
-                    errors.append(f"timeout after {timeout_s:.0f} s")
-                    await connection.close()
-                    continue
-                except (OSError, HttpError, asyncio.IncompleteReadError, ValueError) as exc:
-                    errors.append(f"{type(exc).__name__}: {exc}")
-                    await connection.close()
-                    continue
-                elapsed = time.perf_counter() - sent
-                if status != 200:
-                    errors.append(f"HTTP {status}: {payload[:200]!r}")
-                    continue
-                texts = orjson.loads(payload).get("texts", [])
-                if len(texts) != rows_per_request:
-                    errors.append(f"{len(texts)} captions for {rows_per_request} rows")
-                    continue
-                (latencies if done else ramp).append(elapsed)
-                done += 1
-                captions += len(texts)
+                elapsed, error = await _send(connection, path, bodies[(issued - 1) % len(bodies)],
+                                             rows_per_request, timeout_s)
+                if error:
+                    errors.append(error)
+                else:
+                    (latencies if answered else ramp).append(elapsed)  # each worker's first: ramp-up
+                    answered += 1
         finally:
             await connection.close()
 
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - started
     if not latencies:  # each worker made one request only: use them all
         latencies, ramp = ramp, []
-    ms = [1000 * v for v in latencies]
-    ok = len(latencies) + len(ramp)
-    return LevelResult(
-        concurrency=concurrency, requests=ok + len(errors), ok=ok, errors=len(errors),
-        timeouts=timeouts, captions=captions, wall_s=wall, captions_per_s=captions / wall if wall else 0.0,
-        requests_per_s=ok / wall if wall else 0.0, p50_ms=percentile(ms, 50), p95_ms=percentile(ms, 95),
-        p99_ms=percentile(ms, 99), mean_ms=float(np.mean(ms)) if ms else float("nan"), ramp_requests=len(ramp),
-        over_deadline=sum(v > EVALUATOR_DEADLINE_S for v in latencies + ramp),
-        mean_all_ms=1000 * float(np.mean(latencies + ramp)) if latencies + ramp else float("nan"),
-        error_samples=errors[:5],
-    )
+    return _result(concurrency, latencies, ramp, errors, rows_per_request, wall)
 
 
 async def run_open_loop(base_url: str, bodies: list[bytes], rows_per_request: int, rate_rps: float, requests: int,
@@ -186,53 +187,29 @@ async def run_open_loop(base_url: str, bodies: list[bytes], rows_per_request: in
     connection (as the evaluator sends them), whether or not earlier ones have been answered.
 
     `concurrency` is reported as 0; every latency is kept in `extra["latencies_ms"]` (for intervals)."""
-    url = urlsplit(base_url)
-    host, port = url.hostname or "127.0.0.1", url.port or 80
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        raise ValueError("the load generator only talks to local servers")
+    host, port = _local_address(base_url)
     if rate_rps <= 0:
         raise ValueError("the arrival rate must be positive")
     gaps = np.random.default_rng(seed).exponential(1.0 / rate_rps, size=requests)
     latencies: list[float] = []
     errors: list[str] = []
-    timeouts = captions = 0
     started = time.perf_counter()
 
     async def one(index: int, at: float) -> None:
-        nonlocal timeouts, captions
         await asyncio.sleep(max(0.0, started + at - time.perf_counter()))
         connection = Connection(host, port)
-        sent = time.perf_counter()
         try:
-            status, payload = await asyncio.wait_for(connection.post(path, bodies[index % len(bodies)]), timeout_s)
-        except asyncio.TimeoutError:
-            timeouts += 1
-            errors.append(f"timeout after {timeout_s:.0f} s")
-            return
-        except (OSError, HttpError, asyncio.IncompleteReadError, ValueError) as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
-            return
+            elapsed, error = await _send(connection, path, bodies[index % len(bodies)], rows_per_request, timeout_s)
         finally:
             await connection.close()
-        texts = orjson.loads(payload).get("texts", []) if status == 200 else []
-        if status != 200 or len(texts) != rows_per_request:
-            errors.append(f"HTTP {status}, {len(texts)} captions for {rows_per_request} rows")
-            return
-        latencies.append(time.perf_counter() - sent)
-        captions += len(texts)
+        if error:
+            errors.append(error)
+        else:
+            latencies.append(elapsed)
 
     await asyncio.gather(*(one(i, at) for i, at in enumerate(np.cumsum(gaps))))
-    wall = time.perf_counter() - started
-    ms = [1000 * v for v in latencies]
-    return LevelResult(
-        concurrency=0, requests=len(latencies) + len(errors), ok=len(latencies), errors=len(errors),
-        timeouts=timeouts, captions=captions, wall_s=wall, captions_per_s=captions / wall if wall else 0.0,
-        requests_per_s=len(latencies) / wall if wall else 0.0, p50_ms=percentile(ms, 50), p95_ms=percentile(ms, 95),
-        p99_ms=percentile(ms, 99), mean_ms=float(np.mean(ms)) if ms else float("nan"),
-        over_deadline=sum(v > EVALUATOR_DEADLINE_S for v in latencies),
-        mean_all_ms=float(np.mean(ms)) if ms else float("nan"), error_samples=errors[:5],
-        extra={"rate_rps": rate_rps, "latencies_ms": ms},
-    )
+    return _result(0, latencies, [], errors, rows_per_request, time.perf_counter() - started,
+                   extra={"rate_rps": rate_rps, "latencies_ms": [1000 * v for v in latencies]})
 
 
 def warm_up(base_url: str, bodies: list[bytes], rows_per_request: int, requests: int, concurrency: int = 1,

@@ -7,35 +7,26 @@ import platform
 import time
 
 
-def cpu_model() -> str:
+def _proc_field(path: str, key: str) -> str | None:
+    """The value of the first `key` line of a /proc file, None where there is none."""
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return next((line.split(":", 1)[1].strip() for line in open(path) if line.startswith(key)), None)
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return None
+
+
+def cpu_model() -> str:
+    return _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown"
 
 
 def cpu_flags() -> list[str]:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"})
-    except OSError:
-        pass
-    return []
+    flags = set((_proc_field("/proc/cpuinfo", "flags") or "").split())
+    return sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"})
 
 
 def memory_gib() -> float:
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                return int(line.split()[1]) / 1024 / 1024
-    except OSError:
-        pass
-    return float("nan")
+    total = _proc_field("/proc/meminfo", "MemTotal")
+    return int(total.split()[0]) / 1024 / 1024 if total else float("nan")
 
 
 def busy_processes(sample_s: float = 1.0, threshold: float = 20.0) -> list[str]:

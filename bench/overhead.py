@@ -5,9 +5,9 @@ call to the same Triton model with the same embeddings. Triton's statistics are 
 before and after each request, so each sample is that request's time outside Triton: the
 decoder's run-to-run jitter, which dominates an unpaired p50 difference, cancels per
 request. The overhead is mean(gateway path) - mean(direct path), with a Welch 95% interval
-(bench.report.paired_samples_estimate). The HTTP side uses the standard library's keep-alive
-client, lean like tritonclient's gRPC on the direct side, so the figure is the gateway's cost,
-not an HTTP client library's (httpx adds ~0.45 ms per request of its own).
+(tooling.stats.welch_difference): the benchmark's one gateway-overhead figure. The HTTP side uses
+the standard library's keep-alive client, lean like tritonclient's gRPC on the direct side, so the
+figure is the gateway's cost, not an HTTP client library's (httpx adds ~0.45 ms per request of its own).
 
     python -m bench.overhead --gateway-url http://127.0.0.1:8000 --grpc-url 127.0.0.1:8001
 """
@@ -23,10 +23,9 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from bench import report
-from embcap.inputs import realistic_embeddings
 from embcap.contract import CAPTION, EMBEDDING, EMBEDDING_DIM, ENSEMBLE
-
+from embcap.inputs import realistic_embeddings
+from tooling.stats import VERDICT_WORDS, verdict, welch_difference
 
 
 def _triton_time(client, model: str) -> tuple[int, int]:
@@ -87,13 +86,12 @@ def measure(gateway_url: str, grpc_url: str, requests: int, rows: int = 4, seed:
 
 def summary(samples: dict) -> str:
     """One paragraph: both paths' medians, the paired overhead with its interval, the verdict."""
-    estimate = report.paired_samples_estimate(samples)
-    met = report.verdict(estimate, 2.0, higher_is_better=False)
     ours, direct = samples["gateway_outside_ms"], samples["direct_outside_ms"]
+    estimate = welch_difference(ours, direct)
     return (f"time outside Triton per request, {len(ours)} + {len(direct)} requests of "
             f"{samples['rows_per_request']} rows: gateway path median {np.median(ours):.2f} ms, "
             f"direct gRPC median {np.median(direct):.2f} ms; overhead {estimate.text(unit=' ms')}; "
-            f"< 2 ms: {({True: 'MET', False: 'MISSED', None: 'n/a'})[met]}")
+            f"< 2 ms: {VERDICT_WORDS[verdict(estimate, 2.0, higher_is_better=False)]}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,7 @@ Phases run one after the other on the same CPU (never overlapping):
   2. perf_analyzer straight at Triton's captioner over gRPC
   3. the load generator against the gateway at each concurrency (Triton statistics per level)
   4. the naive baseline server (bench.baseline), same load
-  5. the offline loop (bench.offline) at each batch size
+  5. the offline limit: the served engine alone in-process at each batch size (bench.gpu_decoder --checkpoint)
   6. the engines side by side (bench.engines): each decoding engine, normal and realistic inputs, open loop
   7. best-of-N (bench.candidates): latency and captions/s against the candidates per row
 then the reports (report.md, plot.png, engines.md, engines.png, candidates.md, candidates.png, results.json)
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bench import candidates, engine_report, engines, loadgen, machine, overhead, perf_analyzer, report, triton_stats
 from bench.common import RESULTS, THREAD_SETTINGS_NOTE, embedding_pool, thread_env
-from embcap.contract import ENGINES
+from embcap.contract import DEFAULT_ENGINE, ENGINES
 from runtime.local import ROOT, Child, PortPool, spawn
 
 PHASES = ("perf_analyzer", "gateway", "baseline", "offline", "engines", "candidates")
@@ -50,8 +50,7 @@ class Plan:
     baseline_waves: int = 2
     baseline_min_requests: int = 6
     offline_batches: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
-    offline_min_seconds: float = 8.0
-    offline_max_repeats: int = 20
+    offline_repeats: int = 2  # timed decodes per batch size after one warm-up: the best counts
     pa_levels: list[int] = field(default_factory=lambda: [1, 16])
     pa_requests_per_level: int = 12  # at concurrency c: max(this, 2c)
     pool_requests: int = 64
@@ -107,7 +106,7 @@ class Plan:
         if mode == "quick":
             base = dict(mode="quick", levels=[1, 4, 16], waves=2, min_requests=4, level_duration_s=45.0,
                         baseline_waves=1, baseline_min_requests=3, offline_batches=[1, 4, 16],
-                        offline_min_seconds=0.0, offline_max_repeats=1, pa_levels=[1], pa_requests_per_level=6,
+                        offline_repeats=1, pa_levels=[1], pa_requests_per_level=6,
                         pool_requests=16, engine_levels=[1, 16], open_loop_requests=16,
                         overhead_requests=10, candidate_counts=[1], candidate_requests=6)
         elif mode == "full":
@@ -146,18 +145,21 @@ def start_baseline(plan: Plan, out: Path) -> tuple[Child, float]:
     return child, child.wait_healthy(plan.ready_timeout_s)
 
 
-def run_offline(plan: Plan, out: Path, batches: list[int]) -> dict:
-    json_path = out / "offline.json"
-    command = [sys.executable, "-m", "bench.offline", "--checkpoint", str(plan.checkpoint),
-               "--batches", ",".join(map(str, batches)), "--threads", str(plan.decoder_threads),
-               "--pool-requests", str(plan.pool_requests), "--rows-per-request", str(plan.rows_per_request),
-               "--seed", str(plan.seed), "--min-seconds", str(plan.offline_min_seconds),
-               "--min-repeats", "1" if plan.mode == "quick" else "2", "--max-repeats", str(plan.offline_max_repeats),
-               "--out", str(json_path)]
+def run_offline(plan: Plan, out: Path, batches: list[int], engine: str) -> dict:
+    """The decoder's own batched throughput in-process, no server: bench.gpu_decoder on the checkpoint, in a
+    process of its own with the serving thread settings."""
+    folder = out / "offline"
+    command = [sys.executable, "-m", "bench.gpu_decoder", "--checkpoint", str(plan.checkpoint), "--device", "cpu",
+               "--threads", str(plan.decoder_threads), "--engines", engine, "--fp8=", "--candidates=",
+               "--agreement-checkpoint", "none", "--batches", ",".join(map(str, batches)),
+               "--repeats", str(plan.offline_repeats), "--out", str(folder)]
     with open(out / "logs" / "offline.log", "ab") as log_file:
         subprocess.run(command, cwd=ROOT, env=thread_env(), stdout=log_file, stderr=subprocess.STDOUT, check=True,
                        timeout=1800)
-    return json.loads(json_path.read_text())
+    report = json.loads((folder / "results.json").read_text())
+    (measured,) = report["engines"]
+    return {"engine": engine, "threads": plan.decoder_threads, "generation": report["generation"],
+            "results": [{"batch": int(batch), **entry} for batch, entry in measured["batches"].items()]}
 
 
 def checkpoint_info(checkpoint: Path) -> dict:
@@ -291,7 +293,8 @@ def _run_phases(plan: Plan, out: Path, results: dict, monitor, started: float) -
                 batches.append(mean_batch)
         monitor.phase = "offline"
         log(f"offline loop at batch sizes {batches}")
-        results["offline"] = run_offline(plan, out, sorted(batches))
+        engine = results.get("export_options", {}).get("engine") or DEFAULT_ENGINE  # the engine the stack served
+        results["offline"] = run_offline(plan, out, sorted(batches), engine)
 
     # 6: the decoding engines side by side
     if "engines" not in plan.skip:

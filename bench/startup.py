@@ -21,38 +21,18 @@ import sys
 import time
 from pathlib import Path
 
-from bench.gpu_decoder import SHAPES, build_model
 from runtime.local import ROOT, free_port, spawn
+from tooling.builders import SHAPES, make_random_checkpoint
 
 LOAD_LINE = re.compile(r"decoder weights: (\d+)/(\d+) layers on \S+ \(([\d.]+) GB with the embeddings, ([\d.]+) s\)")
 LLAMA3_8B_BF16_GB = 16.06  # Llama-3-8B's weights in bfloat16
 
 
-def write_checkpoint(shape: str, out: Path) -> tuple[Path, int]:
-    """A servable checkpoint of `shape` with random weights (float32, the CPU's serving dtype); (folder, params)."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from embcap.checkpoint import CaptionModelSpec, DecoderSource, GenerationSettings, save_spec
-    from embcap.decoder_source import smollm2_decoder_dir
-    from embcap.projector import save_projector, seeded_projector
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_decoder_dir())
-    torch.manual_seed(0)
-    model = build_model(shape, len(tokenizer), "cpu", torch.float32)
-    model.save_pretrained(out / "decoder")
-    tokenizer.save_pretrained(out / "decoder")
-    spec = CaptionModelSpec(name=f"random-{shape}", prefix_length=2, decoder=DecoderSource(path="decoder"),
-                            generation=GenerationSettings(max_new_tokens=8, min_new_tokens=8))
-    save_projector(seeded_projector(spec.embedding_dim, model.config.hidden_size, spec.prefix_length, 0),
-                   out / spec.projector)
-    save_spec(out, spec)
-    return out, sum(p.numel() for p in model.parameters())
-
-
 def measure(shape: str, work: Path, timeout_s: float) -> dict:
     """Write the checkpoint, start server.py on it, time process start to healthy."""
-    checkpoint, params = write_checkpoint(shape, work / shape / "checkpoint")
+    from embcap.decoder_source import smollm2_decoder_dir
+
+    checkpoint, params = make_random_checkpoint(work / shape / "checkpoint", shape, smollm2_decoder_dir())
     port = free_port()
     command = [sys.executable, "server.py", "--checkpoint", str(checkpoint), "--model-repository",
                str(work / shape / "repo"), "--bind", "127.0.0.1", "--port", str(port), "--grpc-port", str(free_port()),
@@ -71,7 +51,8 @@ def measure(shape: str, work: Path, timeout_s: float) -> dict:
 
 
 def render(rows: list[dict]) -> str:
-    lines = ["| decoder | parameters | weights (GB) | weights onto the device (s) | GB/s | process start to healthy (s) |",
+    lines = ["| decoder | parameters | weights (GB) | weights onto the device (s) | GB/s "
+             "| process start to healthy (s) |",
              "|---|---:|---:|---:|---:|---:|"]
     for row in rows:
         rate = row["weights_gb"] / row["weights_load_s"] if row["weights_load_s"] else None

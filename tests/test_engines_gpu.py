@@ -19,9 +19,9 @@ pytestmark = [pytest.mark.gpu,
 def generator(shape: str, dtype: torch.dtype, device: str = "cuda", **generation):
     from transformers import AutoTokenizer
 
-    from bench.gpu_decoder import build_model
     from embcap.checkpoint import CaptionModelSpec, DecoderSource, GenerationSettings
     from embcap.generation import CaptionGenerator
+    from tooling.builders import build_model
 
     folder = os.environ.get("EMBCAP_TOKENIZER_DIR")
     if folder is None:

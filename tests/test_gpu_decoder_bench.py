@@ -65,8 +65,8 @@ def test_gpu_decoder_bench_runs_on_the_cpu_with_a_tiny_shape(tmp_path, smollm2_d
     assert "wrote" in done.stdout
 
 
-def test_the_fp8_quality_bench_scores_every_variant_on_a_checkpoints_heldout_rows(tmp_path, smollm2_dir):
-    from bench.fp8_quality import main
+def test_the_fp8_quality_evaluation_scores_every_variant_on_a_checkpoints_heldout_rows(tmp_path, smollm2_dir):
+    from evaluate.fp8_quality import main
 
     checkpoint = checkpoint_with_heldout_rows(tmp_path / "ck", smollm2_dir)
     assert main(["--checkpoint", str(checkpoint), "--rows", "3", "--slots", "2", "--out", str(tmp_path / "out")]) == 0

@@ -2,5 +2,6 @@
 
 - `builders`: small checkpoints (tiny random Llama, blank-prone, starter), a tiny ONNX text tower,
   the default model's reranking settings; `python -m tooling.builders tiny|starter OUT`.
+- `stats`: intervals (Welch, paired, bootstrap), ratios and verdicts, for the benchmarks and the evaluations.
 - `evaluator`: an HTTP client that behaves like the competition's evaluator (health rules, requests).
 """

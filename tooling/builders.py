@@ -1,4 +1,5 @@
-"""Build small checkpoints: a tiny random Llama (tests, benchmarks) and the SmolLM2 starter model.
+"""Build models and small checkpoints: random Llama decoders of real shapes (`build_model`, `SHAPES`) and
+checkpoints around them, a tiny random Llama (tests, benchmarks) and the SmolLM2 starter model.
 
 `python -m tooling.builders tiny OUT` or `starter OUT` writes one.
 """
@@ -10,13 +11,22 @@ from pathlib import Path
 
 import torch
 
-from embcap.checkpoint import (CaptionModelSpec, DecoderSource, GenerationSettings, RerankSettings,
+from embcap.checkpoint import (CaptionModelSpec, DecoderSource, GenerationSettings, OnnxTextEncoder, RerankSettings,
                                SentenceTransformerEncoder, load_checkpoint, save_spec)
 from embcap.contract import EMBEDDING_DIM
 from embcap.text_encoder import LIFT_SEED, MINILM_PACKAGE
 from embcap.decoder_source import SMOLLM2, smollm2_decoder_dir
 from embcap.projector import save_projector, seeded_projector
 
+
+SHAPES = {
+    # name: (hidden, intermediate, layers, heads, kv heads, tie embeddings)
+    "tiny": (64, 128, 2, 4, 2, False),
+    "smollm2-135m": (576, 1536, 30, 9, 3, True),
+    "llama-0.5b": (1024, 4096, 24, 16, 4, False),
+    "llama-1b": (2048, 8192, 16, 32, 8, True),  # Llama-3.2-1B's layers
+    "llama3-8b": (4096, 14336, 32, 32, 8, False),
+}
 
 # The default model's reranking encoder: MiniLM lifted into the 1024-d conditioning space (embcap.text_encoder).
 MINILM_RERANK_ENCODER = SentenceTransformerEncoder(package=MINILM_PACKAGE, lift_seed=LIFT_SEED)
@@ -25,6 +35,54 @@ MINILM_RERANK_ENCODER = SentenceTransformerEncoder(package=MINILM_PACKAGE, lift_
 def minilm_rerank(candidates: int, **settings) -> RerankSettings:
     """Best-of-`candidates` reranked in the default model's conditioning space."""
     return RerankSettings(candidates=candidates, encoder=MINILM_RERANK_ENCODER, **settings)
+
+
+def build_model(shape: str, vocab: int, device: str, dtype):
+    """A Llama-family decoder of `shape` (SHAPES) with random weights, built on `device` in `dtype`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, intermediate, layers, heads, kv_heads, tie = SHAPES[shape]
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=4096, rope_theta=500_000.0, tie_word_embeddings=tie)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def make_random_checkpoint(out: str | Path, shape: str, tokenizer_dir: str | Path, device: str = "cpu",
+                           prefix_length: int = 2, new_tokens: int = 8, candidates: int = 1,
+                           prompt: dict | None = None) -> tuple[Path, int]:
+    """A servable checkpoint whose decoder is `build_model(shape)` (bf16 on CUDA, else float32), with
+    `tokenizer_dir`'s tokenizer, a seeded projector and captions of exactly `new_tokens` tokens; with
+    `candidates` > 1 a tiny ONNX text tower reranks. Returns (folder, decoder parameters)."""
+    from transformers import AutoTokenizer
+
+    out = Path(out)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    model = build_model(shape, len(tokenizer), device, torch.bfloat16 if device == "cuda" else torch.float32)
+    model.save_pretrained(out / "decoder")
+    tokenizer.save_pretrained(out / "decoder")
+    hidden, params = model.config.hidden_size, sum(p.numel() for p in model.parameters())
+    del model
+    rerank = RerankSettings()
+    if candidates > 1:
+        make_onnx_text_tower(out / "tower", tokenizer_dir)
+        rerank = RerankSettings(candidates=candidates, encoder=OnnxTextEncoder(path="tower/model.onnx",
+                                                                               tokenizer="tower/tokenizer.json"))
+    spec = CaptionModelSpec(name=f"random-{shape}", prefix_length=prefix_length, decoder=DecoderSource(path="decoder"),
+                            rerank=rerank, generation=GenerationSettings(max_new_tokens=new_tokens,
+                                                                         min_new_tokens=new_tokens),
+                            **({"prompt": prompt} if prompt else {}))
+    save_projector(seeded_projector(spec.embedding_dim, hidden, prefix_length, 0), out / spec.projector)
+    save_spec(out, spec)
+    return out, params
 
 
 def make_tiny_checkpoint(out: str | Path, tokenizer_dir: str | Path, seed: int = 0, hidden_size: int = 64,

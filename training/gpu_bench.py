@@ -5,7 +5,7 @@
 
 Needs only torch, transformers, tokenizers, safetensors, numpy and peft (no pydantic, no
 pyarrow, no checkpoint). The decoder is built from its config with random weights on the
-device itself (`bench.gpu_decoder.build_model`), in bfloat16 on CUDA and float32 on the CPU.
+device itself (`tooling.builders.build_model`), in bfloat16 on CUDA and float32 on the CPU.
 Each training step is what `python -m training` does: random 1024-d embeddings through the
 projector to P prefix vectors inside the prompt (tokenised from the trainer's template),
 then `--caption-tokens` random target tokens, cross-entropy on the targets, backward,
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from bench.gpu_decoder import SHAPES, build_model
 from embcap.contract import EMBEDDING_DIM
 from embcap.projector import Projector
+from tooling.builders import SHAPES, build_model
 from training.lora import DEFAULT_LORA_MODULES, LoraSettings, add_lora, set_checkpointing
 
 TEMPLATE = ("Video:\n", "\nCaption:")  # the trainer's default prompt around the prefix

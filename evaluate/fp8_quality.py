@@ -1,7 +1,7 @@
 """What FP8 weights cost in caption quality: a checkpoint's held-out score, unquantised against FP8.
 
-    python -m bench.fp8_quality --checkpoint models/default --rows 200 --out DIR              # on the CPU
-    python -m bench.fp8_quality --checkpoint models/default --device cuda --dtype bfloat16 --out DIR
+    python -m evaluate.fp8_quality --checkpoint models/default --rows 200 --out DIR              # on the CPU
+    python -m evaluate.fp8_quality --checkpoint models/default --device cuda --dtype bfloat16 --out DIR
 
 Held-out rows come from the checkpoint's own split (embcap.fp8_calibration.heldout_rows): the first
 64 calibrate the static scales, the next `--rows` are scored. Each variant (unquantised, FP8 with
@@ -18,44 +18,26 @@ checkpoint's N candidates per row, its reranker). Reported per variant:
 
 On the CPU the FP8 GEMMs run through torch's CPU `_scaled_mm` in-process (the same e4m3 numerics a
 GPU computes, with another accumulation order), although the export refuses FP8 serving on the CPU;
-its timings there say nothing about a GPU. `bench.gpu_decoder` uses `greedy_agreement` for its
-real-weights agreement.
-
-Longer than 250 lines on purpose: one run decodes the variants and measures the score, three kinds of
-agreement and their intervals from the same captions; split up, each part would decode them again.
+its timings there say nothing about a GPU. The agreement measures are tooling.fp8_agreement's, which
+`bench.gpu_decoder` reports on real weights too; the intervals are tooling.stats'.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from evaluate.judges import cosine_rows, load_judge
+from tooling.fp8_agreement import fp8_generator, greedy_tokens, prefix_of, teacher_forced
+from tooling.stats import paired_difference, verdict
+
 TARGET_DELTA = -0.005  # the issue's: held-out score within 0.005 of the unquantised decoder
 VARIANTS = ("unquantised", "static", "dynamic")
-
-
-def prefix_of(resolved, embeddings: np.ndarray):
-    """The projector's prefix vectors [N, P, H] for [N, E] embeddings."""
-    import torch
-
-    with torch.inference_mode():
-        return resolved.load_projector()(torch.from_numpy(np.ascontiguousarray(embeddings))).numpy()
-
-
-def fp8_generator(resolved, base, device: str, dtype, mode: str, scales):
-    """A generator over the checkpoint's decoder with FP8 projections (`mode` static or dynamic)."""
-    from embcap.generation import CaptionGenerator
-    from embcap.lean_llama import LeanLlama
-
-    lean = LeanLlama.from_pretrained(resolved.decoder_dir, device, dtype).quantise_fp8(
-        scales if mode == "static" else None)
-    return CaptionGenerator(base.spec, lean, base.tokenizer)
 
 
 def candidate_rows(generator, prefix: np.ndarray, candidates: int, slots: int) -> list[list[str]]:
@@ -72,95 +54,18 @@ def candidate_rows(generator, prefix: np.ndarray, candidates: int, slots: int) -
     return [texts[row * candidates:(row + 1) * candidates] for row in range(len(prefix))]
 
 
-def greedy_tokens(generator, prefix: np.ndarray, slots: int = 16) -> list[list[int]]:
-    """Each row's greedy caption tokens (the caption rules applied, as served)."""
-    from embcap.engines.continuous.running_batch import RunningBatch
-
-    tokens: dict[int, list[int]] = {}
-    for start in range(0, len(prefix), slots):
-        rows = prefix[start:start + slots]
-        batch = RunningBatch(generator, slots=len(rows), use_graphs=False)
-        batch.add(rows, list(range(start, start + len(rows))))
-        while batch.active:
-            batch.step()
-            tokens.update({row.key: row.tokens for row in batch.take_finished()})
-    return [tokens[i] for i in range(len(prefix))]
-
-
-def teacher_forced(reference, other, prefix: np.ndarray, tokens: list[list[int]], chunk: int = 16) -> dict:
-    """Top-1 agreement and mean KL(reference || other) of next-token predictions along `tokens`."""
-    import torch
-
-    from embcap.engines.continuous.slot_decoder import SlotKVDecoder
-
-    agree = kl = count = 0.0
-    for start in range(0, len(prefix), chunk):
-        rows = tokens[start:start + chunk]
-        length = max(len(t) for t in rows)
-        ids = torch.tensor([t + [t[-1]] * (length - len(t)) for t in rows])
-        mask = torch.tensor([[True] * len(t) + [False] * (length - len(t)) for t in rows])
-        predictions = []
-        for generator in (reference, other):
-            decoder = SlotKVDecoder(generator.lean, len(rows), generator.prompt_length + length,
-                                    generator.stop_ids, use_graphs=False)
-            with torch.inference_mode():
-                embeds = torch.cat([generator.prompt_embeddings(torch.from_numpy(prefix[start:start + chunk])),
-                                    generator.lean.embed(ids.to(generator.device))], dim=1)
-                logits = decoder.sequence_logits(embeds)
-            first = generator.prompt_length - 1  # the prompt's last position predicts the first token
-            predictions.append(logits[:, first:first + length].log_softmax(-1).cpu())
-        ref, oth = predictions
-        agree += (ref.argmax(-1) == oth.argmax(-1))[mask].sum().item()
-        kl += (ref.exp() * (ref - oth)).sum(-1)[mask].sum().item()
-        count += mask.sum().item()
-    return {"top1_agreement": agree / count, "kl": kl / count, "tokens": int(count)}
-
-
 def judge_scores(texts: list[str], references: list[str], folder: Path | None = None) -> np.ndarray:
     """Cosine of each caption to its reference by all-MiniLM-L6-v2, or by the sentence-transformers model in
     `folder` (an independent judge: the default model reranks in MiniLM's space)."""
-    if folder is None:
-        from embcap.text_encoder import encode_minilm
-
-        encode = encode_minilm
-    else:
-        from sentence_transformers import SentenceTransformer
-
-        model = SentenceTransformer(str(folder), device="cpu")
-
-        def encode(batch: list[str]) -> np.ndarray:
-            return model.encode(list(batch), batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-
-    return np.sum(encode(texts) * encode(references), axis=1)
+    return cosine_rows(load_judge("minilm" if folder is None else str(folder))[1], texts, references)
 
 
 def paired_delta(scores: np.ndarray, baseline: np.ndarray) -> dict:
     """Mean of per-row differences with a normal 95% interval, and the verdict against TARGET_DELTA."""
-    diff = np.asarray(scores, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
-    mean = float(diff.mean())
-    half = 1.96 * float(diff.std(ddof=1)) / math.sqrt(len(diff)) if len(diff) > 1 else float("inf")
-    low, high = mean - half, mean + half
-    verdict = "met" if low >= TARGET_DELTA else "missed" if high < TARGET_DELTA else "n/a"
-    return {"mean": mean, "low": low, "high": high, "verdict": verdict}
-
-
-def greedy_agreement(resolved, device: str, dtype, modes: list[str], rows: int = 32) -> dict:
-    """Per FP8 mode, against the unquantised decoder on `rows` held-out rows: identical greedy captions and
-    teacher-forced top-1 agreement (the real weights' agreement bench.gpu_decoder reports)."""
-    from embcap.fp8_calibration import CALIBRATION_ROWS, calibrate, heldout_rows
-
-    base = resolved.load_generator(device, dtype, lean=True)
-    checkpoint = resolved.checkpoint
-    scales = calibrate(base, prefix_of(resolved, heldout_rows(checkpoint, 0, CALIBRATION_ROWS).embeddings))
-    prefix = prefix_of(resolved, heldout_rows(checkpoint, CALIBRATION_ROWS, rows).embeddings)
-    reference = greedy_tokens(base, prefix)
-    result = {"checkpoint": str(checkpoint.root), "rows": len(prefix)}
-    for mode in modes:
-        other = fp8_generator(resolved, base, device, dtype, mode, scales)
-        tokens = greedy_tokens(other, prefix)
-        result[mode] = {"identical_captions": sum(a == b for a, b in zip(reference, tokens)) / len(prefix),
-                        **teacher_forced(base, other, prefix, reference)}
-    return result
+    delta = paired_difference(scores, baseline)
+    met = verdict(delta, TARGET_DELTA, higher_is_better=True)
+    return {"mean": delta.value, "low": delta.low, "high": delta.high,
+            "verdict": {True: "met", False: "missed", None: "n/a"}[met]}
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -263,7 +168,7 @@ def render_markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.fp8_quality", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m evaluate.fp8_quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=Path("models/default"))
     parser.add_argument("--rows", type=int, default=200, help="held-out rows scored (after the calibration rows)")
