@@ -76,3 +76,10 @@ def load_judge(spec: str = "minilm") -> tuple[str, Judge]:
         function = getattr(importlib.import_module(module_name), attr)
         return spec, lambda texts: _normalise(function(list(texts)))
     raise ValueError(f"unknown judge {spec!r}: use minilm, mpnet, a sentence-transformers folder or module:function")
+
+
+def cosine_rows(judge: Judge, generated: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """Cosine similarity of each generated caption with its reference."""
+    if len(generated) == 0:
+        return np.zeros(0, dtype=np.float32)
+    return np.sum(judge(generated) * judge(references), axis=1)
