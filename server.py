@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import sys
 
-from runtime.threads import limit_threads
+from runtime.threads import limit_threads, no_grpc_fork_handlers
 
 limit_threads()  # before numpy loads anywhere in this process or its children
+no_grpc_fork_handlers()  # before grpc loads: the supervisor forks children while the gateway's channels are busy
 
 from runtime.serve import main  # noqa: E402
 

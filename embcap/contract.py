@@ -61,6 +61,9 @@ class Param:
 # How the engine's refusal of a request it cannot answer in time begins; it reaches the gateway inside Triton's
 # UNAVAILABLE error, which the gateway then answers as over capacity (503, Retry-After) rather than unreachable.
 OVERLOAD_MARK = "over capacity:"
+# How the engine's answer to a request whose deadline passed begins: the gateway answers it as too slow (504),
+# as it does when its own gRPC deadline fires first, not as a failed model (502).
+DEADLINE_MARK = "deadline passed:"
 
 
 def parameter_keys() -> set[str]:

@@ -9,7 +9,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from embcap.contract import CAPTION, EMBEDDING, ENSEMBLE, OVERLOAD_MARK
+from embcap.contract import CAPTION, DEADLINE_MARK, EMBEDDING, ENSEMBLE, OVERLOAD_MARK
 from embcap.deadlines import DEFAULT_REQUEST_TIMEOUT_S
 from gateway.protocol import BackendError
 
@@ -30,7 +30,7 @@ def backend_error(exc: InferenceServerException, what: str) -> BackendError:
         return BackendError(503, "over_capacity", f"the decoder is over capacity ({what}): {exc.message()}")
     if "UNAVAILABLE" in status:
         return BackendError(503, "triton_unavailable", f"Triton is not reachable ({what}): {exc.message()}")
-    if "DEADLINE_EXCEEDED" in status:
+    if "DEADLINE_EXCEEDED" in status or DEADLINE_MARK in (exc.message() or ""):  # our deadline or the engine's
         return BackendError(504, "triton_timeout", f"Triton did not answer in time ({what})")
     return BackendError(502, "triton_error", f"Triton failed ({what}): {exc.message()}")
 

@@ -25,6 +25,18 @@ WORKER = {
 }
 
 
+# gRPC's fork handlers restart its poller in a forked child, and with a channel busy they abort the child
+# before it execs (grpcio >= 1.80: grpc/grpc#43055; 51 of 300 children with a preexec_fn died here). Every
+# child of ours execs at once, so the handlers have nothing to do: off, before grpc is imported.
+NO_GRPC_FORK_HANDLERS = {"GRPC_ENABLE_FORK_SUPPORT": "false"}
+
+
+def no_grpc_fork_handlers(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Turn gRPC's fork handlers off unless set otherwise; call before grpc is imported."""
+    for name, value in NO_GRPC_FORK_HANDLERS.items():
+        environ.setdefault(name, value)
+
+
 def limit_threads(environ: MutableMapping[str, str] = os.environ) -> None:
     """One thread per library unless set otherwise; call before numpy is imported."""
     for name, value in SINGLE_THREAD.items():

@@ -12,6 +12,9 @@ import psutil
 import pytest
 
 from runtime.local import ROOT, free_port, stop_process, wait_http
+from runtime.threads import no_grpc_fork_handlers
+
+no_grpc_fork_handlers()  # tests start tritonserver (a preexec_fn) while their gRPC clients are busy
 
 os.environ.setdefault("EMBCAP_CACHE_DIR", str(ROOT / ".cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

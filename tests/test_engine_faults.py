@@ -271,3 +271,31 @@ def test_the_gateway_answers_an_engine_refusal_as_over_capacity():
     assert (error.status, error.code) == (503, "over_capacity") and "9 rows are already waiting" in error.message
     down = backend_error(InferenceServerException("connection refused", status="StatusCode.UNAVAILABLE"), "health")
     assert (down.status, down.code) == (503, "triton_unavailable")
+
+
+def test_the_gateway_answers_the_engines_deadline_as_too_slow():
+    """Before: when the engine's deadline fired before the gateway's gRPC deadline, the client got 502."""
+    from tritonclient.utils import InferenceServerException
+
+    from embcap.contract import DEADLINE_MARK
+    from gateway.triton_client import backend_error
+
+    late = InferenceServerException(f"in ensemble 'captioner', decoder failed: {DEADLINE_MARK} 1 s while decoding",
+                                    status="StatusCode.INTERNAL")
+    assert (backend_error(late, "inference").status, backend_error(late, "inference").code) == (504, "triton_timeout")
+    broken = InferenceServerException("decoder failed: CUDA error", status="StatusCode.INTERNAL")
+    assert backend_error(broken, "inference").status == 502
+
+
+def test_a_request_past_its_deadline_while_decoding_is_answered_with_the_mark(tiny_checkpoint):
+    from embcap.contract import DEADLINE_MARK
+
+    endless = load(tiny_checkpoint, max_new_tokens=4000, min_new_tokens=4000)
+    engine = create_engine("continuous", endless, slots=1, timeout_s=0.5)
+    try:
+        answers = Answers()
+        engine.submit([answers.job(0, random_prefix(endless, 1))])
+        (_, error), = answers.wait(1).values()
+        assert isinstance(error, Cancelled) and str(error).startswith(DEADLINE_MARK), error
+    finally:
+        engine.close()

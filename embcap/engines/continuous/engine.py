@@ -41,7 +41,7 @@ from typing import Callable
 import numpy as np
 
 from embcap.candidates import candidate_plan
-from embcap.contract import OVERLOAD_MARK
+from embcap.contract import DEADLINE_MARK, OVERLOAD_MARK
 from embcap.deadlines import request_timeout_s
 from embcap.engines.base import Cancelled, EngineFailed, EngineStats, Job, Overloaded, answer
 from embcap.generation import BLANK_FALLBACK, CaptionGenerator
@@ -289,7 +289,9 @@ class ContinuousEngine:
                     if now > job.created + self.timeout_s or (ask_clients and _is_cancelled(job))]:
             self._backlog.remove(job)
             self._release(job.rows)
-            answer(job, None, Cancelled("request cancelled or timed out before it started"))
+            late = now > job.created + self.timeout_s
+            answer(job, None, Cancelled(f"{DEADLINE_MARK} {self.timeout_s:g} s before the request started" if late
+                                        else "request cancelled before it started"))
         cancelled = [number for number, entry in self._pending.items()
                      if now > entry.deadline or (ask_clients and _is_cancelled(entry.job))]
         if not cancelled:
@@ -297,8 +299,9 @@ class ContinuousEngine:
         keys = {(number, index) for number in cancelled for index in range(len(self._pending[number].texts))}
         self.stats.cancelled_rows += self.batch.drop(keys)
         for number in cancelled:
-            answer(self._pending.pop(number).job, None,
-                    Cancelled(f"request cancelled or past its {self.timeout_s:g} s deadline while decoding"))
+            entry = self._pending.pop(number)
+            answer(entry.job, None, Cancelled(f"{DEADLINE_MARK} {self.timeout_s:g} s while decoding"
+                                              if now > entry.deadline else "request cancelled while decoding"))
 
     # --------------------------------------------------------------- failures
     def _fail_running(self, error: BaseException) -> None:
