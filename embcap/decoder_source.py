@@ -5,11 +5,10 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from embcap.checkpoint import CaptionModelSpec, Checkpoint, CheckpointError, DecoderSource
+from embcap.staged_folder import staged_folder
 
 CACHE_ENV = "EMBCAP_CACHE_DIR"
 # The default decoder: SmolLM2-135M-Instruct, whose GGUF file a pip package carries.
@@ -42,16 +41,10 @@ def _dequantise(source: Path, target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     model.hf_quantizer = None  # otherwise save_pretrained refuses a "quantised" model
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         staging.chmod(0o755)  # mkdtemp makes it 0700: unreadable for the container's user
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def resolve_decoder(checkpoint: Checkpoint, log=print) -> Path:

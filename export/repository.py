@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -14,6 +13,7 @@ from embcap.contract import CANDIDATES, CAPTION, DECODER, ENSEMBLE, PROJECTOR, R
 from embcap.device import resolve_decoder_device
 from embcap.loading import ResolvedCheckpoint, resolve_checkpoint
 from embcap.lean_llama import fp8_unsupported, unsupported
+from embcap.staged_folder import staged_folder
 from export.onnx_projector import PARITY_TOLERANCE, export_projector_onnx, onnx_parity_error
 from export.options import ExportOptions
 from export.templates import TemplateError, render_config, render_snippet
@@ -173,9 +173,7 @@ def export_repository(
     candidates = candidates_per_row(resolved, options)
     if candidates > 1:  # a missing or broken encoder fails here, naming its file, not at request time
         log(f"      reranker: {candidates} candidates per row, {check_text_encoder(resolved.checkpoint)}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as staging:
         onnx_path = staging / ONNX_FILE
         onnx_path.parent.mkdir(parents=True)
         export_projector_onnx(projector, onnx_path)
@@ -193,12 +191,6 @@ def export_repository(
             "checkpoint": str(resolved.checkpoint.root), "decoder": str(resolved.decoder_dir), "device": device,
             "candidates": candidates, "options": options.to_dict(), "fp8_calibration": fp8_record},
             indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log(f"[4/4] wrote {', '.join(configs)} to {out_dir} in {time.perf_counter() - started:.1f} s "
         f"(device {device}, engine {options.engine}, max batch {options.max_batch_size}, "
         f"{candidates} candidate(s) per row)")

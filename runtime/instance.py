@@ -30,6 +30,8 @@ from pathlib import Path
 
 import psutil
 
+from embcap.staged_folder import staged_leftovers
+
 SHM_DIR = Path("/dev/shm")
 PYTHON_ENV_PATTERN = re.compile(r"python_env_\w+")  # the Python backend's own temp folders
 
@@ -198,8 +200,7 @@ def sweep(record: Record, repository: Path | None) -> list[str]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     if repository is not None and record.exports:
-        staging = glob.glob(str(repository.parent / f"{glob.escape(repository.name)}.????????"))
-        for path in [str(repository), *staging]:
+        for path in [str(repository), *map(str, staged_leftovers(repository))]:
             if Path(path).is_dir():
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)

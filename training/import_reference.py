@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from embcap.checkpoint import (CaptionModelSpec, DecoderSource, GenerationSettin
 from embcap.contract import EMBEDDING_DIM
 from embcap.generation import prompt_ids
 from embcap.projector import load_projector
+from embcap.staged_folder import staged_folder
 from training.decoder import SHARD_SIZE
 from training.reference_config import ReferenceConfig, read_config
 from training.reference_format import (BEGIN_OF_TEXT, CONFIG_FILE, DTYPES, END_OF_TEXT, END_VIDEO, EOT,
@@ -203,20 +202,12 @@ def import_reference(src: str | Path, out: str | Path, *, arch: Architecture = L
     weights_hash = sha256(files.weights)
     log(f"[3/5] {files.weights.name}: {len(state)} tensors, every key and shape as the evaluator loaded them")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         _write(staging, spec, state, arch, reference, hf_tokenizer, dtype, log)
         checkpoint = load_checkpoint(staging)
         load_projector(checkpoint.projector_path, spec.embedding_dim, arch.embed_dim, spec.prefix_length)
         (staging / CARD_FILE).write_text(model_card(spec, config, files, layout, weights_hash, tokenizer_hash, dtype))
         _as_umask_allows(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log(f"imported {src.name} -> {out} in {time.perf_counter() - started:.1f} s: serve it with "
         f"`make serve CHECKPOINT={out}`; check it with `python -m doctor --checkpoint ...`")
     return out
