@@ -25,9 +25,9 @@ def _ports(text: str) -> range:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("EMBCAP_CACHE_DIR", str(ROOT / ".cache"))
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="one benchmark run (see bench/run.py)")
+    run = commands.add_parser("run", allow_abbrev=False, help="one benchmark run (see bench/run.py)")
     run.add_argument("--mode", choices=("quick", "full"), default="quick")
     run.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "default")
     run.add_argument("--levels", type=_ints, help="concurrency levels, e.g. 1,4,8,16,32")
@@ -64,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", type=Path, help="results folder (default bench/results/<utc time>-<mode>)")
     run.add_argument("--ports", type=_ports, help="port range for the servers the run starts, e.g. 20000-20099 "
                                                   "(default: any free port)")
-    commands.add_parser("fetch-perf-analyzer", help="download and unpack the perf_analyzer binary once")
-    render = commands.add_parser("report", help="re-render report.md and plot.png from a run's results.json")
+    commands.add_parser("fetch-perf-analyzer", allow_abbrev=False,
+                        help="download and unpack the perf_analyzer binary once")
+    render = commands.add_parser("report", allow_abbrev=False,
+                                 help="re-render report.md and plot.png from a run's results.json")
     render.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
 

@@ -274,7 +274,7 @@ def probe_shm(stack: Stack) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.abuse", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.abuse", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from export.options import ExportOptions
 
-    parser = argparse.ArgumentParser(prog="python -m bench.baseline", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.baseline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--bind", default="127.0.0.1")

@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     def numbers(text: str) -> list[int]:
         return [int(part) for part in names(text)]
 
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_decoder", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.gpu_decoder", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="llama3-8b")
     parser.add_argument("--checkpoint", type=Path, help="time this checkpoint's decoder instead, on its projector's "

@@ -221,13 +221,13 @@ def render(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench/gpu_stack.py", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="bench/gpu_stack.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    bundle = commands.add_parser("bundle", help="prepare a part to carry to a bare CUDA host")
+    bundle = commands.add_parser("bundle", allow_abbrev=False, help="prepare a part to carry to a bare CUDA host")
     bundle.add_argument("--part", choices=("triton", "wheels"), required=True)
     bundle.add_argument("--out", type=Path, default=ROOT / "build" / "gpu_stack")
-    go = commands.add_parser("run", help="start the stack and measure it")
+    go = commands.add_parser("run", allow_abbrev=False, help="start the stack and measure it")
     go.add_argument("--bundle", type=Path, help="the unpacked parts' folder (a bare host); none: this machine's")
     go.add_argument("--shape", default="llama3-8b")
     go.add_argument("--device", choices=("cuda", "cpu"), default="cuda")

@@ -95,7 +95,7 @@ def summary(samples: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.overhead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gateway-url", required=True)
     parser.add_argument("--grpc-url", required=True)

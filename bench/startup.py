@@ -92,7 +92,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.startup", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.startup", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="smollm2-135m,llama-0.5b,llama-1b",
                         help=f"comma-separated, of {', '.join(SHAPES)}")

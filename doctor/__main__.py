@@ -59,11 +59,11 @@ def command_hotkey(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m doctor", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m doctor", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", type=Path, default=Path("."), help="repository to check (default: here)")
     commands = parser.add_subparsers(dest="command")
-    check = commands.add_parser("check", help="run every check and print the table (the default)")
+    check = commands.add_parser("check", allow_abbrev=False, help="run every check and print the table (the default)")
     for target in (parser, check):
         target.add_argument("--checkpoint", default="models/default",
                             help="checkpoint the container serves, relative to the repository")
@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         target.add_argument("--strict", action="store_true", help="count warnings and skipped checks as failures")
         target.add_argument("--driver", help="an NVIDIA driver version (e.g. 550.54): would the image's builds "
                                              "use the GPU with it?")
-    hotkey = commands.add_parser("hotkey", help="show hotkey.txt, or validate ADDRESS and write it exactly")
+    hotkey = commands.add_parser("hotkey", allow_abbrev=False,
+                                 help="show hotkey.txt, or validate ADDRESS and write it exactly")
     hotkey.add_argument("address", nargs="?", help="an SS58 hotkey (48 characters, starting with 5)")
     args = parser.parse_args(argv)
     if args.command == "hotkey":

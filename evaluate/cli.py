@@ -19,7 +19,7 @@ from evaluate.report import build_report, markdown, retrieval_baseline, score_ro
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m evaluate", description=__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m evaluate", description=__doc__)
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of a running stack")
     target.add_argument("--checkpoint", type=Path, help="generate in-process from a checkpoint (no HTTP)")

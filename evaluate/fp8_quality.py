@@ -168,7 +168,7 @@ def render_markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m evaluate.fp8_quality", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m evaluate.fp8_quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=Path("models/default"))
     parser.add_argument("--rows", type=int, default=200, help="held-out rows scored (after the calibration rows)")

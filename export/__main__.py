@@ -23,7 +23,7 @@ def check_complete(checkpoint: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m export", description=__doc__)
     parser.add_argument("checkpoint", help="checkpoint folder holding caption_model.json")
     parser.add_argument("--out", default="build/model_repository", help="model repository to write (replaced)")
     add_arguments(parser.add_argument_group("export options"))

@@ -11,7 +11,7 @@ from gateway.settings import GatewaySettings
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m gateway", description=__doc__)
     parser.add_argument("--bind", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--triton-url", default=None, help="Triton gRPC address (default $EMBCAP_TRITON_URL)")

@@ -9,7 +9,7 @@ from runtime.triton_install import ensure_python_stub, find_triton
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m runtime", description=__doc__)
     parser.add_argument("command", choices=("prepare",))
     parser.parse_args(argv)
     install = find_triton()

@@ -100,7 +100,8 @@ def checkpoint_decision(report: ProbeReport, checkpoint_dir: str | Path, policy:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtime.gpu_probe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, prog="python -m runtime.gpu_probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the report and decision as JSON")
     parser.add_argument("--checkpoint", help="decide for this checkpoint (its on_unusable_gpu, its decoder size)")
     parser.add_argument("--policy", choices=POLICIES, help="overrides the checkpoint's on_unusable_gpu")

@@ -83,7 +83,7 @@ class GatewayServer(uvicorn.Server):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
-    parser = argparse.ArgumentParser(prog="server.py", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="server.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=Path(env(CHECKPOINT_ENV, ROOT / "models" / "default")))
     parser.add_argument("--model-repository", type=Path, default=env("EMBCAP_MODEL_REPOSITORY"),

@@ -125,3 +125,14 @@ def test_the_http_process_never_imports_torch():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("path", sorted(project_modules().values()), ids=lambda p: str(p.relative_to(ROOT)))
+def test_command_lines_take_no_abbreviations(path):
+    """argparse's default takes a prefix for a flag: `--engine` would silently mean `--engine-cache-dir`."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                "ArgumentParser", "add_parser"):
+            flags = {k.arg: k.value for k in node.keywords}
+            assert "allow_abbrev" in flags and getattr(flags["allow_abbrev"], "value", None) is False, \
+                f"line {node.lineno}: {path.name} builds a parser without allow_abbrev=False"

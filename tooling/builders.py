@@ -208,7 +208,7 @@ def make_starter_checkpoint(out: str | Path, seed: int = 0) -> Path:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m tooling.builders", description=__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m tooling.builders", description=__doc__)
     parser.add_argument("kind", choices=("tiny", "starter"))
     parser.add_argument("out")
     args = parser.parse_args(argv)

@@ -36,7 +36,8 @@ MODES = ("frozen", "lora")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m training.gpu_bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, prog="python -m training.gpu_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=SHAPES, default="llama3-8b")
     parser.add_argument("--tokenizer", type=Path, required=True, help="a tokenizer folder (for the prompt)")
     parser.add_argument("--vocab", type=int, default=None,

@@ -284,7 +284,8 @@ def model_card(spec: CaptionModelSpec, config: ReferenceConfig, files: SourceFil
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.import_reference", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, prog="python -m training.import_reference", description=__doc__.split("\n")[0])
     parser.add_argument("src", help="the miner's repository (a local folder)")
     parser.add_argument("out", help="the checkpoint folder to write")
     parser.add_argument("--weights", help=f"which {WEIGHTS_PREFIX}* file, when there are several")

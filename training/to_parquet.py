@@ -31,8 +31,9 @@ def to_examples(captions: list[str], norm: float, prefix: str) -> Examples:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(prog="python -m training.to_parquet", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, prog="python -m training.to_parquet", description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--captions", default=WORDNET, help=f"{CAPTIONS_FORMAT}; or 'wordnet' (the default corpus)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the parquet files")
     parser.add_argument("--norm", type=float, default=1.0, help="row norm of video_embed (at most 1)")

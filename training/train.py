@@ -159,7 +159,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The trainer's options; every one has help text, and --help shows its default."""
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m training", description=__doc__.split("\n")[0],
                                      formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=WORDNET,
