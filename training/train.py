@@ -35,11 +35,13 @@ import torch
 from tqdm import tqdm
 
 from embcap.checkpoint import (INPUT_NORMS, MAX_CANDIDATES, CaptionModelSpec, DecoderSource, GenerationSettings,
-                               OnnxTextEncoder, PromptTemplate, RerankSettings, SentenceTransformerEncoder, save_spec)
+                               ImageBindTowerEncoder, OnnxTextEncoder, PromptTemplate, RerankSettings,
+                               SentenceTransformerEncoder, save_spec)
 from embcap.engines import DEFAULT_ENGINE, ENGINES
 from tooling.builders import minilm_rerank
 from embcap.generation import CaptionGenerator
 from embcap.projector import Projector, save_projector, seeded_projector
+from embcap.tower_folder import CONFIG_FILE as TOWER_CONFIG, is_tower_folder
 from evaluate.datasets import NORMS, cached_encoding, shape_inputs
 from training import decoder as decoders
 from training.augment import AUGMENTS, VIDEO_CONDITIONING, NoiseModel, resolve
@@ -69,16 +71,19 @@ def rerank_settings(args: argparse.Namespace) -> RerankSettings:
     return minilm_rerank(args.candidates)
 
 
-def copied_encoder_spec(folder: Path) -> SentenceTransformerEncoder | OnnxTextEncoder:
-    """The spec of an encoder folder once copied to the checkpoint's RERANK_ENCODER_DIR: an ONNX text tower
-    (model.onnx + tokenizer.json) or a sentence-transformers folder (modules.json)."""
+def copied_encoder_spec(folder: Path) -> SentenceTransformerEncoder | OnnxTextEncoder | ImageBindTowerEncoder:
+    """The spec of an encoder folder once copied to the checkpoint's RERANK_ENCODER_DIR: an imported ImageBind
+    text tower (text_tower.json), an ONNX text tower (model.onnx + tokenizer.json) or a sentence-transformers
+    folder (modules.json)."""
+    if is_tower_folder(folder):
+        return ImageBindTowerEncoder(path=RERANK_ENCODER_DIR)
     if (folder / "model.onnx").is_file() and (folder / "tokenizer.json").is_file():
         return OnnxTextEncoder(path=f"{RERANK_ENCODER_DIR}/model.onnx",
                                tokenizer=f"{RERANK_ENCODER_DIR}/tokenizer.json")
     if (folder / "modules.json").is_file():
         return SentenceTransformerEncoder(path=RERANK_ENCODER_DIR)
-    raise ValueError(f"--rerank-encoder {folder}: neither model.onnx + tokenizer.json nor a sentence-transformers "
-                     "folder (modules.json)")
+    raise ValueError(f"--rerank-encoder {folder}: neither an imported ImageBind text tower ({TOWER_CONFIG}), "
+                     "model.onnx + tokenizer.json nor a sentence-transformers folder (modules.json)")
 
 
 def make_spec(args: argparse.Namespace, decoder: DecoderSource, stop_tokens: tuple[str, ...] = ()) -> CaptionModelSpec:
@@ -205,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                             f"to the input served (auto: {DEFAULT_CANDIDATES} when conditioned by the project's text "
                             "encoder, which then reranks; 1 otherwise, or N with --rerank-encoder)")
     model.add_argument("--rerank-encoder", type=Path, default=None,
-                       help="a text encoder into the input embeddings' space (an ONNX text tower with model.onnx "
-                            "and tokenizer.json, or a sentence-transformers folder), copied into the checkpoint "
+                       help="a text encoder into the input embeddings' space (the evaluator's ImageBind tower from "
+                            "python -m training.import_text_tower, an ONNX text tower with model.onnx and "
+                            "tokenizer.json, or a sentence-transformers folder), copied into the checkpoint "
                             "to rerank candidates (default: none; the project's encoder for its own conditioning)")
     model.add_argument("--name", default=None, help="the checkpoint's name (default: from decoder and data)")
     model.add_argument("--device", default="auto", help="auto (CUDA in bfloat16 when present, else CPU float32), "
