@@ -43,6 +43,20 @@ _PATTERN = regex.compile(
 _WHITESPACE = regex.compile(r"\s+")
 
 
+def installed_bpe_file() -> Path | None:
+    """The vocabulary an installed ImageBind package ships (imagebind/bpe/), found without importing it."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("imagebind")
+    except ValueError:  # an imagebind module made at run time, without a spec: no files of its own
+        return None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(location) / "bpe" / BPE_FILE).is_file():
+            return Path(location) / "bpe" / BPE_FILE
+    return None
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP's reversible map of the 256 byte values to printable characters."""
     printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))

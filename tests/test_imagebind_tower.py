@@ -222,3 +222,14 @@ def test_doctor_checks_the_data_against_the_checkpoints_tower(towers, bpe, tmp_p
     row = check_tower_data(Options(repo=tmp_path, checkpoint="models/plain", data=tmp_path / "own.parquet"))[0]
     assert row.status == SKIP and "not an imported ImageBind tower" in row.reason
     assert check_tower_data(Options(repo=tmp_path, checkpoint="models/ck")) == []
+
+
+def test_the_trainer_and_the_cost_bench_take_a_tower(towers, tmp_path):
+    from bench.rerank_cost import run
+    from training.train import RERANK_ENCODER_DIR, copied_encoder_spec
+
+    assert copied_encoder_spec(towers["state-dict"][1]) == ImageBindTowerEncoder(path=RERANK_ENCODER_DIR)
+    results = run("tiny", [2], [1], 2, tmp_path / "out", cache=tmp_path)
+    row = results["rows"][0]
+    assert (row["candidates"], row["texts"]) == (2, 8) and row["tower"]["n"] == 2 and row["tokens"] > 8
+    assert {path.name for path in (tmp_path / "out").iterdir()} >= {"results.json", "results.md", "plot.png"}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import math
 import shutil
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from embcap.clip_bpe import BPE_FILE
+from embcap.clip_bpe import BPE_FILE, installed_bpe_file
 from embcap.imagebind_tower import TextTower, save_tower
 from embcap.staged_folder import staged_folder
 from embcap.tower_folder import CARD_FILE, SCORER_RULE, TowerConfig, TowerError, TowerSource
@@ -133,14 +132,9 @@ def find_bpe(explicit: Path | None) -> Path:
         if not explicit.is_file():
             raise TowerError(f"--bpe {explicit} not found")
         return explicit
-    try:
-        spec = importlib.util.find_spec("imagebind")
-    except ValueError:  # an imagebind module without a spec (made at run time): not a package with files
-        spec = None
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(location) / "bpe" / BPE_FILE
-        if candidate.is_file():
-            return candidate
+    installed = installed_bpe_file()
+    if installed is not None:
+        return installed
     raise TowerError(f"no {BPE_FILE}: pass --bpe FILE (ImageBind ships it as imagebind/bpe/{BPE_FILE}, e.g. in the "
                      "imagebind-unofficial package)")
 
