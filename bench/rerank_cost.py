@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 from bench.common import RESULTS, pyplot, save, table
-from embcap.clip_bpe import BPE_FILE, installed_bpe_file
+from embcap.clip_bpe import installed_bpe_file
 from embcap.imagebind_encoder import PIECES_PER_BATCH, ImageBindTextEncoder
 from embcap.imagebind_tower import TextTower, save_tower
 from embcap.inputs import realistic_embeddings
 from embcap.rerank import Reranker
-from embcap.tower_folder import TowerConfig, is_tower_folder
+from embcap.tower_folder import BPE_FILE, TowerConfig, is_tower_folder
 from runtime.local import ROOT
 from tooling.stats import t95
 

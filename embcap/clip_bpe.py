@@ -29,13 +29,10 @@ import numpy as np
 import regex
 
 from embcap.text_pieces import split_by_token_limit
+from embcap.tower_folder import BPE_FILE, CHUNK_TOKENS, CONTEXT_LENGTH, LENGTH_CONTEXT
 
-BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"  # the vocabulary's file name, as ImageBind ships it
 START_TOKEN, END_TOKEN = "<|startoftext|>", "<|endoftext|>"
 PAD_ID = 0
-CONTEXT_LENGTH = 77  # positions of the text tower
-LENGTH_CONTEXT = 1024  # the evaluator's tokenizer that measures a piece
-CHUNK_TOKENS = 74  # the evaluator's piece limit
 _MERGES = 49152 - 256 - 2  # merges CLIP's vocabulary uses from the file
 _PATTERN = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",

@@ -15,9 +15,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from embcap.clip_bpe import BPE_FILE, ClipBpe
+from embcap.clip_bpe import ClipBpe
 from embcap.imagebind_tower import TowerError, load_tower
 from embcap.text_pieces import embed_in_pieces
+from embcap.tower_folder import BPE_FILE
 
 PIECES_PER_BATCH = 64  # pieces the tower runs at once (bounds the activation memory of a large request)
 

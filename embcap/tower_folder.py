@@ -16,8 +16,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from embcap.clip_bpe import BPE_FILE, CHUNK_TOKENS, CONTEXT_LENGTH, LENGTH_CONTEXT
-
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"  # CLIP's vocabulary, under the name ImageBind ships it
+CONTEXT_LENGTH = 77  # positions of the text tower
+LENGTH_CONTEXT = 1024  # the evaluator's tokenizer that measures a piece
+CHUNK_TOKENS = 74  # the evaluator's piece limit
 CONFIG_FILE = "text_tower.json"
 WEIGHTS_FILE = "text_tower.safetensors"
 CARD_FILE = "CARD.md"

@@ -233,3 +233,14 @@ def test_the_trainer_and_the_cost_bench_take_a_tower(towers, tmp_path):
     row = results["rows"][0]
     assert (row["candidates"], row["texts"]) == (2, 8) and row["tower"]["n"] == 2 and row["tokens"] > 8
     assert {path.name for path in (tmp_path / "out").iterdir()} >= {"results.json", "results.md", "plot.png"}
+
+
+@pytest.mark.gpu
+def test_the_tower_on_cuda_agrees_with_the_cpu(towers, bpe):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _, folder = towers["state-dict"]
+    texts = scoring_texts(bpe)
+    on_cpu = ImageBindTextEncoder(folder).encode(texts)
+    on_gpu = ImageBindTextEncoder(folder, device="cuda").encode(texts)
+    assert np.abs(on_cpu - on_gpu).max() < 1e-4  # fp32 on both; TF32 is off by default for matmuls

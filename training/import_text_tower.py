@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from embcap.clip_bpe import BPE_FILE, installed_bpe_file
+from embcap.clip_bpe import installed_bpe_file
 from embcap.imagebind_tower import TextTower, save_tower
 from embcap.staged_folder import staged_folder
-from embcap.tower_folder import CARD_FILE, SCORER_RULE, TowerConfig, TowerError, TowerSource
+from embcap.tower_folder import BPE_FILE, CARD_FILE, SCORER_RULE, TowerConfig, TowerError, TowerSource
 from training.restricted_pickle import PickledObject, module_tree, restricted_pickle_module
 
 TEXT_ANCHOR = "modality_preprocessors.text.token_embedding.weight"  # finds the tower under any wrapper prefix
