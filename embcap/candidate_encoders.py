@@ -18,6 +18,7 @@ average the pieces' embeddings. Every encoder returns unit-norm float32 rows.
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -181,6 +182,7 @@ def load_text_encoder(checkpoint: Checkpoint, device: str = "cpu", providers: li
 def check_text_encoder(checkpoint: Checkpoint) -> str:
     """Load the encoder and embed two probe captions (at export time); a one-line summary, or CheckpointError."""
     encoder = load_text_encoder(checkpoint)
+    started = time.perf_counter()
     try:
         vectors = encoder.encode(["a person is walking a dog in a park", "a red car drives down a street"])
     except Exception as exc:
@@ -190,4 +192,6 @@ def check_text_encoder(checkpoint: Checkpoint) -> str:
         raise CheckpointError(f"rerank.encoder {encoder_files(checkpoint)[0]} gave {list(vectors.shape)} "
                               f"{'non-finite ' if not np.isfinite(vectors).all() else ''}vectors for 2 captions, "
                               f"expected [2, {checkpoint.spec.embedding_dim}]")
-    return f"{type(encoder).__name__} from {encoder_files(checkpoint)[0]} -> {encoder.dim}-d"
+    seconds = time.perf_counter() - started  # the reranker pays this per 2 new captions on the export's CPU
+    return (f"{type(encoder).__name__} from {encoder_files(checkpoint)[0]} -> {encoder.dim}-d, 2 probe captions "
+            f"in {1e3 * seconds:.0f} ms on the CPU")
