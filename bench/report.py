@@ -125,8 +125,9 @@ def markdown(results: dict) -> str:
                "baseline p99 ms", "baseline errors", "speed-up"),
     ]
     def errors(row: dict) -> str:
-        late = row.get("over_deadline", 0)
-        return "-" if not row else f"{row['errors']}" + (f" (+{late} > 60 s)" if late else "")
+        late, refused = row.get("over_deadline", 0), row.get("refused", 0)
+        return "-" if not row else f"{row['errors']}" + (f" ({refused} refused)" if refused else "") \
+            + (f" (+{late} > 60 s)" if late else "")
 
     concurrencies = sorted({r["concurrency"] for r in ours + base})
     for c in concurrencies:
@@ -143,7 +144,8 @@ def markdown(results: dict) -> str:
         f"c={c}: {(level(ours, c) or {}).get('requests', '-')}/{(level(base, c) or {}).get('requests', '-')}"
         for c in concurrencies)
         + ". Latency percentiles leave out each client's first request (ramp-up); throughput counts all. "
-        "Errors: failed or timed-out requests; \"> 60 s\": answered after the evaluator's 60 s deadline.")
+        "Errors: failed or timed-out requests (\"refused\": 503 over_capacity from the gateway's admission); "
+        "\"> 60 s\": answered after the evaluator's 60 s deadline.")
     pa = results.get("perf_analyzer", [])
     if pa:
         lines += ["", f"## Triton direct (perf_analyzer, gRPC, no gateway, {served_text(results)})", "",
@@ -194,13 +196,17 @@ def markdown(results: dict) -> str:
 def _failures(results: dict) -> list[str]:
     """The failed phases with their errors, and those not run because of them (nothing when all ran)."""
     failed, skipped = results.get("failed_phases", {}), results.get("phases_not_run", {})
-    if not failed and not skipped:
+    interrupted = results.get("interrupted")
+    if not failed and not skipped and not interrupted:
         return []
     lines = ["## Failed phases", "", "What these phases had measured before failing is kept in results.json; "
              "their tables below are partial or empty.", ""]
     lines += [f"- **{name}** failed after {failure.get('after_s', '-')} s: `{failure['error']}` "
               f"(traceback: {failure.get('traceback', '-')})" for name, failure in failed.items()]
     lines += [f"- {name} not run: {reason}" for name, reason in skipped.items()]
+    if interrupted:
+        lines.append(f"- the run was interrupted (`{interrupted}`) during phase "
+                     f"{next(reversed(results.get('phase_seconds', {'-': 0})))}: later phases did not run")
     return lines + [""]
 
 

@@ -102,13 +102,17 @@ def export_options(plan: Plan, out: Path) -> dict:
 
 def warm(base_url: str, bodies: list[bytes], plan: Plan, burst: int = 1) -> None:
     """A few sequential requests, then one burst as large as the biggest level (fills the largest batch).
-    Raises if a warm-up request fails: the numbers after it would be meaningless."""
+    Raises if a warm-up request fails: the numbers after it would be meaningless. Admission refusals in the
+    burst (503 over_capacity) are the gateway's own answer to more than it can serve in time: noted, not fatal."""
     runs = [loadgen.warm_up(base_url, bodies, plan.rows_per_request, 2)]
     if burst > 1:
         runs.append(loadgen.warm_up(base_url, bodies, plan.rows_per_request, burst, concurrency=burst))
     for result in runs:
-        if result.errors:
+        if result.errors > result.refused or not result.ok:
             raise RuntimeError(f"warm-up against {base_url} failed: {result.error_samples}")
+        if result.refused:
+            log(f"warm-up at concurrency {result.concurrency}: {result.refused} of {result.requests} requests "
+                "refused over capacity (503, the gateway's admission)")
 
 
 def run(plan: Plan) -> dict:
@@ -136,13 +140,16 @@ def run(plan: Plan) -> dict:
     monitor = machine.ContentionMonitor().start()
     try:
         _run_phases(plan, out, results, monitor, phases)
+    except BaseException as exc:  # interrupted (Ctrl-C, SIGTERM as SystemExit): the report says so, then it ends
+        results["interrupted"] = error_text(exc) or type(exc).__name__
+        raise
     finally:
         monitor.stop()
         results["wall_s"] = time.perf_counter() - started
         results["machine"]["other_cpu_cores_by_phase"] = monitor.summary()
         results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         save(results, out)
-    _write_reports(results, out)
+        _write_reports(results, out)
     log(f"done in {results['wall_s']:.0f} s: {out / 'report.md'}, {out / 'plot.png'}"
         + (f"; FAILED phases: {', '.join(phases.failed)}" if phases.failed else ""))
     return results
@@ -150,7 +157,11 @@ def run(plan: Plan) -> dict:
 
 def _write_reports(results: dict, out: Path) -> None:
     """report.md and plot.png always; a completed engines or candidates phase adds its own files."""
-    text = report.write(results, out)
+    try:
+        text = report.write(results, out)
+    except Exception as exc:  # results.json is saved already: what was measured is kept
+        log(f"report.md not written: {error_text(exc)}")
+        return
     for name, write in (("engines", engine_report.write), ("candidates", candidates.write)):
         if results.get(name) and name not in results["failed_phases"]:
             try:
