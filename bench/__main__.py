@@ -54,9 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--open-loop-requests", type=int)
     run.add_argument("--open-loop-load", type=float, help="open-loop arrival rate as a share of hf's capacity")
     run.add_argument("--overhead-requests", type=int, help="paired gateway-overhead samples per path (0 skips)")
-    run.add_argument("--overhead-connection", choices=("new", "keep-alive"),
-                     help="how the overhead phase connects to the gateway: new (default: a new connection per "
-                          "request, as the evaluator) or keep-alive (one, reopened when the gateway closed it)")
     run.add_argument("--candidates", type=int, help="candidates per row our stack serves in the perf_analyzer, "
                                                     "gateway and overhead phases (default: the checkpoint's own)")
     run.add_argument("--candidate-counts", type=_ints, help="candidates per row of the candidates phase "

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import overhead
 from embcap.contract import ENGINES
 from runtime.local import ROOT, PortPool
 
@@ -50,7 +49,6 @@ class Plan:
     open_loop_requests: int = 120  # p95 needs many samples for a tight interval
     open_loop_load: float = 0.8  # the open loop's arrival rate, as a share of the hf engine's capacity
     overhead_requests: int = 30  # paired gateway-overhead samples per path (bench/overhead.py); 0 skips
-    overhead_connection: str = "new"  # bench.overhead.CONNECTIONS: a new connection per request, as the evaluator
     # Candidates per row served in phases 1-4 (None: the checkpoint's own rerank.candidates, as shipped). The
     # naive baseline, the offline loop and the engines phase decode one caption per row; the candidates phase
     # measures each N.
@@ -77,9 +75,6 @@ class Plan:
                 problems.append(f"{name} must be positive, not {getattr(self, name)}")
         if self.candidates is not None and self.candidates < 1:
             problems.append(f"candidates must be positive, not {self.candidates}")
-        if self.overhead_connection not in overhead.CONNECTIONS:
-            problems.append(f"unknown overhead connection {self.overhead_connection!r}: choose from "
-                            f"{', '.join(overhead.CONNECTIONS)}")
         if self.ports is not None and len(self.ports) < 2:
             problems.append("the port range needs at least 2 ports (a server takes an HTTP and a gRPC port)")
         if problems:

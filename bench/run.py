@@ -229,10 +229,9 @@ def _stack_phases(plan: Plan, out: Path, results: dict, monitor, phases: Phases,
             phases.run("gateway", lambda: _gateway(plan, results, bodies, base, grpc_url))
         if "overhead" in wanted and grpc_url:
             def paired() -> None:
-                log(f"gateway overhead, paired per request: {plan.overhead_requests} requests per path, "
-                    f"{overhead.CONNECTIONS[plan.overhead_connection]}")
-                results["overhead_paired"] = overhead.measure(base, grpc_url, plan.overhead_requests,
-                                                              connection=plan.overhead_connection)
+                log(f"gateway overhead, paired per request: {plan.overhead_requests} requests per path (direct "
+                    "gRPC, the gateway on a kept connection and on a new one per request)")
+                results["overhead_paired"] = overhead.measure(base, grpc_url, plan.overhead_requests)
             phases.run("overhead", paired)
     finally:
         if stack["child"] is not None:
