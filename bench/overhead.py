@@ -32,7 +32,7 @@ import numpy as np
 
 from embcap.contract import CAPTION, EMBEDDING, EMBEDDING_DIM, ENSEMBLE
 from embcap.inputs import realistic_embeddings
-from tooling.stats import VERDICT_WORDS, verdict, welch_difference
+from tooling.stats import VERDICT_WORDS, median_difference, verdict, welch_difference
 
 CONNECTIONS = {"keep-alive": "one keep-alive connection, reopened when the gateway closed it",
                "new": "a new connection per request (as the evaluator)"}
@@ -195,6 +195,16 @@ def new_connection_text(samples: dict) -> str:
     return f"; {CONNECTIONS['new']}: {estimate.text(unit=' ms')}" if estimate else ""
 
 
+def median_text(samples: dict) -> str:
+    """The median of the per-request pairs (gateway - direct for the same embeddings): robust to stalls."""
+    kept = median_difference(samples["gateway_outside_ms"], samples["direct_outside_ms"])
+    new = median_difference(samples.get("new_connection_outside_ms") or [], samples["direct_outside_ms"])
+    if kept is None:
+        return ""
+    return (f"; median per request pair {kept.text(unit=' ms')}"
+            + (f" (new connection {new.text(unit=' ms')})" if new else ""))
+
+
 def summary(samples: dict) -> str:
     """One paragraph: the paths' medians, the paired overhead with its interval and verdict, then the same on a
     new connection per request."""
@@ -204,7 +214,7 @@ def summary(samples: dict) -> str:
             f"{samples['rows_per_request']} rows: gateway path median {np.median(ours):.2f} ms, direct gRPC median "
             f"{np.median(direct):.2f} ms; overhead on {connection_text(samples)} {estimate.text(unit=' ms')}; "
             f"< {TARGET_MS:g} ms: {VERDICT_WORDS[verdict(estimate, TARGET_MS, higher_is_better=False)]}"
-            + new_connection_text(samples))
+            + new_connection_text(samples) + median_text(samples))
 
 
 def main(argv: list[str] | None = None) -> None:

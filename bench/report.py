@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.common import fmt, level, pyplot, save, table, verdict_lines
-from bench.overhead import connection_text, new_connection_text
+from bench.overhead import connection_text, median_text, new_connection_text
 from tooling.stats import p50_ratio, ratio_estimate, throughput_ratio, throughput_rel_se, verdict, welch_difference
 
 TARGETS = {
@@ -72,7 +72,7 @@ def targets(results: dict) -> list[dict]:
     ours_ms, direct_ms = samples.get("gateway_outside_ms") or [], samples.get("direct_outside_ms") or []
     estimate = welch_difference(ours_ms, direct_ms)
     detail = (f"paired per request over {len(ours_ms)} + {len(direct_ms)} requests, {connection_text(samples)}: "
-              f"{estimate.text(unit=' ms')}{new_connection_text(samples)}" if estimate
+              f"{estimate.text(unit=' ms')}{new_connection_text(samples)}{median_text(samples)}" if estimate
               else "not measured (paired samples need --overhead-requests >= 2 and a gRPC address): n/a")
     add("gateway_overhead", estimate and estimate.value, 2.0, verdict(estimate, 2.0, False), detail)
 

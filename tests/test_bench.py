@@ -249,6 +249,18 @@ def test_verdict_is_decided_by_the_whole_interval():
     assert stats.verdict(E(5.0, 4.5, 5.5), 4.0, higher_is_better=True) is True
 
 
+def test_the_median_of_request_pairs_is_not_moved_by_one_stall():
+    gateway, direct = [2.0] * 20 + [80.0], [0.5] * 21  # one request stalled 78 ms by another process
+    assert stats.welch_difference(gateway, direct).value > 5
+    robust = stats.median_difference(gateway, direct)
+    assert robust.value == 1.5 and robust.low == robust.high == 1.5
+    assert stats.median_difference([1.0] * 4, [0.5] * 4) is None  # too few pairs for an interval
+    samples = {"rows_per_request": 4, "gateway_outside_ms": gateway, "direct_outside_ms": direct,
+               "new_connection_outside_ms": [3.0] * 21}
+    assert "median per request pair 1.50 ms" in overhead.summary(samples)
+    assert "(new connection 2.50 ms" in overhead.summary(samples)
+
+
 def test_request_bodies_are_evaluator_shaped():
     pool = embedding_pool(3, 4, seed=1)
     bodies = loadgen.encode_bodies(pool)
