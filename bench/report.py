@@ -152,6 +152,10 @@ def markdown(results: dict) -> str:
                   *table("concurrency", "requests", "captions/s", "p50 ms", "p95 ms", "p99 ms", "server queue ms",
                          "server compute ms")]
         for r in pa:
+            if r.get("refused"):
+                lines.append(f"| {r['concurrency']} | {r['requests']} | refused over capacity: "
+                             f"{r['refused'][:120]} | - | - | - | - | - |")
+                continue
             lines.append(f"| {r['concurrency']} | {r['requests']} | {fmt(r['captions_per_s'], 2)} | {fmt(r['p50_ms'])} "
                          f"| {fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['server_queue_ms'])} "
                          f"| {fmt(r['server_compute_ms'])} |")
@@ -226,7 +230,7 @@ def plot(results: dict, path: Path) -> Path:
         pts = sorted(offline["results"], key=lambda r: r["batch"])
         left.plot([r["batch"] / rows for r in pts], [r["captions_per_s"] for r in pts], "k--", marker="^",
                   label=f"offline limit (batch = concurrency x {rows} rows)")
-    pa = results.get("perf_analyzer", [])
+    pa = [r for r in results.get("perf_analyzer", []) if not r.get("refused")]
     if pa:
         left.plot([r["concurrency"] for r in pa], [r["captions_per_s"] for r in pa], "D", label="Triton direct")
         right.plot([r["concurrency"] for r in pa], [r["p95_ms"] / 1000 for r in pa], "D", label="Triton direct")

@@ -245,8 +245,12 @@ def _perf_analyzer(plan: Plan, out: Path, results: dict, pool, grpc_url: str) ->
         count = max(plan.pa_requests_per_level, 2 * c)
         log(f"perf_analyzer -> Triton {grpc_url}, concurrency {c}, {count} requests")
         snap = triton_stats.snapshot(grpc_url, models)
-        measured = perf_analyzer.run(grpc_url, c, count, plan.rows_per_request, input_data, out / "perf_analyzer",
-                                     log=log)
+        try:
+            measured = perf_analyzer.run(grpc_url, c, count, plan.rows_per_request, input_data,
+                                         out / "perf_analyzer", log=log)
+        except perf_analyzer.Refused as refusal:  # the server's answer to more than it can serve in time
+            log(f"perf_analyzer at concurrency {c}: refused over capacity ({refusal})")
+            measured = {"concurrency": c, "requests": count, "refused": str(refusal)}
         measured["extra"] = {"triton": triton_stats.delta(snap, triton_stats.snapshot(grpc_url, models))}
         results["perf_analyzer"].append(measured)
 

@@ -12,6 +12,9 @@ import subprocess
 import sys
 import time
 
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
 import numpy as np
 import psutil
 import pytest
@@ -131,6 +134,18 @@ def test_overhead_survives_a_gateway_that_closes_idle_connections(tiny_checkpoin
     assert samples["connection"] == "keep-alive" and samples["reconnects"] >= 1  # the closed one was reopened
     text = overhead.summary(samples)
     assert "reopened" in text and "a new connection per request (as the evaluator)" in text
+
+
+def test_overhead_waits_for_requests_a_previous_load_left_in_triton(tiny_stack):
+    """Before: requests still in Triton from the level before (their clients gone or not) were counted in the
+    first paired sample and the phase failed with "another client is active"."""
+    base, grpc_url = tiny_stack
+    body = {"embedding": embedding_pool(1, 4, seed=3).reshape(-1).tolist()}
+    with ThreadPoolExecutor(8) as pool:
+        pending = [pool.submit(httpx.post, base + "/api/v1/inference", json=body, timeout=60) for _ in range(8)]
+        samples = overhead.measure(base, grpc_url, requests=2, warmup=0)
+    assert [future.result().status_code for future in pending] == [200] * 8
+    assert samples["idle_wait_s"] >= 2.0 and len(samples["gateway_outside_ms"]) == 2
 
 
 def test_a_failing_phase_keeps_the_other_phases_results_and_a_report(tiny_stack, tiny_checkpoint, tmp_path):
