@@ -14,8 +14,8 @@ MAX_ERROR_CHARS = 1000  # of a failed phase's error in results.json and the repo
 
 
 def error_text(exc: BaseException) -> str:
-    """`Type: message`, cut to MAX_ERROR_CHARS (a subprocess's output can be long)."""
-    text = f"{type(exc).__name__}: {exc}".strip()
+    """`Type: message` on one line (a subprocess's output has many), cut to MAX_ERROR_CHARS."""
+    text = " / ".join(line.strip() for line in f"{type(exc).__name__}: {exc}".splitlines() if line.strip())
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "...(cut)"
 
 
