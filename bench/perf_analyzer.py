@@ -21,11 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from embcap.contract import EMBEDDING, ENSEMBLE
+from embcap.contract import EMBEDDING, ENSEMBLE, OVERLOAD_MARK
 
 WHEEL_VERSION = "2.48.0"
 WHEEL_MEMBER = f"tritonclient-{WHEEL_VERSION}.data/data/bin/perf_analyzer"
 LIBRARIES = {"libb64.so.0d": "libb64-*.so.0d", "libcudart.so.12": "libcudart-*.so.12*"}
+
+
+class Refused(RuntimeError):
+    """The server refused requests of the level as over capacity (the engine's admission): perf_analyzer stops
+    at the first failed request, so the level has no figures, only that answer."""
 
 
 def cache_root() -> Path:
@@ -117,6 +122,9 @@ def run(grpc_url: str, concurrency: int, requests: int, rows_per_request: int, i
         command += ["--input-data", str(input_data)]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
     (out_dir / f"perf_analyzer_c{concurrency}.log").write_text(completed.stdout + completed.stderr)
+    if completed.returncode != 0 and OVERLOAD_MARK in completed.stdout + completed.stderr:
+        detail = next(line for line in (completed.stdout + completed.stderr).splitlines() if OVERLOAD_MARK in line)
+        raise Refused(detail.strip()[:300])
     if completed.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed ({completed.returncode}):\n{completed.stdout[-2000:]}"
                            f"\n{completed.stderr[-2000:]}")
