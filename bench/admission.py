@@ -7,10 +7,12 @@ Phase "burst", `--runs` times on a fresh server.py (the repository is exported o
 `--requests` requests of `--rows` rows back to back (the evaluator's request shape). Counts the refusals
 (503 over_capacity) and the slowest answer.
 
-Phase "predictions", on one more fresh server: the same warm-up, then concurrency 1, 4 and 16 (closed loop,
-`--requests` requests per client). For every admitted request, the gateway's predicted completion time
-(`expected_s` of its "request served" log line, found by request id) against the time the client measured:
-predicted / actual near 1 is right, below 1 admits what may finish late, above 1 refuses early.
+Phase "predictions", on one more fresh server: `--warm-requests` requests one after another (until about
+ten requests were answered the engine judges a request's steps by the most any can take: a start-up
+estimate, not the one measured here), then concurrency 1, 4 and 16 (closed loop, `--level-requests`
+requests per client). For every admitted request, the gateway's predicted completion time (`expected_s` of
+its "request served" log line, found by request id) against the time the client measured: predicted /
+actual near 1 is right, below 1 admits what may finish late, above 1 refuses early.
 
 Inputs are evaluator-shaped (embcap.inputs: captions end at their own lengths). Writes admission.json,
 admission.md and admission.png; every figure stands beside the machine's load (`uptime`), since these
@@ -68,27 +70,23 @@ def post(base_url: str, body: bytes, request_id: str, timeout_s: float = 120.0) 
         connection.request("POST", "/api/v1/inference", body,
                            {"Content-Type": "application/json", "X-Request-ID": request_id})
         response = connection.getresponse()
-        payload = response.read()
-        status = response.status
+        status, payload = response.status, response.read()
     except OSError as exc:
         status, payload = 0, repr(exc).encode()
     finally:
         connection.close()
-    seconds = time.perf_counter() - started
-    detail = "" if status == 200 else payload[:300].decode(errors="replace")
-    return {"id": request_id, "status": status, "seconds": seconds, "detail": detail}
+    return {"id": request_id, "status": status, "seconds": time.perf_counter() - started,
+            "detail": "" if status == 200 else payload[:300].decode(errors="replace")}
 
 
 def clients(base_url: str, bodies: list[bytes], count: int, requests: int, tag: str) -> list[dict]:
     """`count` clients at once, each sending `requests` requests back to back; every answer."""
-    answers: list[dict] = []
-    lock = threading.Lock()
+    answers: list[dict] = []  # list.append is atomic: the clients' threads share it
 
     def client(index: int) -> None:
         for number in range(requests):
-            answer = post(base_url, bodies[(index * requests + number) % len(bodies)], f"{tag}-{index}-{number}")
-            with lock:
-                answers.append(answer)
+            answers.append(post(base_url, bodies[(index * requests + number) % len(bodies)],
+                                f"{tag}-{index}-{number}"))
 
     threads = [threading.Thread(target=client, args=(index,)) for index in range(count)]
     for thread in threads:
@@ -102,10 +100,8 @@ def predictions(log_path: Path) -> dict[str, float]:
     """request id -> the gateway's predicted seconds, from its JSON "request served" log lines."""
     found = {}
     for line in log_path.read_text(errors="replace").splitlines():
-        if not line.startswith("{"):
-            continue
         try:
-            entry = json.loads(line)
+            entry = json.loads(line) if line.startswith("{") else {}
         except ValueError:
             continue
         if entry.get("request_id") and entry.get("expected_s") is not None:
@@ -113,10 +109,10 @@ def predictions(log_path: Path) -> dict[str, float]:
     return found
 
 
-def warm_up(base_url: str, bodies: list[bytes]) -> None:
-    answer = post(base_url, bodies[0], "warm-up")
-    if answer["status"] != 200:
-        raise RuntimeError(f"the warm-up request failed: {answer}")
+def warm_up(base_url: str, bodies: list[bytes], requests: int = 1) -> None:
+    for number in range(requests):
+        if (answer := post(base_url, bodies[number % len(bodies)], f"warm-up-{number}"))["status"] != 200:
+            raise RuntimeError(f"a warm-up request failed: {answer}")
 
 
 def burst_run(args: argparse.Namespace, bodies: list[bytes], run: int) -> dict:
@@ -139,13 +135,13 @@ def burst_run(args: argparse.Namespace, bodies: list[bytes], run: int) -> dict:
 
 
 def prediction_levels(args: argparse.Namespace, bodies: list[bytes]) -> list[dict]:
-    child = start(args.checkpoint, args.out, args.candidates, True, args.ready_timeout_s)
+    child = start(args.checkpoint, args.out, args.candidates, args.runs > 0, args.ready_timeout_s)
     levels = []
     try:
-        warm_up(child.base_url, bodies)
+        warm_up(child.base_url, bodies, args.warm_requests)
         for concurrency in LEVELS:
             load = load_average()
-            answers = clients(child.base_url, bodies, concurrency, args.requests, f"level{concurrency}")
+            answers = clients(child.base_url, bodies, concurrency, args.level_requests, f"level{concurrency}")
             levels.append({"concurrency": concurrency, "load": f"{load} -> {load_average()}", "answers": answers})
             print(f"  concurrency {concurrency}: {sum(a['status'] == 200 for a in answers)}/{len(answers)} served",
                   flush=True)
@@ -153,10 +149,12 @@ def prediction_levels(args: argparse.Namespace, bodies: list[bytes]) -> list[dic
         child.stop()
     expected = predictions(args.out / "server.log")
     for level in levels:
-        pairs = [(expected[a["id"]], a["seconds"]) for a in level["answers"]
-                 if a["status"] == 200 and a["id"] in expected]
+        found = [a for a in level["answers"] if a["status"] == 200 and a["id"] in expected]
+        pairs = [(expected[a["id"]], a["seconds"]) for a in found]
         ratios = [predicted / actual for predicted, actual in pairs]
-        level.update(pairs=pairs, predicted_requests=len(pairs),
+        # after each client's first request: the level's steady state, not its ramp
+        steady = [expected[a["id"]] / a["seconds"] for a in found if not a["id"].endswith("-0")]
+        level.update(pairs=pairs, predicted_requests=len(pairs), steady_min=min(steady, default=None),
                      refused=sum(a["status"] == 503 for a in level["answers"]),
                      ratio_min=min(ratios, default=None), ratio_median=statistics.median(ratios) if ratios else None,
                      ratio_max=max(ratios, default=None))
@@ -185,10 +183,10 @@ def render(args: argparse.Namespace, bursts: list[dict], levels: list[dict]) -> 
         lines += ["", "## Predicted vs actual completion of admitted requests",
                   "", "predicted: the gateway's estimate when it admitted the request; actual: the client's time",
                   "", *table("concurrency", "requests with a prediction", "refused", "predicted/actual min",
-                             "median", "max", "load"),
+                             "median", "max", "min after each client's first", "load"),
                   *[f"| {lv['concurrency']} | {lv['predicted_requests']} | {lv['refused']} | "
                     f"{number(lv['ratio_min'])} | {number(lv['ratio_median'])} | {number(lv['ratio_max'])} | "
-                    f"{lv['load']} |" for lv in levels]]
+                    f"{number(lv['steady_min'])} | {lv['load']} |" for lv in levels]]
     return "\n".join(lines) + "\n"
 
 
@@ -198,14 +196,12 @@ def plot(levels: list[dict], path: Path) -> None:
         return
     figure, axes = plt.subplots(figsize=(6, 5))
     top = max(max(p, a) for level in levels for p, a in level["pairs"])
-    for level in levels:
-        if level["pairs"]:
-            predicted, actual = zip(*level["pairs"])
-            axes.scatter(actual, predicted, s=14, label=f"concurrency {level['concurrency']}")
+    for level in (level for level in levels if level["pairs"]):
+        predicted, actual = zip(*level["pairs"])
+        axes.scatter(actual, predicted, s=14, label=f"concurrency {level['concurrency']}")
     axes.plot([0, top], [0, top], color="grey", linewidth=0.8, label="predicted = actual")
     axes.plot([0, top], [0, top / 2], color="grey", linewidth=0.8, linestyle=":", label="predicted = actual / 2")
-    axes.set_xlabel("actual completion (s)")
-    axes.set_ylabel("predicted at admission (s)")
+    axes.set(xlabel="actual completion (s)", ylabel="predicted at admission (s)")
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -219,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, default=1)
     parser.add_argument("--runs", type=int, default=10, help="fresh servers, one burst each (0: skip the phase)")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=4, help="requests per client, back to back")
+    parser.add_argument("--requests", type=int, default=4, help="requests per client in a burst, back to back")
+    parser.add_argument("--warm-requests", type=int, default=12, help="sequential requests before the levels")
+    parser.add_argument("--level-requests", type=int, default=8, help="requests per client at each level")
     parser.add_argument("--rows", type=int, default=4, help="embeddings per request (the evaluator's 4)")
     parser.add_argument("--skip-predictions", action="store_true")
     parser.add_argument("--ready-timeout-s", type=float, default=600.0)
@@ -233,16 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     bursts: list[dict] = []
     try:
         for run in range(args.runs):
-            bursts.append(burst_run(args, bodies, run))
-            result = bursts[-1]
+            bursts.append(result := burst_run(args, bodies, run))
             print(f"run {run}: refused {result['refused']}/{result['requests']}, slowest "
                   f"{number(result['slowest_s'], 1)} s, {number(result['rows_per_s'], 1)} rows/s, "
                   f"load {result['load']}", flush=True)
         levels = [] if args.skip_predictions else prediction_levels(args, bodies)
     finally:
         shutil.rmtree(args.out / "model_repository", ignore_errors=True)
-    report = render(args, bursts, levels)
-    (args.out / "admission.md").write_text(report)
+    (args.out / "admission.md").write_text(report := render(args, bursts, levels))
     (args.out / "admission.json").write_text(json.dumps({"bursts": bursts, "levels": levels}, indent=1))
     plot(levels, args.out / "admission.png")
     print(report)
