@@ -19,9 +19,9 @@ from gateway.admission import Admission, OverCapacity
 from test_engines import load, random_prefix
 
 # Shaped like the default decoder's on this project's 2-core host: 54 ms per step for 1 slot, 108 ms for 4,
-# 530 ms for 64; a 4-row request of evaluator-shaped rows takes 12.8 steps on average, 16 at the 90th percentile.
+# 530 ms for 64; a 4-row request of evaluator-shaped rows takes 15 steps on average, 31 at most.
 CPU_LIKE = LoadProfile(capacity=64, candidates=1, step_s=((1, 0.054), (4, 0.108), (64, 0.53)),
-                       steps_per_request=12.8, steps_p90=16)
+                       steps_per_request=15, steps_longest=31)
 
 
 def test_a_step_costs_what_was_measured_at_that_batch_size():
@@ -35,24 +35,24 @@ def test_a_step_costs_what_was_measured_at_that_batch_size():
 
 def test_the_estimate_depends_on_how_full_the_batch_will_be():
     lone = CPU_LIKE.seconds_to_answer(0, 4)
-    assert lone == pytest.approx(16 * 0.108)  # its own steps: the 90th percentile
+    assert lone == pytest.approx(15.5 * 0.108)  # its own steps: at least half the longest
     full = CPU_LIKE.seconds_to_answer(60, 4)  # 16 requests of 4 rows: one full batch
-    assert full == pytest.approx(16 * 0.53)
+    assert full == pytest.approx(15.5 * 0.53)
     assert full < 16 * lone / 3  # a lone request's rate applied to the full batch: 3.3x too slow here
     assert CPU_LIKE.seconds_to_answer(0, 4, rows_behind=60) == pytest.approx(full)  # arrivals fill its batch
     # a batch-full ahead of it must leave first: a request's mean steps, then its own
-    assert CPU_LIKE.seconds_to_answer(124, 4) == pytest.approx((12.8 + 16) * 0.53)
-    best_of_16 = LoadProfile(64, 16, ((16, 0.25), (64, 0.53), (1024, 7.3)), 12.8, 16)
-    assert best_of_16.seconds_to_answer(0, 4) == pytest.approx(16 * 0.53)  # 4 rows x 16 candidates = 64 slots
+    assert CPU_LIKE.seconds_to_answer(124, 4) == pytest.approx((15 + 15.5) * 0.53)
+    best_of_16 = LoadProfile(64, 16, ((16, 0.25), (64, 0.53), (1024, 7.3)), 15, 31)
+    assert best_of_16.seconds_to_answer(0, 4) == pytest.approx(15.5 * 0.53)  # 4 rows x 16 candidates = 64 slots
 
 
 def test_a_profile_travels_as_json_and_a_broken_one_is_refused():
     assert LoadProfile.from_json(CPU_LIKE.to_json()) == CPU_LIKE
-    steps = '"steps_per_request": 3, "steps_p90": 4'
+    steps = '"steps_per_request": 3, "steps_longest": 4'
     for text in ("", "{}", '{"capacity": 4, "candidates": 1, "step_s": [], %s}' % steps,
                  '{"capacity": 4, "candidates": 1, "step_s": [[4, 0.1], [1, 0.2]], %s}' % steps,
                  '{"capacity": 4, "candidates": 1, "step_s": [[1, "nan"]], %s}' % steps,
-                 '{"capacity": 4, "candidates": 1, "step_s": [[1, 0.1]], "steps_per_request": 5, "steps_p90": 4}'):
+                 '{"capacity": 4, "candidates": 1, "step_s": [[1, 0.1]], "steps_per_request": 5, "steps_longest": 4}'):
         with pytest.raises(ValueError, match="load profile|ascending"):
             LoadProfile.from_json(text)
     two = CPU_LIKE.scaled(2)  # two engines share the requests
@@ -72,7 +72,7 @@ def test_the_gateway_admits_the_burst_a_lone_requests_rate_would_refuse():
             admission.started(4)
     assert not rate_only.decide(4).admit
     decision = profiled.check(4)
-    assert decision.admit and decision.expected_s == pytest.approx(16 * 0.53)
+    assert decision.admit and decision.expected_s == pytest.approx(15.5 * 0.53)
     for _ in range(200):  # true overload: 860 rows ahead, more than 13 batches-full
         profiled.started(4)
     with pytest.raises(OverCapacity, match="with the batch that full the decoder answers .* past the 55 s deadline"):
@@ -83,9 +83,9 @@ def test_requests_still_arriving_count_for_the_batch_they_will_fill():
     admission = Admission(deadline_s=55.0, profile_source=lambda: CPU_LIKE)
     for _ in range(16):  # 16 requests arrive at once; none handed to Triton yet
         admission.entered()
-    assert admission.estimate_s(4) == pytest.approx(16 * 0.53)
+    assert admission.estimate_s(4) == pytest.approx(15.5 * 0.53)
     admission.started(4)  # one was handed to Triton (it stays in the handler until answered)
-    assert admission.estimate_s(4) == pytest.approx(16 * 0.53)  # 4 rows ahead, 14 requests beside it
+    assert admission.estimate_s(4) == pytest.approx(15.5 * 0.53)  # 4 rows ahead, 14 requests beside it
 
 
 def test_the_engine_measures_its_profile_and_refuses_with_it(tiny_checkpoint):
@@ -95,11 +95,11 @@ def test_the_engine_measures_its_profile_and_refuses_with_it(tiny_checkpoint):
     try:
         profile = engine.profile
         assert [slots for slots, _ in profile.step_s] == [1, 8]  # timed at start-up: one row, all 8
-        assert profile.steps_per_request == profile.steps_p90 == generator.spec.generation.max_new_tokens
+        assert profile.steps_per_request == profile.steps_longest == generator.spec.generation.max_new_tokens
         for _ in range(3):
             generate_blocking(engine, random_prefix(generator, 4), timeout_s=60)
         measured = engine.profile
-        assert measured.steps_per_request <= measured.steps_p90 <= generator.spec.generation.max_new_tokens
+        assert measured.steps_per_request <= measured.steps_longest <= generator.spec.generation.max_new_tokens
         assert published and published[-1].capacity == 8
         engine.close()  # the profile stops changing
         assert engine.estimated_wait_s(8) == engine.profile.seconds_to_answer(0, 8)

@@ -5,23 +5,22 @@
   mean over many, not a fast moving average: one iteration that prefills a burst costs several
   steps, and the machine's other load comes and goes), seeded at start-up by timing steps of a few
   sizes (so that a burst is judged by measured larger steps, not by a lone request's rate).
-- Decode steps from a request's admission to its answer, their mean and 90th percentile over the
-  last `window` answered requests (before the first answer: max_new_tokens, the most it can take;
-  the percentile too until MIN_PERCENTILE_REQUESTS were answered: a lone warm-up request with a
-  short caption must not make a 30-step one look like a rarity).
+- Decode steps from a request's admission to its answer, their mean and their most over the last
+  `window` answered requests (before the first answer: max_new_tokens, the most a request can take;
+  the most too until MIN_LONGEST_REQUESTS were answered: a lone warm-up request with a short caption
+  must not make a 30-step one look impossible).
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
-import math
 
 from embcap.load_profile import LoadProfile
 
 STEP_WINDOW = 32  # iterations per batch-size bucket the step time is the mean of
 STEPS_WINDOW = 64  # answered requests the steps-per-request figures cover
-MIN_PERCENTILE_REQUESTS = 10  # answered requests before their 90th percentile is taken for what it says
+MIN_LONGEST_REQUESTS = 10  # answered requests before the longest of them stands for the longest there is
 
 
 class LoadMeter:
@@ -54,14 +53,11 @@ class LoadMeter:
         self.requests.append(max(1, steps))
 
     def steps_per_request(self) -> tuple[float, float]:
-        """Mean and 90th percentile (nearest rank) of the steps requests took."""
+        """Mean and most of the steps requests took."""
         if not self.requests:
             return float(self.max_steps), float(self.max_steps)
-        ordered = sorted(self.requests)
-        mean = sum(ordered) / len(ordered)
-        if len(ordered) < MIN_PERCENTILE_REQUESTS:
-            return mean, float(max(self.max_steps, ordered[-1]))
-        return mean, float(ordered[math.ceil(0.9 * len(ordered)) - 1])
+        mean, longest = sum(self.requests) / len(self.requests), max(self.requests)
+        return mean, float(max(longest, self.max_steps) if len(self.requests) < MIN_LONGEST_REQUESTS else longest)
 
     def profile(self) -> LoadProfile | None:
         """The measured profile (None before any step was measured)."""
