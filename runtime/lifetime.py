@@ -32,6 +32,8 @@ from typing import Callable
 
 import psutil
 
+from runtime.local import ROOT  # where `python -m runtime.lifetime` is found
+
 TRITON_PROCESS = "tritonserver"  # the process names a server's processes run under
 STUB_PROCESS = "triton_python_backend_stub"
 PR_SET_PDEATHSIG = 1
@@ -65,7 +67,7 @@ def start_reaper(process: subprocess.Popen) -> subprocess.Popen:
     command = [sys.executable, "-m", "runtime.lifetime", str(process.pid), str(-1 if pidfd is None else pidfd)]
     try:
         return subprocess.Popen(command, pass_fds=() if pidfd is None else (pidfd,), start_new_session=True,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, cwd=ROOT)
     finally:
         if pidfd is not None:
             os.close(pidfd)
