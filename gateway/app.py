@@ -7,12 +7,14 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from embcap.load_profile import LoadProfile
 from gateway.admission import Admission, OverCapacity
 from gateway.body import BodyTooLarge, MemoryBudget, held_size, read_body
 from gateway.headers import check_body_headers, request_id
@@ -48,14 +50,16 @@ def create_app(
     triton_metrics_url: str | None = None,
     notice_source: StatusSource | None = None,
     liveness_source: StatusSource | None = None,
+    profile_source: Callable[[], LoadProfile | None] | None = None,
 ) -> FastAPI:
     """Build the gateway app; `status_source` lets a supervisor report what keeps the model down,
     `notice_source` what is wrong while it serves (health's error field carries it), `liveness_source`
-    why the process should be restarted (then /metrics, the liveness probe's path, answers 503)."""
+    why the process should be restarted (then /metrics, the liveness probe's path, answers 503),
+    `profile_source` what answering rows costs the decoder (admission judges its queue with it)."""
     settings = settings or GatewaySettings.from_env()
     metrics = GatewayMetrics(triton_metrics_url)
     budget = MemoryBudget(settings.max_buffered_bytes)
-    admission = Admission(settings.request_timeout_s)
+    admission = Admission(settings.request_timeout_s, profile_source=profile_source)
     # A body above settings.inline_parse_bytes is parsed here, off the event loop; a pool of its own, as small as
     # asked (threads count against the container's pids limit, and the default pool grows with the CPU count).
     # A smaller one is parsed on the loop: the parse holds the interpreter's lock either way (orjson, numpy), so
@@ -121,7 +125,7 @@ def create_app(
                 embeddings = await in_parser(to_rows, values, Limits(settings.max_rows, shape.embedding_dim))
                 del values
             del body
-        admission.check(len(embeddings))
+        request.state.expected_s = admission.check(len(embeddings)).expected_s
         metrics.rows.observe(len(embeddings))
         admission.started(len(embeddings))
         answered = False
@@ -144,6 +148,7 @@ def create_app(
         route = request.scope["path"]  # one of INFERENCE_PATHS (no URL object built per request)
         started = time.perf_counter()
         metrics.in_flight.inc()
+        admission.entered()
         try:
             texts = await caption(request, rid)
         except RequestError as exc:
@@ -161,6 +166,8 @@ def create_app(
         except BaseException:
             finished(route, started)
             raise
+        finally:
+            admission.left()  # in every branch, before the answer goes out
 
         async def served() -> None:
             # Run once the answer is written, in the same turn of the event loop (nothing else runs between):
@@ -169,10 +176,15 @@ def create_app(
             metrics.requests.labels(route, "200").inc()
             log.info("request served", extra={
                 "request_id": rid, "route": route, "rows": len(texts), "ms": round(1000 * elapsed, 1),
-                **({"request_id_replaced": True} if replaced else {})})
+                **expected(request), **({"request_id_replaced": True} if replaced else {})})
 
         return Response(encode_texts(texts), media_type="application/json", headers={"X-Request-ID": rid},
                         background=BackgroundTask(served))
+
+    def expected(request: Request) -> dict:
+        """The admission's estimate for a served request, for its log line (bench.admission compares)."""
+        seconds = getattr(request.state, "expected_s", None)
+        return {} if seconds is None else {"expected_s": round(seconds, 2)}
 
     async def prometheus(request: Request) -> Response:
         problem = liveness_source() if liveness_source else None

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from embcap.contract import ENSEMBLE
 from runtime.instance import SHM_DIR, new_instance_id, server_id, shm_prefix
+from runtime.lifetime import dies_with_this_process, start_reaper
 from runtime.triton_install import TritonInstall, ensure_python_stub, find_triton, triton_environment
 PYTHON_ENV_GLOB = "/tmp/python_env_*"  # the Python backend's own temp folders (hard-coded /tmp)
 KILL_GRACE_S = 5  # stop() waits --exit-timeout-secs plus this before SIGKILL
@@ -85,14 +86,6 @@ def shm_regions(prefix: str) -> list[Path]:
     return [Path(p) for p in glob.glob(str(SHM_DIR / f"{prefix}*"))]
 
 
-def die_with_parent() -> None:
-    """In the child: get SIGKILL when the parent dies, so Triton is never orphaned."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 class TritonProcess:
     """One tritonserver child process."""
 
@@ -102,6 +95,7 @@ class TritonProcess:
         self.install = install or find_triton()
         self.log_file = log_file
         self.process: subprocess.Popen | None = None
+        self.reaper: subprocess.Popen | None = None  # ends the stubs when tritonserver ends (runtime.lifetime)
         self.temp_dir: Path | None = None
         self._env_dirs_before: set[str] = set()
         self._env_dirs: set[str] | None = None
@@ -122,9 +116,10 @@ class TritonProcess:
             env=env,
             stdout=self.log_file,
             stderr=subprocess.STDOUT if self.log_file is not None else None,
-            start_new_session=True,  # a Ctrl-C to the parent reaches Triton through us, in order
-            preexec_fn=die_with_parent,
+            start_new_session=True,  # a Ctrl-C to the parent reaches Triton through us, in order; its stubs
+            preexec_fn=dies_with_this_process(),  # are in its process group, which the reaper ends with it
         )
+        self.reaper = start_reaper(self.process)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -174,6 +169,7 @@ class TritonProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self._kill_orphans()
+        self._wait_for_reaper()
         self.remove_shared_memory()
         self.remove_temp_dirs()
         return None if self.process is None else self.process.returncode
@@ -195,6 +191,15 @@ class TritonProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+    def _wait_for_reaper(self) -> None:
+        # It ends as soon as tritonserver has; wait for it so that it does not stay a zombie of ours.
+        if self.reaper is not None:
+            try:
+                self.reaper.wait(timeout=KILL_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.reaper.kill()
+                self.reaper.wait()
 
     def protect_shared_memory(self) -> None:
         """Make this server's /dev/shm regions readable and writable by this user only (the stubs and

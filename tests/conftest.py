@@ -6,6 +6,8 @@ import glob
 import os
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -19,10 +21,16 @@ no_grpc_fork_handlers()  # tests start tritonserver (a preexec_fn) while their g
 os.environ.setdefault("EMBCAP_CACHE_DIR", str(ROOT / ".cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Every process the suite starts inherits this mark: at the end of the session, a tritonserver or a stub
+# that carries it has outlived the suite (pytest_sessionfinish).
+SESSION_MARK = ("EMBCAP_TEST_SESSION", uuid.uuid4().hex)
+os.environ[SESSION_MARK[0]] = SESSION_MARK[1]
+OUTLIVE_GRACE_S = 10.0  # how long the session's processes may take to go once the last test is done
 
 from embcap.decoder_source import smollm2_decoder_dir  # noqa: E402
 from export.options import ExportOptions  # noqa: E402
 from export.repository import export_repository  # noqa: E402
+from runtime.lifetime import STUB_PROCESS, TRITON_PROCESS  # noqa: E402
 from runtime.triton import TritonOptions, TritonProcess, shm_regions  # noqa: E402
 from tooling.builders import make_tiny_checkpoint  # noqa: E402
 
@@ -165,3 +173,63 @@ def tiny_server(tiny_checkpoint, tmp_path):
     stop_process(process)
     assert not leftovers(prefix), f"left behind: {leftovers(prefix)}"
     assert not (tmp_path / "repo").exists(), "the exported model repository was left behind"
+
+
+def suite_processes() -> list[psutil.Process]:
+    """The tritonserver and stub processes this test session started (they carry its SESSION_MARK) that
+    are still running."""
+    found = []
+    for process in psutil.process_iter(["name"]):
+        try:
+            if process.info["name"] in (TRITON_PROCESS, STUB_PROCESS) and \
+                    process.status() != psutil.STATUS_ZOMBIE and \
+                    process.environ().get(SESSION_MARK[0]) == SESSION_MARK[1]:
+                found.append(process)
+        except psutil.Error:  # gone, or another user's
+            continue
+    return found
+
+
+def processes_naming(text: str) -> list[str]:
+    """'pid N (name)' of this user's running processes whose command line contains `text`."""
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if any(text in arg for arg in process.info["cmdline"] or ()) and process.pid != os.getpid() \
+                    and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(f"pid {process.pid} ({process.info['name']})")
+        except psutil.Error:
+            continue
+    return found
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.1) -> bool:
+    """Poll `predicate` until it is true (True) or `timeout_s` has passed (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval_s)
+    return True
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session when a tritonserver or a stub it started outlives it (they are ended here)."""
+    if not wait_until(lambda: not suite_processes(), OUTLIVE_GRACE_S, 0.5):
+        left = suite_processes()
+        names = []
+        for process in left:
+            try:
+                names.append(f"pid {process.pid} ({process.info['name']}: {' '.join(process.cmdline()[1:3])})")
+            except psutil.Error:
+                names.append(f"pid {process.pid} ({process.info['name']})")
+        for process in left:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+        writer = session.config.get_terminal_writer()
+        writer.line()
+        writer.line(f"FAILED: {len(left)} process(es) started by the test session outlived it (now ended): "
+                    + "; ".join(names), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
