@@ -8,6 +8,9 @@ path) - mean(direct path), with a Welch 95% interval (tooling.stats.welch_differ
 uses the standard library's client, lean like tritonclient's gRPC on the direct side, so the figure
 is the gateway's cost, not an HTTP client library's (httpx adds ~0.45 ms per request of its own).
 
+Longer than 250 lines: the paired sampling, its two connection modes, Triton's idle wait and the
+summaries are one measurement; split, each part would need the others' private state.
+
 The gateway is measured two ways per request, each named in the samples and in every summary:
 - on one keep-alive connection, reopened (outside the timed span) whenever the gateway has closed
   it, e.g. after EMBCAP_KEEP_ALIVE_S idle while a slow direct call ran (`reconnects` counts them):

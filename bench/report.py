@@ -1,6 +1,10 @@
 """results.json -> report.md (tables, targets, machine) and plot.png.
 
 Every verdict comes from tooling.stats: met or missed only when the whole 95% interval is on one side.
+
+Longer than 250 lines: the targets table alone holds every verdict the benchmark gives (throughput,
+latency, overhead), each with its interval and the reason a figure is missing; the markdown and the plot
+read the same results and stay beside it.
 """
 
 from __future__ import annotations

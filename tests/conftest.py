@@ -175,15 +175,32 @@ def tiny_server(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "repo").exists(), "the exported model repository was left behind"
 
 
+SESSION_TEMP: list[Path] = []  # the session's pytest temp root, once known (record_session_temp)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def record_session_temp(tmp_path_factory):
+    SESSION_TEMP.append(tmp_path_factory.getbasetemp())
+
+
+def started_by_this_session(process: psutil.Process) -> bool:
+    """Whether `process` carries SESSION_MARK; where its environment cannot be read (some hosts forbid
+    reading /proc/PID/environ), whether its command line names a path under the session's temp root
+    (every repository the suite serves is exported there)."""
+    try:
+        return process.environ().get(SESSION_MARK[0]) == SESSION_MARK[1]
+    except psutil.AccessDenied:
+        roots = [str(root) for root in SESSION_TEMP]
+        return any(root in arg for arg in process.cmdline() for root in roots)
+
+
 def suite_processes() -> list[psutil.Process]:
-    """The tritonserver and stub processes this test session started (they carry its SESSION_MARK) that
-    are still running."""
+    """The tritonserver and stub processes this test session started that are still running."""
     found = []
     for process in psutil.process_iter(["name"]):
         try:
             if process.info["name"] in (TRITON_PROCESS, STUB_PROCESS) and \
-                    process.status() != psutil.STATUS_ZOMBIE and \
-                    process.environ().get(SESSION_MARK[0]) == SESSION_MARK[1]:
+                    process.status() != psutil.STATUS_ZOMBIE and started_by_this_session(process):
                 found.append(process)
         except psutil.Error:  # gone, or another user's
             continue

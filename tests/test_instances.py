@@ -169,6 +169,19 @@ def test_a_killed_tritonservers_stubs_end_with_it(tiny_repository, tmp_path):
         triton.stop()
 
 
+def test_the_suites_processes_are_found_where_environments_cannot_be_read(tiny_triton, monkeypatch):
+    """Some hosts forbid reading /proc/PID/environ: the session's processes are then known by the temp
+    root their command lines name (the end-of-session check depends on it)."""
+    expected = {tiny_triton.process.pid, *python_stubs(tiny_triton.process.pid)}
+    assert {p.pid for p in suite_processes()} >= expected
+
+    def denied(process):
+        raise psutil.AccessDenied(process.pid)
+
+    monkeypatch.setattr(psutil.Process, "environ", denied)
+    assert {p.pid for p in suite_processes()} >= expected
+
+
 def test_the_next_start_ends_a_killed_owners_processes_and_says_so(tiny_repository, tmp_path, caplog):
     """A server killed together with its reaper leaves a tritonserver and stubs running: the next start on
     its repository ends exactly those (they name the record's shared-memory prefix) and logs them."""
