@@ -6,7 +6,9 @@ import glob
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 import pytest
@@ -132,14 +134,6 @@ def start_server(checkpoint: Path, work: Path, ready_timeout_s: float = 300, ext
     return process, base
 
 
-@pytest.fixture(scope="session")
-def default_stack_url(tmp_path_factory):
-    """server.py serving models/default (the embedded default model)."""
-    process, base = start_server(ROOT / "models" / "default", tmp_path_factory.mktemp("default_stack"))
-    yield base
-    assert stop_process(process) == 0
-
-
 def triton_shm_prefix(server_pid: int) -> str:
     """The shared-memory prefix server.py gave its tritonserver (read from its command line)."""
     for child in psutil.Process(server_pid).children():
@@ -155,13 +149,39 @@ def leftovers(prefix: str) -> list[str]:
     return glob.glob(f"/dev/shm/{prefix}*") + glob.glob(f"/tmp/{prefix}*")
 
 
-@pytest.fixture
-def tiny_server(tiny_checkpoint, tmp_path):
-    """A fresh server.py on the tiny checkpoint, with Triton metrics on; yields (process, base url, log path)."""
-    process, base = start_server(tiny_checkpoint, tmp_path, ready_timeout_s=120,
+@contextmanager
+def serving(checkpoint: Path, work: Path) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+    """server.py on `checkpoint` with Triton metrics on; yields (process, base url, log path). Stopped on exit,
+    which must leave no shared memory, temp folder or exported repository behind."""
+    process, base = start_server(checkpoint, work, ready_timeout_s=120,
                                  extra_args=("--metrics-port", str(free_port())))
     prefix = triton_shm_prefix(process.pid)
-    yield process, base, tmp_path / "server.log"
-    stop_process(process)
+    try:
+        yield process, base, work / "server.log"
+    finally:
+        stop_process(process)
     assert not leftovers(prefix), f"left behind: {leftovers(prefix)}"
-    assert not (tmp_path / "repo").exists(), "the exported model repository was left behind"
+    assert not (work / "repo").exists(), "the exported model repository was left behind"
+
+
+@pytest.fixture
+def tiny_server(tiny_checkpoint, tmp_path):
+    """A fresh server.py on the tiny checkpoint, for a test that stops it; yields (process, base url, log path)."""
+    with serving(tiny_checkpoint, tmp_path) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def module_server(tiny_checkpoint, tmp_path_factory):
+    """One server.py on the tiny checkpoint per test module (through `shared_server`)."""
+    with serving(tiny_checkpoint, tmp_path_factory.mktemp("server")) as server:
+        yield server
+
+
+@pytest.fixture
+def shared_server(module_server):
+    """The module's server.py, healthy: for tests that leave it serving. A test may kill its tritonserver or a
+    stub, but then asserts that it came back; yields (process, base url, log path), the log shared."""
+    process, base, _ = module_server
+    wait_http(f"{base}/api/v1/health", 120, process)
+    return module_server
