@@ -14,13 +14,13 @@ import psutil
 import pytest
 
 from runtime.local import ROOT, free_port, stop_process, wait_http
-from runtime.threads import no_grpc_fork_handlers
+from runtime.threads import no_grpc_fork_handlers, worker_environment
 
 no_grpc_fork_handlers()  # tests start tritonserver (a preexec_fn) while their gRPC clients are busy
-
-os.environ.setdefault("EMBCAP_CACHE_DIR", str(ROOT / ".cache"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The test processes run as the serving processes do (runtime.threads), before numpy and torch are imported: one
+# thread per library, OpenMP workers that sleep rather than spin, no hub. Two pytest workers share the cores, and
+# torch's pool of a thread per core in each, spinning while the other ran, made one SmolLM2 decode 9x slower.
+os.environ.update(worker_environment())
 
 from embcap.decoder_source import smollm2_decoder_dir  # noqa: E402
 from export.options import ExportOptions  # noqa: E402
