@@ -252,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--judge", default="minilm", help="any judge python -m evaluate accepts (minilm, mpnet, "
                                                        "a sentence-transformers folder, module:function)")
     run.add_argument("--also-judge", default=AUTO_JUDGE,
-                     help="a second judge scored beside --judge: 'auto' (all-mpnet-base-v2 when python -m "
-                          "evaluate.mpnet has assembled it), 'none', or any --judge value")
+                     help="a second judge scored beside --judge: 'auto' (all-mpnet-base-v2 when make judges has "
+                          "assembled it), 'none', or any --judge value")
     run.add_argument("--eval-engine", default="auto", choices=("auto", *ENGINES),
                      help="decoding engine for scores during training (auto: the serving default, hf with LoRA, "
                           "whose adapter the continuous engine's fused weights do not carry)")
