@@ -182,13 +182,14 @@ def _parse(text: str) -> Record | None:
 
 
 def sweep(record: Record, repository: Path | None) -> list[str]:
-    """Remove what the killed instance `record` left: its shared memory, its temp folders, its
-    Python-backend folders, and `repository` (with its export's staging folders) when given.
-    Returns what was removed."""
+    """Remove what the killed instance `record` left: its Python-backend stubs still running, its shared
+    memory, its temp folders, its Python-backend folders, and `repository` (with its export's staging folders)
+    when given. Returns what was removed."""
     removed = []
     prefix = record.shm_prefix
     if not prefix.startswith("embcap_") or len(prefix) < len("embcap_") + 8:
         return removed  # never sweep with a prefix that could match another instance's files
+    removed += [f"pid {stub.pid} ({STUB})" for stub in orphaned_stubs(prefix) if _kill(stub)]
     for path in glob.glob(str(SHM_DIR / f"{glob.escape(prefix)}*")):
         Path(path).unlink(missing_ok=True)
         removed.append(path)
@@ -205,3 +206,26 @@ def sweep(record: Record, repository: Path | None) -> list[str]:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed
+
+
+STUB = "triton_python_backend_stub"
+
+
+def orphaned_stubs(prefix: str) -> list[psutil.Process]:
+    """Python-backend stubs whose shared-memory region (their second argument) carries `prefix`. A stub can outlive
+    its killed tritonserver: if that dies while the stub's metrics thread awaits its answer, the stub deadlocks on
+    the way out (Triton's Python backend 2.51) and stays, half a gigabyte and all, until killed."""
+    stubs = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        command = process.info["cmdline"] or []
+        if process.info["name"] == STUB and len(command) > 2 and command[2].startswith(prefix):
+            stubs.append(process)
+    return stubs
+
+
+def _kill(process: psutil.Process) -> bool:
+    try:
+        process.kill()
+        return True
+    except psutil.Error:
+        return False

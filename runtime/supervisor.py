@@ -27,7 +27,6 @@ from export.options import ExportOptions, to_argv
 from runtime.instance import Record, RepositoryLock, new_instance_id, shm_prefix
 from runtime.local import ROOT
 from runtime.models import model_devices, python_stubs, running
-from runtime.python_env import PythonEnvClaim
 from runtime.triton import TritonOptions, TritonProcess, die_with_parent
 from runtime.triton_log import TritonLog, pump
 
@@ -139,13 +138,7 @@ class Supervisor:
         """Start tritonserver with its output piped through us; returns the task copying it."""
         self.triton = TritonProcess(options, log_file=subprocess.PIPE)
         self.triton_log = TritonLog()
-        claim = PythonEnvClaim()  # waited for off the event loop; tritonserver is launched on it (die_with_parent)
-        await asyncio.to_thread(claim.acquire)
-        try:
-            self.triton.launch()
-            await asyncio.to_thread(self.triton.take_python_env, claim)
-        finally:
-            claim.release()
+        await self.triton.start_in_loop()
         return asyncio.create_task(pump(self.triton.process.stdout, self.triton_log, sys.stdout.buffer))
 
     async def _why(self, copying: asyncio.Task, what: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import os
 import secrets
@@ -132,6 +133,16 @@ class TritonProcess:
             start_new_session=True,  # a Ctrl-C to the parent reaches Triton through us, in order
             preexec_fn=die_with_parent,
         )
+
+    async def start_in_loop(self) -> None:
+        """start() from an event loop: the claim is waited for in threads, tritonserver launched on the loop's."""
+        claim = PythonEnvClaim()
+        await asyncio.to_thread(claim.acquire)
+        try:
+            self.launch()
+            await asyncio.to_thread(self.take_python_env, claim)
+        finally:
+            claim.release()
 
     def take_python_env(self, claim: PythonEnvClaim) -> None:
         """Wait (under `claim`, taken before launch()) until the Python backend has made its folder; it is ours."""

@@ -21,7 +21,7 @@ from embcap.contract import PROJECTOR
 from export import EXPORT_FAILED
 from export.options import ExportOptions
 from export.repository import export_repository
-from runtime.instance import Record, RepositoryInUse, RepositoryLock, lock_path, sweep
+from runtime.instance import Record, RepositoryInUse, RepositoryLock, lock_path, orphaned_stubs, sweep
 from runtime.supervisor import export_problem
 from runtime.triton import TritonOptions, TritonProcess
 from runtime.triton_log import TritonLog
@@ -140,6 +140,7 @@ def test_a_killed_servers_leftovers_are_swept_by_the_next_start_and_only_those(t
     process, base = start_server(tiny_checkpoint, tmp_path, ready_timeout_s=180)
     try:
         assert not leftovers(prefix), leftovers(prefix)
+        assert not orphaned_stubs(prefix), "a stub of the killed server is still running"
         assert all(not Path(p).exists() for p in record["python_env_dirs"])
         log = (tmp_path / "server.log").read_text()
         assert f"swept what a killed predecessor (pid {killed.pid}) left" in log
