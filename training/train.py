@@ -48,7 +48,7 @@ from training.record import CARD_FILE, LOG_FILE, PLOT_FILE, RECORD_FILE, model_c
 from training.scoring import AUTO_JUDGE, Retrieval, Score, load_judges, score_checkpoint, score_model
 
 DEFAULT_TEMPLATE = "Video:\n{prefix}\nCaption:"
-# Best-of-N of the default recipe: the largest N measured that keeps the CPU latency target (README, "Best-of-N").
+# Best-of-N of the default recipe: the largest N measured that keeps the CPU latency target (docs/best-of-n.md).
 DEFAULT_CANDIDATES = 16
 RERANK_ENCODER_DIR = "text_encoder"  # where --rerank-encoder is copied inside the checkpoint
 STATE_FILE = "state.pt"
