@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -24,7 +23,6 @@ def _ports(text: str) -> range:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("EMBCAP_CACHE_DIR", str(ROOT / ".cache"))
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", allow_abbrev=False, help="one benchmark run (see bench/run.py)")

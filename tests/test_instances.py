@@ -145,6 +145,7 @@ def test_a_killed_servers_leftovers_are_swept_by_the_next_start_and_only_those(t
     process, base = start_server(tiny_checkpoint, tmp_path, ready_timeout_s=180)
     try:
         assert not leftovers(prefix), leftovers(prefix)
+        assert not processes_naming(repository), "a process of the killed server is still running"
         assert all(not Path(p).exists() for p in record["python_env_dirs"])
         log = (tmp_path / "server.log").read_text()
         assert f"swept what a killed predecessor (pid {killed.pid}) left" in log
@@ -226,6 +227,27 @@ def running(process: psutil.Process) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_tritons_started_together_each_keep_their_own_python_backend_folder(tiny_repository, tmp_path):
+    """Before: each took every /tmp/python_env_* folder that appeared between its start and its readiness for its
+    own; the first to stop deleted the other's, and that tritonserver aborted at its exit (fts_read error, -6)."""
+    tritons = [TritonProcess(TritonOptions(tiny_repository, grpc_port=free_port()),
+                             log_file=open(tmp_path / f"triton-{i}.log", "wb")) for i in range(2)]
+    try:
+        for triton in tritons:
+            triton.start()
+        for triton in tritons:
+            triton.wait_ready(timeout_s=120)
+        first, second = (set(triton.python_env_dirs) for triton in tritons)
+        assert len(first) == len(second) == 1 and not first & second, (first, second)
+        assert tritons[0].stop() == 0
+        assert all(Path(path).is_dir() for path in second), "the other server's folder was removed"
+        assert tritons[1].stop() == 0, (tmp_path / "triton-1.log").read_text()[-2000:]
+    finally:
+        for triton in tritons:
+            triton.stop()
+    assert not any(Path(path).exists() for path in first | second)
 
 
 KILLED_OWNER = """

@@ -50,7 +50,7 @@ from training.record import CARD_FILE, LOG_FILE, PLOT_FILE, RECORD_FILE, model_c
 from training.scoring import AUTO_JUDGE, Retrieval, Score, load_judges, score_checkpoint, score_model
 
 DEFAULT_TEMPLATE = "Video:\n{prefix}\nCaption:"
-# Best-of-N of the default recipe: the largest N measured that keeps the CPU latency target (README, "Best-of-N").
+# Best-of-N of the default recipe: the largest N measured that keeps the CPU latency target (docs/best-of-n.md).
 DEFAULT_CANDIDATES = 16
 RERANK_ENCODER_DIR = "text_encoder"  # where --rerank-encoder is copied inside the checkpoint
 STATE_FILE = "state.pt"
@@ -258,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--judge", default="minilm", help="any judge python -m evaluate accepts (minilm, mpnet, "
                                                        "a sentence-transformers folder, module:function)")
     run.add_argument("--also-judge", default=AUTO_JUDGE,
-                     help="a second judge scored beside --judge: 'auto' (all-mpnet-base-v2 when python -m "
-                          "evaluate.mpnet has assembled it), 'none', or any --judge value")
+                     help="a second judge scored beside --judge: 'auto' (all-mpnet-base-v2 when make judges has "
+                          "assembled it), 'none', or any --judge value")
     run.add_argument("--eval-engine", default="auto", choices=("auto", *ENGINES),
                      help="decoding engine for scores during training (auto: the serving default, hf with LoRA, "
                           "whose adapter the continuous engine's fused weights do not carry)")
