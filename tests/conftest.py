@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import getpass
 import glob
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager
@@ -24,8 +26,14 @@ os.environ.setdefault("EMBCAP_CACHE_DIR", str(ROOT / ".cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Every process the suite starts inherits this mark: at the end of the session, a tritonserver or a stub
-# that carries it has outlived the suite (pytest_sessionfinish).
-SESSION_MARK = ("EMBCAP_TEST_SESSION", uuid.uuid4().hex)
+# that carries it has outlived the suite (pytest_sessionfinish). Parallel workers (pytest-xdist) inherit the
+# controller's mark with its environment, and the controller alone checks, once every worker has ended: a
+# worker's own session status never reaches the run's exit status.
+# The mark names the process that made it, so that a second import of this module in that process keeps it.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+_inherited = os.environ.get("EMBCAP_TEST_SESSION", "")
+SESSION_MARK = ("EMBCAP_TEST_SESSION", _inherited if XDIST_WORKER or _inherited.startswith(f"{os.getpid()}:")
+                else f"{os.getpid()}:{uuid.uuid4().hex}")
 os.environ[SESSION_MARK[0]] = SESSION_MARK[1]
 OUTLIVE_GRACE_S = 10.0  # how long the session's processes may take to go once the last test is done
 # The test processes run as the serving processes do (runtime.threads), before numpy and torch are imported: one
@@ -187,11 +195,13 @@ def record_session_temp(tmp_path_factory):
 def started_by_this_session(process: psutil.Process) -> bool:
     """Whether `process` carries SESSION_MARK; where its environment cannot be read (some hosts forbid
     reading /proc/PID/environ), whether its command line names a path under the session's temp root
-    (every repository the suite serves is exported there)."""
+    (every repository the suite serves is exported there). The controller of parallel workers runs no test:
+    its root is this user's pytest temp folder, which its workers' roots are under."""
     try:
         return process.environ().get(SESSION_MARK[0]) == SESSION_MARK[1]
     except psutil.AccessDenied:
-        roots = [str(root) for root in SESSION_TEMP]
+        user_root = Path(tempfile.gettempdir()) / f"pytest-of-{getpass.getuser()}"
+        roots = [str(root) for root in SESSION_TEMP] or [str(user_root)]
         return any(root in arg for arg in process.cmdline() for root in roots)
 
 
@@ -231,8 +241,11 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.1) -> bool:
     return True
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
     """Fail the session when a tritonserver or a stub it started outlives it (they are ended here)."""
+    if XDIST_WORKER:
+        return  # the controller checks, once every worker has ended (the workers share its mark)
     if not wait_until(lambda: not suite_processes(), OUTLIVE_GRACE_S, 0.5):
         left = suite_processes()
         names = []

@@ -145,7 +145,7 @@ def test_a_killed_servers_leftovers_are_swept_by_the_next_start_and_only_those(t
     process, base = start_server(tiny_checkpoint, tmp_path, ready_timeout_s=180)
     try:
         assert not leftovers(prefix), leftovers(prefix)
-        assert not processes_naming(repository), "a process of the killed server is still running"
+        assert not processes_naming(prefix), "a process of the killed server is still running"
         assert all(not Path(p).exists() for p in record["python_env_dirs"])
         log = (tmp_path / "server.log").read_text()
         assert f"swept what a killed predecessor (pid {killed.pid}) left" in log
