@@ -13,6 +13,7 @@ import torch
 
 from embcap.engines import DEFAULT_ENGINE, create_engine, generate_blocking
 from embcap.generation import CaptionGenerator
+from evaluate.fluency import fluency, token_counter
 from evaluate.judges import Judge, load_judge, mpnet_folder
 from evaluate.report import retrieval_baseline, score_rows
 
@@ -30,6 +31,7 @@ class Score:
     engine: str
     examples: list[tuple[str, str]]
     retrieval: dict[str, float] = field(default_factory=dict)
+    fluency: dict = field(default_factory=dict)  # evaluate.fluency's shares of the captions, when computed
 
     @property
     def mean(self) -> float:
@@ -40,7 +42,7 @@ class Score:
         """JSON-ready form for training.json."""
         return {"score": round(self.mean, 4), "judges": {k: round(v, 4) for k, v in self.means.items()},
                 "retrieval": {k: round(v, 4) for k, v in self.retrieval.items()}, "rows": self.rows,
-                "engine": self.engine, "examples": self.examples}
+                "engine": self.engine, "examples": self.examples, **({"fluency": self.fluency} if self.fluency else {})}
 
 
 def load_judges(main: str, also: str) -> dict[str, Judge]:
@@ -105,7 +107,10 @@ def score_model(generator: CaptionGenerator, projector: torch.nn.Module, embeddi
         captions = caption_rows(generator, prefix.float().cpu().numpy(), engine_name, slots)
     finally:
         projector.train(was_training)
-    return judge_score(judges, captions, references, engine_name)
+    score = judge_score(judges, captions, references, engine_name)
+    score.fluency = fluency(captions, token_counter(generator.tokenizer),
+                            generator.spec.generation.max_new_tokens).record()
+    return score
 
 
 def score_checkpoint(checkpoint: Path, inputs: dict[str, np.ndarray], references: list[str],
