@@ -93,12 +93,18 @@ def test_raft_continues_a_checkpoint_and_records_before_and_after(reward_checkpo
     scores = report["scores"]
     assert set(scores["before"]["final"]) == set(scores["final"]) == {"realistic", "as-is"}
     for score in [*scores["final"].values(), *scores["before"]["final"].values()]:
-        assert score["rows"] == 4 and 0.0 <= score["fluency"]["degenerate"] <= 1.0
+        assert score["rows"] == 4 and 0.0 <= score["fluency"]["degenerate"] <= 1.0 and "per_row" not in score
+    for shape, score in scores["final"].items():  # paired over the same rows: the mean change is the change of means
+        value, low, high = score["change"]["all-MiniLM-L6-v2"]
+        before_mean = scores["before"]["final"][shape]["judges"]["all-MiniLM-L6-v2"]
+        assert value == pytest.approx(score["judges"]["all-MiniLM-L6-v2"] - before_mean, abs=2e-4)
+        assert low <= value <= high
     assert list(scores["curve"]) == list(scores["before"]["curve"]) == ["1", "2", "4", "8", "16"]
     assert scores["curve_rows"] == 3 and set(scores["curve_retrieval"]) == {"all-MiniLM-L6-v2"}
     card = (tmp_path / "run" / "out" / "MODEL_CARD.md").read_text()
     assert "## Before and after" in card and "Objective `raft`: best-of-3 distillation" in card
     assert "| 16 |" in card and "Degenerate captions" in card and "--limit 3 --seed 0" in card
+    assert "Changes are paired over the rows, with 95% intervals." in card
     before = json.loads((tmp_path / "run" / "before.json").read_text())
     assert before["scores"]["greedy"]["realistic"]["judges"] == scores["before"]["final"]["realistic"]["judges"]
 

@@ -16,6 +16,14 @@ def _fluency_cells(fluency: dict) -> str:
     return " | ".join(cells)
 
 
+def _change(entry: dict, judge: str, old: float, new: float) -> str:
+    """The paired change with its 95% interval when the record has it, else the plain difference."""
+    change = entry.get("change", {}).get(judge)
+    if not change:
+        return f"{new - old:+.4f}"
+    return f"{change[0]:+.4f} [{change[1]:+.4f}, {change[2]:+.4f}]"
+
+
 def fluency_table(record: dict) -> list[str]:
     """Degenerate captions (evaluate.fluency) of the final greedy scores, and of the served best-of-N caption."""
     scores = record["scores"]
@@ -61,7 +69,7 @@ def curve_table(record: dict) -> list[str]:
             after = entry["judges"][judge]
             if before:
                 old = before[count]["judges"][judge]
-                cells += [f"{old:.4f}", f"{after:.4f} ({after - old:+.4f})"]
+                cells += [f"{old:.4f}", f"{after:.4f} ({_change(entry, judge, old, after)})"]
             else:
                 cells.append(f"{after:.4f}")
         lines.append(f"| {count} | " + " | ".join(cells) + " |")
@@ -78,13 +86,14 @@ def before_after_table(record: dict) -> list[str]:
     if not before:
         return []
     lines = [f"## Before and after (greedy; before: `{before['checkpoint']}`, scored by this run on the same rows)",
-             "", "| inputs | judge | before | after | change |", "|---|---|---:|---:|---:|"]
+             "", "Changes are paired over the rows, with 95% intervals.", "",
+             "| inputs | judge | before | after | change |", "|---|---|---:|---:|---:|"]
     for shape, score in record["scores"]["final"].items():
         old = before["final"].get(shape)
         for judge, value in score["judges"].items():
             if old and judge in old["judges"]:
                 lines.append(f"| {shape} ({score['rows']} rows) | {judge} | {old['judges'][judge]:.4f} | "
-                             f"**{value:.4f}** | {value - old['judges'][judge]:+.4f} |")
+                             f"**{value:.4f}** | {_change(score, judge, old['judges'][judge], value)} |")
     return lines
 
 

@@ -24,6 +24,7 @@ from evaluate.report import score_rows
 from training.scoring import Retrieval, score_checkpoint
 
 CURVE_COUNTS = (1, 2, 4, 8, 16)
+PER_ROW = "per_row"  # each row's cosine per judge: kept in before.json for the paired changes, not in training.json
 CURVE_INPUTS = "realistic"
 BEFORE_FILE = "before.json"
 
@@ -51,9 +52,10 @@ def curve_scores(folder: Path, embeddings: np.ndarray, references: list[str], ju
     curve = {}
     for count, run in runs.items():
         captions = run.captions(len(references))
-        curve[str(count)] = {"judges": {name: round(float(np.mean(score_rows(judge, captions, references))), 4)
-                                        for name, judge in judges.items()},
-                             "fluency": fluency(captions, counter, limit).record()}
+        per_row = {name: score_rows(judge, captions, references) for name, judge in judges.items()}
+        curve[str(count)] = {"judges": {name: round(float(np.mean(rows)), 4) for name, rows in per_row.items()},
+                             "fluency": fluency(captions, counter, limit).record(),
+                             PER_ROW: {name: [round(float(v), 5) for v in rows] for name, rows in per_row.items()}}
     return curve
 
 
@@ -61,7 +63,7 @@ def evaluate_checkpoint(folder: Path, references: dict[str, list[str]], inputs: 
                         judges: dict[str, Judge], device: str, dtype) -> dict:
     """Greedy scores per input shape (`inputs["greedy"]`) and the best-of-N curve (`inputs["curve"]`)."""
     greedy = score_checkpoint(folder, inputs["greedy"], references["greedy"], judges, device, dtype)
-    record = {"greedy": {shape: score.record() for shape, score in greedy.items()}}
+    record = {"greedy": {shape: {**score.record(), PER_ROW: score.per_row} for shape, score in greedy.items()}}
     if inputs.get("curve"):
         from embcap.checkpoint import load_checkpoint
 
@@ -97,6 +99,21 @@ def with_retrieval(record: dict, retrieval: Retrieval, judges: dict[str, Judge],
     return record
 
 
+def changes(after: dict, before: dict) -> dict[str, list[float]]:
+    """Per judge, the paired change after - before over the same rows: [mean, 95% low, 95% high]."""
+    from tooling.stats import paired_difference
+
+    estimates = {judge: paired_difference(rows, before[PER_ROW][judge]) for judge, rows in after[PER_ROW].items()
+                 if judge in before.get(PER_ROW, {})}
+    return {judge: [round(e.value, 4), round(e.low, 4), round(e.high, 4)] for judge, e in estimates.items()}
+
+
+def without_rows(scores: dict) -> dict:
+    """`scores` (evaluate_checkpoint's) without the per-row lists, for training.json."""
+    return {key: ({inner: {k: v for k, v in entry.items() if k != PER_ROW} for inner, entry in value.items()}
+                  if key in ("greedy", "curve") else value) for key, value in scores.items()}
+
+
 def load_before(run_dir: Path, settings: dict) -> tuple[dict, float] | None:
     """(scores, minutes) of the "before" half measured at the start of this run with these settings, if any."""
     path = run_dir / BEFORE_FILE
@@ -112,5 +129,5 @@ def save_before(run_dir: Path, settings: dict, scores: dict, minutes: float) -> 
     (run_dir / BEFORE_FILE).write_text(text)
 
 
-__all__ = ["BEFORE_FILE", "CURVE_COUNTS", "CURVE_INPUTS", "comparison_inputs", "curve_scores", "evaluate_checkpoint",
-           "load_before", "sample_rows", "save_before", "with_retrieval"]
+__all__ = ["BEFORE_FILE", "CURVE_COUNTS", "CURVE_INPUTS", "PER_ROW", "changes", "comparison_inputs", "curve_scores",
+           "evaluate_checkpoint", "load_before", "sample_rows", "save_before", "with_retrieval", "without_rows"]

@@ -32,6 +32,7 @@ class Score:
     examples: list[tuple[str, str]]
     retrieval: dict[str, float] = field(default_factory=dict)
     fluency: dict = field(default_factory=dict)  # evaluate.fluency's shares of the captions, when computed
+    per_row: dict[str, list[float]] = field(default_factory=dict, repr=False)  # judge -> each row's cosine
 
     @property
     def mean(self) -> float:
@@ -77,9 +78,10 @@ def caption_rows(generator: CaptionGenerator, prefix: np.ndarray, engine_name: s
 
 def judge_score(judges: dict[str, Judge], captions: list[str], references: list[str], engine: str) -> Score:
     """Mean cosine of captions against references, per judge."""
-    means = {name: float(np.mean(score_rows(judge, captions, references))) if references else 0.0
-             for name, judge in judges.items()}
-    return Score(means, len(references), engine, list(zip(references, captions))[:5])
+    per_row = {name: score_rows(judge, captions, references) for name, judge in judges.items()}
+    means = {name: float(np.mean(rows)) if references else 0.0 for name, rows in per_row.items()}
+    return Score(means, len(references), engine, list(zip(references, captions))[:5],
+                 per_row={name: [round(float(v), 5) for v in rows] for name, rows in per_row.items()})
 
 
 @dataclass

@@ -333,7 +333,6 @@ class Run:
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
         self.step, self.elapsed_before, self.history = 0, 0.0, []
         self.before_minutes = None
-        self.started = time.monotonic()
         self.order = list(range(len(self.data.train)))
         random.Random(args.seed).shuffle(self.order)
         held = self.data.heldout
@@ -345,6 +344,7 @@ class Run:
         self.retrieval = self.retrieval_keys() if scoring else None
         self.eval_retrieval = (self.retrieval.scores(self.judges, self.eval_embeddings, self.eval_references())
                                if self.eval_rows else {})
+        self.started = time.monotonic()  # training time: loading, encoding the retrieval keys and judging are not
 
     def reward_objective(self) -> tuple[reward.RewardObjective | None, object]:
         """The reward or raft objective with its encoder (the checkpoint continued reranks with it); None for ce."""
@@ -612,6 +612,12 @@ def scores_record(run: Run, after: dict, before: dict | None) -> dict:
     """training.json's `scores`: held-out scores during training, the written checkpoint's final scores (greedy per
     input shape, the best-of-N curve) and, with --init-from, the same of the checkpoint continued."""
     history = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()} for h in run.history]
+    if before:  # the paired change of every score over the same rows, with its 95% interval
+        for part in ("greedy", "curve"):
+            for key, entry in after.get(part, {}).items():
+                if key in before.get(part, {}):
+                    entry["change"] = compare.changes(entry, before[part][key])
+    after, before = compare.without_rows(after), before and compare.without_rows(before)
     scores = {"eval_inputs": run.args.eval_norms, "history": history, "final": after.get("greedy", {})}
     if "curve" in after:
         scores.update(curve=after["curve"], curve_rows=run.args.curve_samples, curve_inputs=compare.CURVE_INPUTS,
