@@ -6,6 +6,7 @@ the degenerate-caption measure; the reward target taken from a data column only 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from evaluate.datasets import DEFAULT_HELDOUT
 from evaluate.fluency import fluency, repeats_words
 from tooling.builders import make_tiny_checkpoint, minilm_rerank
+from tooling.corpus import WORDNET_DIR
 from training.data import DataSet, Examples
 from training.reward import TEXT_TARGET
 from training.start import resolve_target
@@ -120,6 +122,20 @@ def test_reward_objectives_need_a_checkpoint_and_take_its_settings(reward_checkp
     assert args.prefix_length == 2 and args.max_new_tokens == 8 and args.decoder.endswith("decoder")
 
 
+def test_the_wordnet_corpus_keeps_the_split_of_the_checkpoint_continued(reward_checkpoint, tmp_path, capsys):
+    """Its heldout.txt stays the held-out split, and a seed other than its own (which would hold out other synsets,
+    training on some of its held-out ones) is refused."""
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(reward_checkpoint, checkpoint)
+    shutil.copy(DEFAULT_HELDOUT, checkpoint / "heldout.txt")
+    (checkpoint / "training.json").write_text(json.dumps({"seed": 0}))
+    wordnet = ["--init-from", str(checkpoint), "--objective", "reward", "--run-dir", str(tmp_path / "run")]
+    assert parse_args(wordnet).heldout == str(checkpoint / "heldout.txt")
+    with pytest.raises(SystemExit):
+        parse_args([*wordnet, "--seed", "1"])
+    assert "trained on the WordNet corpus of seed 0" in capsys.readouterr().err
+
+
 def test_degenerate_captions_are_counted():
     assert repeats_words("in the snow in the snow") and repeats_words("The the dog")
     assert not repeats_words("a group of workers rub a group of boats")
@@ -145,3 +161,19 @@ def test_a_target_column_is_used_only_when_the_encoder_made_it(reward_checkpoint
     other = np.random.default_rng(0).standard_normal(made.shape).astype(np.float32)
     assert resolve_target("auto", data(other), encoder)[0] == TEXT_TARGET
     assert resolve_target("description_embed", data(other), encoder)[0] == "description_embed"  # as asked
+
+
+@pytest.mark.skipif(not (WORDNET_DIR / "data.noun").is_file(),
+                    reason="WordNet not installed (apt-get install wordnet-base)")
+def test_a_heldout_file_leaves_the_corpus_training_rows(tmp_path):
+    from training.data import ENCODER, WORDNET, load_data
+
+    corpus = load_data(WORDNET, conditioning=ENCODER, heldout=None, heldout_size=100, seed=0, run_dir=tmp_path,
+                       max_train=2000)
+    held = tmp_path / "held.txt"  # three training captions and one unknown, as another split would hold them
+    held.write_text("".join(f"scene\t{text}\n" for text in [*corpus.train.texts[:3], "a caption of nowhere"]))
+    data = load_data(WORDNET, conditioning=ENCODER, heldout=str(held), heldout_size=100, seed=0, run_dir=tmp_path,
+                     max_train=2000)
+    assert data.heldout.texts == [*corpus.train.texts[:3], "a caption of nowhere"]
+    assert len(data.train) == len(corpus.train) - 3 and not set(data.train.texts) & set(data.heldout.texts)
+    assert data.split.startswith("corpus split, held out: ")

@@ -18,6 +18,7 @@ import numpy as np
 from embcap.candidate_encoders import TextEncoder, encoder_files, load_text_encoder
 from embcap.checkpoint import CaptionModelSpec, Checkpoint, DecoderSource, load_checkpoint
 from training.data import WORDNET, DataSet, expand, is_parquet
+from training.record import RECORD_FILE
 from training.reward import AUTO_TARGET, DESCRIPTION_EMBED, SAME_SPACE_COSINE, TEXT_TARGET
 
 HELDOUT_FILE = "heldout.txt"  # a WordNet-trained checkpoint's held-out split (evaluate's built-in one)
@@ -57,8 +58,21 @@ def apply_init(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Che
     held = checkpoint.root / HELDOUT_FILE
     if args.data == WORDNET and args.heldout is None and held.is_file():
         args.heldout = str(held)
+        seed = recorded_seed(checkpoint)
+        if seed is not None and seed != args.seed:
+            # the corpus holds out whole synsets per seed: another seed trains on the checkpoint's held-out ones
+            parser.error(f"--seed {args.seed}: --init-from {args.init_from} was trained on the WordNet corpus of seed "
+                         f"{seed}, whose held-out split another seed would partly train on; use --seed {seed}")
     args.name = args.name or f"{checkpoint.spec.name}-{args.objective}"
     return checkpoint
+
+
+def recorded_seed(checkpoint: Checkpoint) -> int | None:
+    """The seed in the checkpoint's training record, if it has one."""
+    import json
+
+    path = checkpoint.root / RECORD_FILE
+    return json.loads(path.read_text()).get("seed") if path.is_file() else None
 
 
 def run_spec(checkpoint: Checkpoint, name: str) -> CaptionModelSpec:
