@@ -7,7 +7,7 @@
 # de-quantised here, at build time, into the image.
 #
 # GPU builds: the CUDA major of torch and ONNX Runtime GPU must match the base image's, and
-# the machine's NVIDIA driver must run it (README, "GPU builds"; embcap/cuda_builds.py).
+# the machine's NVIDIA driver must run it (docs/gpu-builds.md; embcap/cuda_builds.py).
 # The defaults are the CUDA 12.8 builds: they run on every driver from 525.60.13 on, the
 # CUDA 13 builds only from 580. For a 580+ driver you may build the CUDA 13 set:
 #   --build-arg TRITON_RELEASE=25.08 --build-arg TORCH=torch==2.13.0 \

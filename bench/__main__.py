@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -24,7 +23,6 @@ def _ports(text: str) -> range:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("EMBCAP_CACHE_DIR", str(ROOT / ".cache"))
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", allow_abbrev=False, help="one benchmark run (see bench/run.py)")
@@ -47,20 +45,22 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--export-arg", dest="export_args", action="append",
                      help="an export option for server.py (repeatable), e.g. --export-arg=--max-batch-size=32")
     run.add_argument("--skip", action="append", default=[], help="a phase to leave out (repeatable): "
-                     "perf_analyzer, gateway, baseline, offline, engines or candidates")
+                     "perf_analyzer, gateway, overhead, baseline, offline, engines or candidates")
     run.add_argument("--engines", type=lambda text: [e for e in text.split(",") if e],
                      help="engines to compare side by side (default hf,continuous)")
     run.add_argument("--engine-levels", type=_ints, help="concurrency levels of the engines phase")
     run.add_argument("--open-loop-requests", type=int)
     run.add_argument("--open-loop-load", type=float, help="open-loop arrival rate as a share of hf's capacity")
     run.add_argument("--overhead-requests", type=int, help="paired gateway-overhead samples per path (0 skips)")
-    run.add_argument("--candidates", type=int, help="candidates per row in the phases before the candidates "
-                                                    "phase (default 1: their baselines write one caption)")
+    run.add_argument("--candidates", type=int, help="candidates per row our stack serves in the perf_analyzer, "
+                                                    "gateway and overhead phases (default: the checkpoint's own)")
     run.add_argument("--candidate-counts", type=_ints, help="candidates per row of the candidates phase "
                                                             "(N=1 and the checkpoint's own are always added)")
     run.add_argument("--candidate-requests", type=int, help="sequential 4-row requests per N (the evaluator sends 16)")
     run.add_argument("--gateway-url", help="benchmark an already running gateway instead of starting server.py")
     run.add_argument("--grpc-url", help="its Triton gRPC address (for perf_analyzer and statistics)")
+    run.add_argument("--ready-timeout-s", type=float, help="seconds each server the run starts has to become "
+                                                           "healthy (default 300)")
     run.add_argument("--out", type=Path, help="results folder (default bench/results/<utc time>-<mode>)")
     run.add_argument("--ports", type=_ports, help="port range for the servers the run starts, e.g. 20000-20099 "
                                                   "(default: any free port)")
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(write(json.loads((args.run_dir / "results.json").read_text()), args.run_dir))
         return 0
-    from bench.run import Plan, PlanError, run as run_bench
+    from bench.plan import Plan, PlanError
+    from bench.run import run as run_bench
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "mode", "skip")}
     plan = Plan.preset(args.mode, skip=set(args.skip), **options)
@@ -93,8 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     except PlanError as exc:
         parser.error(str(exc))
     results = run_bench(plan)
-    failures = [r for r in results["gateway"] + results["baseline"] if r["ok"] == 0]
-    return 1 if failures else 0
+    empty = [f"{system} c={r['concurrency']}" for system in ("gateway", "baseline") for r in results[system]
+             if r["ok"] == 0]
+    if results["failed_phases"] or empty:
+        print("bench run FAILED: " + "; ".join(
+            [f"phase {name}: {failure['error']}" for name, failure in results["failed_phases"].items()]
+            + [f"{level}: no request answered" for level in empty]), file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,21 +22,25 @@ from tooling.stats import VERDICT_WORDS, p50_ratio, p50_seconds, throughput_rati
 P50_TARGET_S = 8.0  # the shipped N's 4-row request p50 on the development CPU (2 cores)
 
 
-def run_candidates(plan, out: Path, start_stack: Callable, warm: Callable, log: Callable[[str], None]) -> dict:
-    """Measure every N in `plan.candidate_counts`; `start_stack(plan, folder, export_args)` -> (child, grpc, cold s)."""
+def run_candidates(plan, out: Path, start_stack: Callable, warm: Callable, log: Callable[[str], None],
+                   results: dict | None = None) -> dict:
+    """Measure every N in `plan.candidate_counts`; `start_stack(plan, folder, export_args)` -> (child, grpc, cold s).
+    Each N's entry is added to `results` (filled in place) as it is measured."""
     from embcap.checkpoint import load_checkpoint
     from embcap.contract import served_models
 
     shipped = load_checkpoint(plan.checkpoint).spec.rerank.candidates
     counts = sorted(set(plan.candidate_counts) | {1, shipped})
     bodies = loadgen.encode_bodies(embedding_pool(plan.pool_requests, plan.rows_per_request, plan.seed, "realistic"))
-    results: dict = {"shipped": shipped, "counts": {}, "concurrency": plan.candidate_concurrency}
+    results = {} if results is None else results
+    results.update({"shipped": shipped, "counts": {}, "concurrency": plan.candidate_concurrency})
     for count in counts:
         folder = out / f"candidates-{count}"
         (folder / "logs").mkdir(parents=True, exist_ok=True)
         log(f"candidates {count}: starting server.py")
         stack, grpc_url, cold = start_stack(plan, folder, [f"--candidates={count}"])
         entry: dict = {"cold_start_s": cold}
+        results["counts"][str(count)] = entry
         models = served_models(count)
         try:
             warm(stack.base_url, bodies, plan)
@@ -56,7 +60,6 @@ def run_candidates(plan, out: Path, start_stack: Callable, warm: Callable, log: 
             entry["sequential"], entry["loaded"] = sequential.to_dict(), loaded.to_dict()
         finally:
             entry["exit_code"] = stack.stop()
-        results["counts"][str(count)] = entry
     return results
 
 

@@ -21,7 +21,6 @@ def thread_env() -> dict[str, str]:
     (runtime.threads), forced, so that the baseline and the stack run under the same ones."""
     env = worker_environment(force=True)
     env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("EMBCAP_CACHE_DIR", str(ROOT / ".cache"))
     return env
 
 

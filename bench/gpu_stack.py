@@ -46,7 +46,7 @@ WHEELS_ARCHIVE = "wheels.tar"
 # What the gateway, server.py and the stubs need that such a host lacks (pins from requirements.txt).
 # numpy: the Python-backend stub garbles tensors with numpy 2, the host's likely version.
 WHEEL_PACKAGES = ("numpy", "fastapi", "starlette", "uvicorn", "httptools", "pydantic", "orjson", "tritonclient",
-                  "httpx")
+                  "httpx", "ftfy", "wcwidth")
 # Already on the host (torch's and transformers' own dependencies, or listed for it): not carried.
 HOST_PACKAGES = {"grpcio", "protobuf", "packaging", "typing_extensions", "certifi", "urllib3", "idna", "psutil",
                  "prometheus_client"}

@@ -95,6 +95,7 @@ class LevelResult:
     mean_ms: float
     ramp_requests: int = 0  # each worker's first request: counted for throughput, not for latency
     over_deadline: int = 0  # answered, but later than the evaluator's deadline (60 s)
+    refused: int = 0  # of the errors: 503 over_capacity, the gateway's admission refusing what it could not answer
     error_samples: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
@@ -135,6 +136,11 @@ async def _send(connection: Connection, path: str, body: bytes, rows: int, timeo
     return (elapsed, "") if len(texts) == rows else (0.0, f"{len(texts)} captions for {rows} rows")
 
 
+def refusal(error: str) -> bool:
+    """Whether `_send`'s error is the gateway's admission refusal (503 over_capacity)."""
+    return error.startswith("HTTP 503:") and '"over_capacity"' in error
+
+
 def _result(concurrency: int, latencies: list[float], ramp: list[float], errors: list[str], rows: int,
             wall: float, **more) -> LevelResult:
     ms, ok = [1000 * v for v in latencies], len(latencies) + len(ramp)
@@ -144,7 +150,8 @@ def _result(concurrency: int, latencies: list[float], ramp: list[float], errors:
         captions_per_s=ok * rows / wall if wall else 0.0, requests_per_s=ok / wall if wall else 0.0,
         p50_ms=percentile(ms, 50), p95_ms=percentile(ms, 95), p99_ms=percentile(ms, 99),
         mean_ms=float(np.mean(ms)) if ms else float("nan"), ramp_requests=len(ramp),
-        over_deadline=sum(v > EVALUATOR_DEADLINE_S for v in latencies + ramp), error_samples=errors[:5], **more)
+        over_deadline=sum(v > EVALUATOR_DEADLINE_S for v in latencies + ramp),
+        refused=sum(refusal(e) for e in errors), error_samples=errors[:5], **more)
 
 
 async def run_level(base_url: str, bodies: list[bytes], rows_per_request: int, concurrency: int, requests: int,

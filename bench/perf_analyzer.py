@@ -21,11 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-from embcap.contract import EMBEDDING, ENSEMBLE
+from embcap.contract import EMBEDDING, ENSEMBLE, OVERLOAD_MARK
+from embcap.staged_folder import staged_file
 
 WHEEL_VERSION = "2.48.0"
 WHEEL_MEMBER = f"tritonclient-{WHEEL_VERSION}.data/data/bin/perf_analyzer"
 LIBRARIES = {"libb64.so.0d": "libb64-*.so.0d", "libcudart.so.12": "libcudart-*.so.12*"}
+
+
+class Refused(RuntimeError):
+    """The server refused requests of the level as over capacity (the engine's admission): perf_analyzer stops
+    at the first failed request, so the level has no figures, only that answer."""
 
 
 def cache_root() -> Path:
@@ -54,12 +60,9 @@ def ensure_binary(root: Path | None = None, log=print) -> tuple[Path, dict[str, 
                             "--only-binary=:all:", "--platform", "manylinux1_x86_64",
                             f"tritonclient=={WHEEL_VERSION}", "-d", str(wheel_dir)], check=True)
             wheels = sorted(wheel_dir.glob(f"tritonclient-{WHEEL_VERSION}-*.whl"))
-        binary.parent.mkdir(parents=True, exist_ok=True)
-        staging = binary.with_suffix(".partial")
-        with zipfile.ZipFile(wheels[0]) as archive, archive.open(WHEEL_MEMBER) as source:
-            staging.write_bytes(source.read())
-        staging.chmod(0o755)
-        staging.rename(binary)
+        with zipfile.ZipFile(wheels[0]) as archive, archive.open(WHEEL_MEMBER) as source, \
+                staged_file(binary, mode=0o755) as staging:  # two runs at once: each writes its own copy
+            staging.write(source.read())
     lib_dir.mkdir(parents=True, exist_ok=True)
     source_dir = pytriton_libs()
     for name, pattern in LIBRARIES.items():
@@ -67,11 +70,12 @@ def ensure_binary(root: Path | None = None, log=print) -> tuple[Path, dict[str, 
         if not matches:
             raise FileNotFoundError(f"{pattern} not found in {source_dir} (nvidia-pytriton wheel)")
         link = lib_dir / name
-        if link.is_symlink() or link.exists():
-            if os.path.realpath(link) == os.path.realpath(matches[0]):
-                continue
-            link.unlink()
-        link.symlink_to(matches[0])
+        if (link.is_symlink() or link.exists()) and os.path.realpath(link) == os.path.realpath(matches[0]):
+            continue
+        staging = lib_dir / f".{name}.{os.getpid()}"  # replaced in one step: another run may be reading it
+        staging.unlink(missing_ok=True)
+        staging.symlink_to(matches[0])
+        os.replace(staging, link)
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = ":".join(p for p in (str(lib_dir), env.get("LD_LIBRARY_PATH", "")) if p)
     return binary, env
@@ -117,6 +121,9 @@ def run(grpc_url: str, concurrency: int, requests: int, rows_per_request: int, i
         command += ["--input-data", str(input_data)]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
     (out_dir / f"perf_analyzer_c{concurrency}.log").write_text(completed.stdout + completed.stderr)
+    if completed.returncode != 0 and OVERLOAD_MARK in completed.stdout + completed.stderr:
+        detail = next(line for line in (completed.stdout + completed.stderr).splitlines() if OVERLOAD_MARK in line)
+        raise Refused(detail.strip()[:300])
     if completed.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed ({completed.returncode}):\n{completed.stdout[-2000:]}"
                            f"\n{completed.stderr[-2000:]}")

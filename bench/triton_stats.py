@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from embcap.contract import DECODER, ENSEMBLE, PROJECTOR
+from embcap.contract import DECODER, ENSEMBLE, PROJECTOR, Param
+
+
+def served_candidates(grpc_url: str) -> int:
+    """Candidates per row the running decoder writes (its config's parameter, as the export set it)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(grpc_url)
+    try:
+        config = client.get_model_config(DECODER).config
+        return int(config.parameters[Param.CANDIDATES].string_value or 1)
+    finally:
+        client.close()
 
 
 def snapshot(grpc_url: str, models=(ENSEMBLE, PROJECTOR, DECODER)) -> dict[str, dict[str, float]]:

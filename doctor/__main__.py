@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from doctor import driver, ss58
-from doctor.checks import FAIL, SKIP, WARN, Options, Result, check_hotkey, run_checks
+from doctor.checks import CHECKS, FAIL, SKIP, WARN, Options, Result, check_hotkey, run_checks
+from doctor.tower_data import check_tower_data
 
 MARKS = {"PASS": "ok", FAIL: "XX", WARN: "!!", SKIP: "--"}
 
@@ -26,8 +27,8 @@ def table(results: list[Result]) -> str:
 
 def command_check(args: argparse.Namespace) -> int:
     options = Options(repo=args.repo.resolve(), checkpoint=args.checkpoint, hotkey=args.hotkey,
-                      export=not args.skip_export)
-    results = run_checks(options)
+                      export=not args.skip_export, data=args.data)
+    results = run_checks(options, (*CHECKS, check_tower_data))
     print(table(results))
     if args.driver:  # apart from the table above: the evaluator does not judge this, the GPU does
         gpu = driver.check_driver(options.repo, args.driver)
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         target.add_argument("--hotkey", default=None, help="your hotkey: hotkey.txt must hold exactly this")
         target.add_argument("--skip-export", action="store_true", help="do not export the checkpoint (faster)")
         target.add_argument("--strict", action="store_true", help="count warnings and skipped checks as failures")
+        target.add_argument("--data", type=Path, metavar="PARQUET",
+                            help="the evaluator's parquet: does the checkpoint's imported ImageBind tower reproduce "
+                                 "its description_embed? (a tower-data row)")
         target.add_argument("--driver", help="an NVIDIA driver version (e.g. 550.54): would the image's builds "
                                              "use the GPU with it?")
     hotkey = commands.add_parser("hotkey", allow_abbrev=False,

@@ -40,6 +40,7 @@ class Options:
     hotkey: str | None = None  # the miner's hotkey, to compare hotkey.txt with
     export: bool = True
     export_timeout_s: float = 900.0
+    data: Path | None = None  # the evaluator's parquet, to check the checkpoint's text tower against (tower_data)
 
 
 def _tool(name: str) -> str | None:
@@ -432,9 +433,9 @@ CHECKS = (check_dockerfile, check_hadolint, check_dockerignore, check_models, ch
           check_export)
 
 
-def run_checks(options: Options) -> list[Result]:
+def run_checks(options: Options, checks=CHECKS) -> list[Result]:
     results = []
-    for check in CHECKS:
+    for check in checks:
         try:
             results += check(options)
         except Exception as exc:  # a check that crashes is a failure with its reason, not a traceback

@@ -87,8 +87,9 @@ def _advice(driver: str) -> str:
     fitting = [k for k in IMAGE_BUILDS if major is not None and k <= major]
     if not fitting:
         oldest = min(IMAGE_BUILDS)
-        return (f"no image build in the README table runs on driver {driver} (the oldest, CUDA {oldest}.x, "
-                f"needs >= {min_driver(str(oldest))}): update the driver, or the stack serves on the CPU")
+        return (f"no image build in the table of docs/gpu-builds.md runs on driver {driver} (the oldest, "
+                f"CUDA {oldest}.x, needs >= {min_driver(str(oldest))}): update the driver, or the stack serves on "
+                "the CPU")
     return f"for driver {driver} build with " + " ".join(
         f"--build-arg {k}={v}" for k, v in IMAGE_BUILDS[max(fitting)].items())
 

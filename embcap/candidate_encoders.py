@@ -5,8 +5,10 @@ A checkpoint that reranks names one in `rerank.encoder` (embcap.checkpoint):
 - a sentence-transformers folder (or the folder inside an installed package), optionally
   lifted into a wider embedding space by the fixed orthonormal lift of embcap.text_encoder
   (the default model's conditioning space is MiniLM lifted to 1024-d);
-- an ONNX text tower with a Hugging Face `tokenizer.json`: the form a miner's ImageBind text
-  tower takes (ids padded to 77 positions with 0, start and end tokens from the tokenizer).
+- an ONNX text tower with a Hugging Face `tokenizer.json` (ids padded to 77 positions with 0, start
+  and end tokens from the tokenizer);
+- an imported ImageBind text tower folder (embcap.imagebind_encoder): the evaluator's own scorer,
+  its tokenizer and its splitting rule reproduced exactly.
 
 Either can split long texts as the evaluator does before embedding (`split_by_token_limit`:
 recursively on newline, ".", "!", "?", "," and space into pieces of at most 74 tokens) and
@@ -16,15 +18,16 @@ average the pieces' embeddings. Every encoder returns unit-norm float32 rows.
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 
-from embcap.checkpoint import Checkpoint, CheckpointError, OnnxTextEncoder, SentenceTransformerEncoder
-
-# The evaluator's split points, tried in this order (then a cut by token count).
-SPLIT_DELIMITERS = ("\n", ".", "!", "?", ",", " ")
+from embcap.checkpoint import (Checkpoint, CheckpointError, ImageBindTowerEncoder, OnnxTextEncoder,
+                               SentenceTransformerEncoder)
+from embcap.text_pieces import embed_in_pieces, split_by_token_limit
+from embcap.tower_folder import TOWER_FILES, TowerError
 
 
 class TextEncoder(Protocol):
@@ -33,62 +36,6 @@ class TextEncoder(Protocol):
     dim: int
 
     def encode(self, texts: Sequence[str]) -> np.ndarray: ...
-
-
-def split_by_token_limit(text: str, count: Callable[[str], int], cut: Callable[[str, int], list[str]],
-                         max_tokens: int) -> list[str]:
-    """The evaluator's splitting rule: pieces of at most `max_tokens` tokens (by `count`).
-
-    Parts split at a delimiter are greedily re-joined while they fit; a piece that still does
-    not fit is split at the next delimiter; with none left, `cut(piece, parts)` cuts its tokens
-    into `max(1, tokens // max_tokens)` parts (the evaluator's cut, whose parts may exceed the
-    limit: the model's context then truncates them, as it does for the evaluator).
-    """
-
-    def fits(segment: str) -> bool:
-        return count(segment) <= max_tokens
-
-    def split(segment: str, delimiters: tuple[str, ...]) -> list[str]:
-        if fits(segment):
-            return [segment]
-        if not delimiters:
-            return cut(segment, max(1, count(segment) // max_tokens))
-        delimiter, joined, current = delimiters[0], [], ""
-        for part in segment.split(delimiter):
-            extended = current + (delimiter if current else "") + part
-            if fits(extended):
-                current = extended
-            else:
-                if current:
-                    joined.append(current)
-                current = part
-        if current:
-            joined.append(current)
-        pieces: list[str] = []
-        for piece in joined:
-            pieces.extend([piece] if fits(piece) else split(piece, delimiters[1:]))
-        return pieces
-
-    return split(text, SPLIT_DELIMITERS)
-
-
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    vectors = np.asarray(vectors, dtype=np.float32)
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
-
-
-def _embed_in_pieces(texts: Sequence[str], pieces_of: Callable[[str], list[str]] | None,
-                     embed: Callable[[list[str]], np.ndarray]) -> np.ndarray:
-    """Embed each text, or each text's pieces in one call, averaging a text's pieces (then unit norm)."""
-    if pieces_of is None:
-        return _unit(embed(list(texts)))
-    pieces = [pieces_of(text) or [text] for text in texts]
-    flat = embed([piece for group in pieces for piece in group])
-    means, start = [], 0
-    for group in pieces:
-        means.append(flat[start:start + len(group)].mean(axis=0))
-        start += len(group)
-    return _unit(np.stack(means))
 
 
 class SentenceTransformerTextEncoder:
@@ -125,7 +72,7 @@ class SentenceTransformerTextEncoder:
         """[N, dim] unit vectors of `texts`."""
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return _embed_in_pieces(texts, self.pieces_of, self._embed)
+        return embed_in_pieces(texts, self.pieces_of, self._embed)
 
 
 class OnnxTextTower:
@@ -176,7 +123,7 @@ class OnnxTextTower:
         """[N, dim] unit vectors of `texts`."""
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return _embed_in_pieces(texts, self.pieces_of, self._embed)
+        return embed_in_pieces(texts, self.pieces_of, self._embed)
 
 
 def package_model_folder(package: str) -> Path:
@@ -199,6 +146,8 @@ def encoder_files(checkpoint: Checkpoint) -> list[Path]:
         return []
     if isinstance(spec, OnnxTextEncoder):
         return [checkpoint.resolve_path(spec.path), checkpoint.resolve_path(spec.tokenizer)]
+    if isinstance(spec, ImageBindTowerEncoder):
+        return [checkpoint.resolve_path(spec.path) / name for name in TOWER_FILES]
     return [checkpoint.resolve_path(spec.path) if spec.path else package_model_folder(spec.package)]
 
 
@@ -216,10 +165,16 @@ def load_text_encoder(checkpoint: Checkpoint, device: str = "cpu", providers: li
     try:
         if isinstance(spec, SentenceTransformerEncoder):
             return SentenceTransformerTextEncoder(files[0], dim, spec.lift_seed, spec.chunk_tokens, device)
+        if isinstance(spec, ImageBindTowerEncoder):
+            from embcap.imagebind_encoder import ImageBindTextEncoder
+
+            return ImageBindTextEncoder(files[0].parent, dim, device)
         return OnnxTextTower(files[0], files[1], dim, spec.context_length, spec.pad_id, spec.chunk_tokens,
                              providers, threads)
     except CheckpointError:
         raise
+    except TowerError as exc:
+        raise CheckpointError(f"rerank.encoder: {exc}") from exc
     except Exception as exc:  # a corrupt file surfaces as whatever its reader raises
         raise CheckpointError(f"rerank.encoder {files[0]} cannot be loaded: {type(exc).__name__}: {exc}") from exc
 
@@ -227,6 +182,7 @@ def load_text_encoder(checkpoint: Checkpoint, device: str = "cpu", providers: li
 def check_text_encoder(checkpoint: Checkpoint) -> str:
     """Load the encoder and embed two probe captions (at export time); a one-line summary, or CheckpointError."""
     encoder = load_text_encoder(checkpoint)
+    started = time.perf_counter()
     try:
         vectors = encoder.encode(["a person is walking a dog in a park", "a red car drives down a street"])
     except Exception as exc:
@@ -236,4 +192,6 @@ def check_text_encoder(checkpoint: Checkpoint) -> str:
         raise CheckpointError(f"rerank.encoder {encoder_files(checkpoint)[0]} gave {list(vectors.shape)} "
                               f"{'non-finite ' if not np.isfinite(vectors).all() else ''}vectors for 2 captions, "
                               f"expected [2, {checkpoint.spec.embedding_dim}]")
-    return f"{type(encoder).__name__} from {encoder_files(checkpoint)[0]} -> {encoder.dim}-d"
+    seconds = time.perf_counter() - started  # the reranker pays this per 2 new captions on the export's CPU
+    return (f"{type(encoder).__name__} from {encoder_files(checkpoint)[0]} -> {encoder.dim}-d, 2 probe captions "
+            f"in {1e3 * seconds:.0f} ms on the CPU")

@@ -25,7 +25,7 @@ SPEC_FILE = "caption_model.json"
 PREFIX_PLACEHOLDER = "{prefix}"
 FORMAT_VERSION = 1
 # What the decoder does when a GPU is visible but torch cannot use it (embcap.device decides;
-# server.py --on-unusable-gpu overrides it). Why auto is the default: README, "GPU builds".
+# server.py --on-unusable-gpu overrides it). Why auto is the default: docs/gpu-builds.md.
 UnusableGpuPolicy = Literal["auto", "serve-cpu", "refuse"]
 DEFAULT_UNUSABLE_GPU_POLICY: UnusableGpuPolicy = "auto"
 POLICIES: tuple[str, ...] = get_args(UnusableGpuPolicy)
@@ -118,11 +118,9 @@ class SentenceTransformerEncoder(_Strict):
 
 
 class OnnxTextEncoder(_Strict):
-    """An ONNX text tower (token ids in, one vector per text out) with a Hugging Face `tokenizer.json`.
-
-    The form an ImageBind text tower takes: ids padded to `context_length` with `pad_id`, the
-    tokenizer adding its start and end tokens, long texts split and averaged as the evaluator does.
-    """
+    """An ONNX text tower (token ids in, one vector per text out) with a Hugging Face `tokenizer.json`: ids
+    padded to `context_length` with `pad_id`, the tokenizer adding its start and end tokens, long texts split
+    and averaged as the evaluator does."""
 
     kind: Literal["onnx"] = "onnx"
     path: str = Field(description="the ONNX file, relative to the checkpoint or absolute")
@@ -133,7 +131,15 @@ class OnnxTextEncoder(_Strict):
                                                           "tokens (start and end not counted) and average them")
 
 
-TextEncoderSpec = Annotated[Union[SentenceTransformerEncoder, OnnxTextEncoder], Field(discriminator="kind")]
+class ImageBindTowerEncoder(_Strict):
+    """The evaluator's ImageBind text tower: a folder from `python -m training.import_text_tower`."""
+
+    kind: Literal["imagebind"] = "imagebind"
+    path: str = Field(description="the tower folder, relative to the checkpoint or absolute")
+
+
+TextEncoderSpec = Annotated[Union[SentenceTransformerEncoder, OnnxTextEncoder, ImageBindTowerEncoder],
+                            Field(discriminator="kind")]
 
 
 class RerankSettings(_Strict):

@@ -89,3 +89,15 @@ def engine_failure_file(model: str, temp_dir: str | Path | None = None) -> Path:
     """Where a model's stub leaves the reason its engine failed before it exits: in the stub's $TMPDIR, which
     runtime.triton gives each tritonserver (and so the supervisor that started it) as a folder of its own."""
     return Path(temp_dir or os.environ.get("TMPDIR") or tempfile.gettempdir()) / f"embcap-engine-failure-{model}.txt"
+
+
+def engine_profile_file(model: str, instance: str, temp_dir: str | Path | None = None) -> Path:
+    """Where a model instance's stub publishes its engine's load profile (embcap.load_profile), beside the
+    failure file; server.py's gateway judges its queue with it."""
+    folder = Path(temp_dir or os.environ.get("TMPDIR") or tempfile.gettempdir())
+    return folder / f"embcap-engine-profile-{model}-{instance}.json"
+
+
+def engine_profile_files(model: str, temp_dir: str | Path) -> list[Path]:
+    """The load profiles the instances of `model` have published in `temp_dir`."""
+    return sorted(Path(temp_dir).glob(engine_profile_file(model, "*", temp_dir).name))

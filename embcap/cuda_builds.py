@@ -1,6 +1,6 @@
 """Which NVIDIA driver a CUDA build needs, and which CUDA the builds this project names carry.
 
-The one place for these facts (the GPU probe, doctor and the README table read them).
+The one place for these facts (the GPU probe, doctor and the table in docs/gpu-builds.md read them).
 
 - Minimum Linux x86-64 driver per CUDA major version: NVIDIA's CUDA Compatibility
   guide (minor-version compatibility: any 12.x build runs on the first R525 driver
@@ -37,7 +37,7 @@ ONNXRUNTIME_GPU_CUDA: dict[str, str] = {
 TRITON_CUDA: dict[str, str] = {"25.01": "12.8.0", "25.03": "12.8.1", "25.08": "13.0.0"}
 
 
-# The image's build arguments per CUDA major (Dockerfile ARGs; README "GPU builds").
+# The image's build arguments per CUDA major (Dockerfile ARGs; docs/gpu-builds.md).
 # 12 is the Dockerfile's default: it runs on the widest range of drivers.
 IMAGE_BUILDS: dict[int, dict[str, str]] = {
     12: {"TRITON_RELEASE": "25.01", "TORCH": "torch==2.10.0", "ONNXRUNTIME": "onnxruntime-gpu==1.26.0"},

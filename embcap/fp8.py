@@ -11,7 +11,7 @@ e4m3 on every call, with either
 Both use row-wise scales ([M, 1] for the input, [1, N] for the weight, fp32; SM90 since torch 2.5);
 the GEMM accumulates in fp32 and writes the serving dtype. Static is the default because it costs
 one elementwise kernel per projection where dynamic costs four (a reduction, two on its [M, 1]
-scales, the scaled cast), and the decode step is short enough for that to show (README, "FP8 weights").
+scales, the scaled cast), and the decode step is short enough for that to show (docs/engines.md, "FP8 weights").
 
 The GEMM runs on GPUs of compute capability 8.9 and later. Torch's CPU build runs `_scaled_mm`
 too (the tests measure the numerics with it), but serving FP8 on the CPU is refused

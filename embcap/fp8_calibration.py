@@ -167,6 +167,7 @@ def calibrate_checkpoint(resolved: "ResolvedCheckpoint", device: str, dtype: tor
     """The static FP8 input scales of a resolved checkpoint (embcap.loading) served on `device` in `dtype` with
     `candidates` per row: from the cache when its files and settings are unchanged, else measured there."""
     from embcap.decoder_source import cache_dir
+    from embcap.staged_folder import staged_file
 
     device_name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
     path = cache_dir() / "fp8-scales" / f"{_cache_key(resolved, dtype, candidates, device_name)}.json"
@@ -186,8 +187,8 @@ def calibrate_checkpoint(resolved: "ResolvedCheckpoint", device: str, dtype: tor
     log(f"FP8 input scales calibrated on {device_name} from {len(heldout.references)} held-out rows x "
         f"{candidates} candidate(s) of {heldout.source}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"scales": [list(layer) for layer in scales], "record": record}) + "\n")
+        with staged_file(path) as file:  # another export may read or fill the same entry at once
+            file.write((json.dumps({"scales": [list(layer) for layer in scales], "record": record}) + "\n").encode())
     except OSError as exc:  # a read-only cache costs the next export a calibration, nothing else
         log(f"FP8 input scales not cached ({exc})")
     return Calibration(scales, record)

@@ -38,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, s (30 in the earliest)")
     parser.add_argument("--health", choices=[*HEALTH, "none"], default="o1", help="readiness rules to apply")
     parser.add_argument("--health-timeout", type=float, default=None, help="override the overall health deadline")
-    parser.add_argument("--judge", default="minilm", help="minilm, mpnet, a sentence-transformers folder, or mod:fn")
+    parser.add_argument("--judge", default="minilm",
+                        help="minilm, mpnet, a sentence-transformers folder, an imported ImageBind text tower folder "
+                             "(the evaluator's own scorer: python -m training.import_text_tower), or mod:fn")
     parser.add_argument("--also-judge", action="append", default=[], help="extra judges reported alongside")
     parser.add_argument("--baseline-train", type=Path, help="training captions file for the retrieval baseline")
     parser.add_argument("--baseline-corpus", action="store_true",

@@ -119,6 +119,7 @@ def load_dataset(spec: str | None) -> Dataset:
 def cached_encoding(captions: list[str], progress: bool = True) -> np.ndarray:
     """encode_captions() of many captions (float16), cached under the embcap cache by content hash."""
     from embcap.decoder_source import cache_dir
+    from embcap.staged_folder import staged_file
     from embcap.text_encoder import encode_captions
 
     digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
@@ -126,6 +127,6 @@ def cached_encoding(captions: list[str], progress: bool = True) -> np.ndarray:
     if path.is_file():
         return np.load(path)
     vectors = encode_captions(captions, batch_size=128, progress=progress).astype(np.float16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, vectors)
+    with staged_file(path) as file:  # two processes may fill the same entry at once
+        np.save(file, vectors)
     return vectors

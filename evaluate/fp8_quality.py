@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, default=32, help="rows decoded together")
     parser.add_argument("--second-judge", type=Path, default=None,
                         help="a sentence-transformers folder scoring the answers too, e.g. all-mpnet-base-v2 "
-                             "(python -m evaluate.mpnet assembles it)")
+                             "(make judges assembles it)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]

@@ -96,21 +96,30 @@ class MemoryBudget:
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
         self.held = 0
+        self._waiting = 0  # requests waiting for room: while any wait, a newcomer queues behind them
         self._freed = asyncio.Condition()
 
     @contextlib.asynccontextmanager
     async def reserve(self, size: int, wait_s: float):
         size = min(size, self.budget_bytes)  # one body up to the limit always fits an empty budget
-        async with self._freed:
-            try:
-                await asyncio.wait_for(self._freed.wait_for(lambda: self.held + size <= self.budget_bytes), wait_s)
-            except TimeoutError:
-                raise RequestError(503, "busy", f"{self.held} bytes of request bodies are held already (the "
-                                                f"budget is {self.budget_bytes}): try again shortly") from None
-            self.held += size
+        if self._waiting or self.held + size > self.budget_bytes:  # else room now: no lock, no timer task
+            await self._wait_for_room(size, wait_s)
+        self.held += size  # one event loop: nothing runs between the check and this line
         try:
             yield
         finally:
+            self.held -= size
+            if self._waiting:
+                async with self._freed:
+                    self._freed.notify_all()
+
+    async def _wait_for_room(self, size: int, wait_s: float) -> None:
+        self._waiting += 1
+        try:
             async with self._freed:
-                self.held -= size
-                self._freed.notify_all()
+                await asyncio.wait_for(self._freed.wait_for(lambda: self.held + size <= self.budget_bytes), wait_s)
+        except TimeoutError:
+            raise RequestError(503, "busy", f"{self.held} bytes of request bodies are held already (the "
+                                            f"budget is {self.budget_bytes}): try again shortly") from None
+        finally:
+            self._waiting -= 1

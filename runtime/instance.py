@@ -9,7 +9,8 @@ Two servers on one host must never share a tritonserver or a model repository:
   the kernel however the process ends); the lock file holds a JSON record of what the
   instance leaves on disk while it runs (shared-memory prefix, temp folders, whether it
   exports into the repository). A clean exit empties the record; a record found by the next
-  owner means its predecessor was killed, and exactly what that record names is swept.
+  owner means its predecessor was killed, and exactly what that record names is swept, its processes
+  that outlived it included (runtime.lifetime).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 import psutil
 
 from embcap.staged_folder import staged_leftovers
+from runtime.lifetime import end_processes
 
 SHM_DIR = Path("/dev/shm")
 PYTHON_ENV_PATTERN = re.compile(r"python_env_\w+")  # the Python backend's own temp folders
@@ -182,13 +184,14 @@ def _parse(text: str) -> Record | None:
 
 
 def sweep(record: Record, repository: Path | None) -> list[str]:
-    """Remove what the killed instance `record` left: its shared memory, its temp folders, its
-    Python-backend folders, and `repository` (with its export's staging folders) when given.
-    Returns what was removed."""
+    """Remove what the killed instance `record` left: its processes still running (a tritonserver or stubs
+    that outlived it), its shared memory, its temp folders, its Python-backend folders, and `repository`
+    (with its export's staging folders) when given. Returns what was ended and removed."""
     removed = []
     prefix = record.shm_prefix
     if not prefix.startswith("embcap_") or len(prefix) < len("embcap_") + 8:
         return removed  # never sweep with a prefix that could match another instance's files
+    removed += [f"ended {process}" for process in end_processes(prefix)]  # first: they hold the files
     for path in glob.glob(str(SHM_DIR / f"{glob.escape(prefix)}*")):
         Path(path).unlink(missing_ok=True)
         removed.append(path)

@@ -9,6 +9,7 @@ import psutil
 from embcap.contract import DECODER, PROJECTOR, RERANKER
 from embcap.device import ProbeReport
 from export.templates import parse_model_config
+from runtime.lifetime import STUB_PROCESS
 
 # Which runtime puts each model on a GPU (the reranker: torch for a sentence-transformers encoder, the usual
 # kind; an ONNX text tower runs in ONNX Runtime's CUDA provider where the image has it).
@@ -20,7 +21,7 @@ def python_stubs(triton_pid: int) -> dict[int, str]:
     stubs = {}
     for child in psutil.Process(triton_pid).children():
         try:
-            if child.name() == "triton_python_backend_stub":
+            if child.name() == STUB_PROCESS:
                 stubs[child.pid] = Path(child.cmdline()[1]).parent.parent.name
         except (psutil.NoSuchProcess, IndexError):
             continue

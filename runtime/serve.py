@@ -27,6 +27,7 @@ from gateway.logs import bound_foreign_loggers, configure_logging
 from gateway.settings import GatewaySettings
 from runtime import CHECKPOINT_ENV
 from runtime.cache_dirs import cache_environment, engine_cache_dir
+from runtime.engine_profile import EngineProfile
 from runtime.instance import RepositoryInUse, RepositoryLock, new_instance_id, server_id, sweep, taken_ports
 from runtime.local import ROOT
 from runtime.supervisor import Supervisor
@@ -135,7 +136,8 @@ async def serve(args: argparse.Namespace, lock: RepositoryLock | None = None) ->
                                         triton_server_id=server_id(instance_id))
     triton_metrics = f"http://{LOOPBACK}:{args.metrics_port}/metrics" if args.metrics_port else None
     app = create_app(settings, status_source=supervisor.status, triton_metrics_url=triton_metrics,
-                     notice_source=lambda: supervisor.notice, liveness_source=supervisor.liveness)
+                     notice_source=lambda: supervisor.notice, liveness_source=supervisor.liveness,
+                     profile_source=EngineProfile(lambda: supervisor.triton and supervisor.triton.temp_dir))
     supervisor.on_devices = app.state.metrics.set_model_devices
     config = uvicorn.Config(app, host=args.bind, port=args.port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=args.graceful_timeout, **settings.uvicorn_options())

@@ -25,9 +25,10 @@ from embcap.device import ProbeReport
 from export import EXPORT_FAILED
 from export.options import ExportOptions, to_argv
 from runtime.instance import Record, RepositoryLock, new_instance_id, shm_prefix
+from runtime.lifetime import dies_with_this_process
 from runtime.local import ROOT
 from runtime.models import model_devices, python_stubs, running
-from runtime.triton import TritonOptions, TritonProcess, die_with_parent
+from runtime.triton import TritonOptions, TritonProcess
 from runtime.triton_log import TritonLog, pump
 
 log = logging.getLogger("embcap.server")
@@ -95,7 +96,8 @@ class Supervisor:
         if self.args.on_unusable_gpu:
             command += ["--policy", self.args.on_unusable_gpu]
         process = await asyncio.create_subprocess_exec(*command, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-                                                       stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent)
+                                                       stderr=asyncio.subprocess.PIPE,
+                                                       preexec_fn=dies_with_this_process())
         stdout, stderr = await process.communicate()
         try:
             answer = json.loads(stdout)
@@ -118,7 +120,7 @@ class Supervisor:
                    *to_argv(self.export_options)]
         log.info("exporting: %s", " ".join(command))
         self.export_process = await asyncio.create_subprocess_exec(*command, cwd=ROOT, stderr=asyncio.subprocess.PIPE,
-                                                                   preexec_fn=die_with_parent)
+                                                                   preexec_fn=dies_with_this_process())
         _, stderr = await self.export_process.communicate()
         if self.export_process.returncode != 0:
             self.problem = export_problem(stderr)
@@ -138,7 +140,7 @@ class Supervisor:
         """Start tritonserver with its output piped through us; returns the task copying it."""
         self.triton = TritonProcess(options, log_file=subprocess.PIPE)
         self.triton_log = TritonLog()
-        self.triton.start()
+        await self.triton.start_in_loop()
         return asyncio.create_task(pump(self.triton.process.stdout, self.triton_log, sys.stdout.buffer))
 
     async def _why(self, copying: asyncio.Task, what: str) -> str:

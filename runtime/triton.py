@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import os
 import secrets
@@ -15,8 +16,10 @@ from pathlib import Path
 
 from embcap.contract import ENSEMBLE
 from runtime.instance import SHM_DIR, new_instance_id, server_id, shm_prefix
+from runtime.lifetime import dies_with_this_process, start_reaper
+from runtime.python_env import PythonEnvClaim
 from runtime.triton_install import TritonInstall, ensure_python_stub, find_triton, triton_environment
-PYTHON_ENV_GLOB = "/tmp/python_env_*"  # the Python backend's own temp folders (hard-coded /tmp)
+
 KILL_GRACE_S = 5  # stop() waits --exit-timeout-secs plus this before SIGKILL
 # Triton's gRPC API groups that neither the gateway, the supervisor, the bench nor the tests call
 # (they use health, metadata, model-config, inference and statistics): registering shared memory,
@@ -85,14 +88,6 @@ def shm_regions(prefix: str) -> list[Path]:
     return [Path(p) for p in glob.glob(str(SHM_DIR / f"{prefix}*"))]
 
 
-def die_with_parent() -> None:
-    """In the child: get SIGKILL when the parent dies, so Triton is never orphaned."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 class TritonProcess:
     """One tritonserver child process."""
 
@@ -102,29 +97,51 @@ class TritonProcess:
         self.install = install or find_triton()
         self.log_file = log_file
         self.process: subprocess.Popen | None = None
+        self.reaper: subprocess.Popen | None = None  # ends the stubs when tritonserver ends (runtime.lifetime)
         self.temp_dir: Path | None = None
-        self._env_dirs_before: set[str] = set()
-        self._env_dirs: set[str] | None = None
+        self._env_dirs: set[str] = set()
 
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.options.grpc_port}"
 
     def start(self) -> None:
-        """Launch tritonserver (does not wait for readiness)."""
+        """Launch tritonserver and take its Python backend's temp folder (about a second; runtime.python_env);
+        does not wait for readiness."""
+        with PythonEnvClaim() as claim:
+            self.launch()
+            self.take_python_env(claim)
+
+    def launch(self) -> None:
+        """Launch tritonserver, on this thread: it is killed when the thread that launched it ends
+        (dies_with_this_process). Only under a PythonEnvClaim, then take_python_env(); start() does both."""
         ensure_python_stub(self.install)
         self.temp_dir = Path(tempfile.mkdtemp(prefix=f"{self.options.shm_prefix}tmp_"))
         env = triton_environment(self.install)
         env["TMPDIR"] = str(self.temp_dir)  # the stubs' temp files go where stop() removes them
-        self._env_dirs_before = set(glob.glob(PYTHON_ENV_GLOB))
         self.process = subprocess.Popen(
             self.options.command(self.install),
             env=env,
             stdout=self.log_file,
             stderr=subprocess.STDOUT if self.log_file is not None else None,
-            start_new_session=True,  # a Ctrl-C to the parent reaches Triton through us, in order
-            preexec_fn=die_with_parent,
+            start_new_session=True,  # a Ctrl-C to the parent reaches Triton through us, in order; its stubs
+            preexec_fn=dies_with_this_process(),  # are in its process group, which the reaper ends with it
         )
+        self.reaper = start_reaper(self.process)
+
+    async def start_in_loop(self) -> None:
+        """start() from an event loop: the claim is waited for in threads, tritonserver launched on the loop's."""
+        claim = PythonEnvClaim()
+        await asyncio.to_thread(claim.acquire)
+        try:
+            self.launch()
+            await asyncio.to_thread(self.take_python_env, claim)
+        finally:
+            claim.release()
+
+    def take_python_env(self, claim: PythonEnvClaim) -> None:
+        """Wait (under `claim`, taken before launch()) until the Python backend has made its folder; it is ours."""
+        self._env_dirs = claim.wait(self.alive)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -146,7 +163,6 @@ class TritonProcess:
                     if name != self.options.server_id:
                         foreign = name
                     elif client.is_server_ready(client_timeout=1) and client.is_model_ready(model, client_timeout=1):
-                        self._env_dirs = set(glob.glob(PYTHON_ENV_GLOB)) - self._env_dirs_before
                         self.protect_shared_memory()
                         return
                 except Exception:
@@ -161,8 +177,8 @@ class TritonProcess:
 
     @property
     def python_env_dirs(self) -> list[str]:
-        """The Python backend's folders this server created (known once it was ready)."""
-        return sorted(self._env_dirs or ())
+        """The Python backend's folders this server created (known once start() returned)."""
+        return sorted(self._env_dirs)
 
     def stop(self, timeout_s: float | None = None) -> int | None:
         """SIGTERM, wait (then SIGKILL the group), and remove shared memory left behind."""
@@ -174,6 +190,7 @@ class TritonProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self._kill_orphans()
+        self._wait_for_reaper()
         self.remove_shared_memory()
         self.remove_temp_dirs()
         return None if self.process is None else self.process.returncode
@@ -182,10 +199,7 @@ class TritonProcess:
         """Delete this server's temp folder and the backend's python_env_* folders (left after a kill)."""
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
-        created = self._env_dirs
-        if created is None:  # never became ready: whatever appeared since the start
-            created = set(glob.glob(PYTHON_ENV_GLOB)) - self._env_dirs_before
-        for path in created:
+        for path in self._env_dirs:  # this server's alone: another's would make that one abort at its exit
             shutil.rmtree(path, ignore_errors=True)
 
     def _kill_orphans(self) -> None:
@@ -195,6 +209,15 @@ class TritonProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+    def _wait_for_reaper(self) -> None:
+        # It ends as soon as tritonserver has; wait for it so that it does not stay a zombie of ours.
+        if self.reaper is not None:
+            try:
+                self.reaper.wait(timeout=KILL_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.reaper.kill()
+                self.reaper.wait()
 
     def protect_shared_memory(self) -> None:
         """Make this server's /dev/shm regions readable and writable by this user only (the stubs and

@@ -2,7 +2,7 @@
 
 Triton logs errors as `E<MMDD> <time> <tid> <file>:<line>] "<message>"`. On a host
 without a GPU it also logs `CudaDriverHelper has not been initialized.` as an error at
-every start, which is harmless (README, "Triton's CUDA lines on a CPU host"), so it is
+every start, which is harmless (docs/configuration.md, "Triton's CUDA lines on a CPU host"), so it is
 never taken as the cause. A model that fails to load gives a `failed to load '<model>'`
 line, which names the model: that one is preferred to the lines before it.
 """

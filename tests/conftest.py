@@ -6,23 +6,37 @@ import glob
 import os
 import subprocess
 import sys
+import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 import pytest
 
 from runtime.local import ROOT, free_port, stop_process, wait_http
-from runtime.threads import no_grpc_fork_handlers
+from runtime.threads import no_grpc_fork_handlers, worker_environment
 
 no_grpc_fork_handlers()  # tests start tritonserver (a preexec_fn) while their gRPC clients are busy
 
 os.environ.setdefault("EMBCAP_CACHE_DIR", str(ROOT / ".cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Every process the suite starts inherits this mark: at the end of the session, a tritonserver or a stub
+# that carries it has outlived the suite (pytest_sessionfinish).
+SESSION_MARK = ("EMBCAP_TEST_SESSION", uuid.uuid4().hex)
+os.environ[SESSION_MARK[0]] = SESSION_MARK[1]
+OUTLIVE_GRACE_S = 10.0  # how long the session's processes may take to go once the last test is done
+# The test processes run as the serving processes do (runtime.threads), before numpy and torch are imported: one
+# thread per library, OpenMP workers that sleep rather than spin, no hub. Two pytest workers share the cores, and
+# torch's pool of a thread per core in each, spinning while the other ran, made one SmolLM2 decode 9x slower.
+os.environ.update(worker_environment())
 
 from embcap.decoder_source import smollm2_decoder_dir  # noqa: E402
 from export.options import ExportOptions  # noqa: E402
 from export.repository import export_repository  # noqa: E402
+from runtime.lifetime import STUB_PROCESS, TRITON_PROCESS  # noqa: E402
 from runtime.triton import TritonOptions, TritonProcess, shm_regions  # noqa: E402
 from tooling.builders import make_tiny_checkpoint  # noqa: E402
 
@@ -132,14 +146,6 @@ def start_server(checkpoint: Path, work: Path, ready_timeout_s: float = 300, ext
     return process, base
 
 
-@pytest.fixture(scope="session")
-def default_stack_url(tmp_path_factory):
-    """server.py serving models/default (the embedded default model)."""
-    process, base = start_server(ROOT / "models" / "default", tmp_path_factory.mktemp("default_stack"))
-    yield base
-    assert stop_process(process) == 0
-
-
 def triton_shm_prefix(server_pid: int) -> str:
     """The shared-memory prefix server.py gave its tritonserver (read from its command line)."""
     for child in psutil.Process(server_pid).children():
@@ -155,13 +161,117 @@ def leftovers(prefix: str) -> list[str]:
     return glob.glob(f"/dev/shm/{prefix}*") + glob.glob(f"/tmp/{prefix}*")
 
 
-@pytest.fixture
-def tiny_server(tiny_checkpoint, tmp_path):
-    """A fresh server.py on the tiny checkpoint, with Triton metrics on; yields (process, base url, log path)."""
-    process, base = start_server(tiny_checkpoint, tmp_path, ready_timeout_s=120,
+@contextmanager
+def serving(checkpoint: Path, work: Path) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+    """server.py on `checkpoint` with Triton metrics on; yields (process, base url, log path). Stopped on exit,
+    which must leave no shared memory, temp folder or exported repository behind."""
+    process, base = start_server(checkpoint, work, ready_timeout_s=120,
                                  extra_args=("--metrics-port", str(free_port())))
     prefix = triton_shm_prefix(process.pid)
-    yield process, base, tmp_path / "server.log"
-    stop_process(process)
+    try:
+        yield process, base, work / "server.log"
+    finally:
+        stop_process(process)
     assert not leftovers(prefix), f"left behind: {leftovers(prefix)}"
-    assert not (tmp_path / "repo").exists(), "the exported model repository was left behind"
+    assert not (work / "repo").exists(), "the exported model repository was left behind"
+
+
+SESSION_TEMP: list[Path] = []  # the session's pytest temp root, once known (record_session_temp)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def record_session_temp(tmp_path_factory):
+    SESSION_TEMP.append(tmp_path_factory.getbasetemp())
+
+
+def started_by_this_session(process: psutil.Process) -> bool:
+    """Whether `process` carries SESSION_MARK; where its environment cannot be read (some hosts forbid
+    reading /proc/PID/environ), whether its command line names a path under the session's temp root
+    (every repository the suite serves is exported there)."""
+    try:
+        return process.environ().get(SESSION_MARK[0]) == SESSION_MARK[1]
+    except psutil.AccessDenied:
+        roots = [str(root) for root in SESSION_TEMP]
+        return any(root in arg for arg in process.cmdline() for root in roots)
+
+
+def suite_processes() -> list[psutil.Process]:
+    """The tritonserver and stub processes this test session started that are still running."""
+    found = []
+    for process in psutil.process_iter(["name"]):
+        try:
+            if process.info["name"] in (TRITON_PROCESS, STUB_PROCESS) and \
+                    process.status() != psutil.STATUS_ZOMBIE and started_by_this_session(process):
+                found.append(process)
+        except psutil.Error:  # gone, or another user's
+            continue
+    return found
+
+
+def processes_naming(text: str) -> list[str]:
+    """'pid N (name)' of this user's running processes whose command line contains `text`."""
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if any(text in arg for arg in process.info["cmdline"] or ()) and process.pid != os.getpid() \
+                    and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(f"pid {process.pid} ({process.info['name']})")
+        except psutil.Error:
+            continue
+    return found
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.1) -> bool:
+    """Poll `predicate` until it is true (True) or `timeout_s` has passed (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval_s)
+    return True
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session when a tritonserver or a stub it started outlives it (they are ended here)."""
+    if not wait_until(lambda: not suite_processes(), OUTLIVE_GRACE_S, 0.5):
+        left = suite_processes()
+        names = []
+        for process in left:
+            try:
+                names.append(f"pid {process.pid} ({process.info['name']}: {' '.join(process.cmdline()[1:3])})")
+            except psutil.Error:
+                names.append(f"pid {process.pid} ({process.info['name']})")
+        for process in left:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+        writer = session.config.get_terminal_writer()
+        writer.line()
+        writer.line(f"FAILED: {len(left)} process(es) started by the test session outlived it (now ended): "
+                    + "; ".join(names), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+
+@pytest.fixture
+def tiny_server(tiny_checkpoint, tmp_path):
+    """A fresh server.py on the tiny checkpoint, for a test that stops it; yields (process, base url, log path)."""
+    with serving(tiny_checkpoint, tmp_path) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def module_server(tiny_checkpoint, tmp_path_factory):
+    """One server.py on the tiny checkpoint per test module (through `shared_server`)."""
+    with serving(tiny_checkpoint, tmp_path_factory.mktemp("server")) as server:
+        yield server
+
+
+@pytest.fixture
+def shared_server(module_server):
+    """The module's server.py, healthy: for tests that leave it serving. A test may kill its tritonserver or a
+    stub, but then asserts that it came back; yields (process, base url, log path), the log shared."""
+    process, base, _ = module_server
+    wait_http(f"{base}/api/v1/health", 120, process)
+    return module_server

@@ -12,12 +12,17 @@ import subprocess
 import sys
 import time
 
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
 import numpy as np
+import psutil
 import pytest
 
 from bench import engine_report, loadgen, overhead, report
 from bench.common import embedding_pool
-from bench.run import Plan, PlanError, run
+from bench.plan import Plan, PlanError
+from bench.run import run
 from conftest import ROOT, start_server, stop_process
 from runtime.local import parse_port_range
 from tooling import stats
@@ -93,16 +98,80 @@ def test_quick_run_against_a_live_stack_writes_a_well_formed_report(tiny_stack, 
     assert "overhead" in overhead.summary(samples)
 
 
-def test_a_run_that_starts_its_own_stack_measures_cold_start(tiny_checkpoint, tmp_path):
-    plan = Plan.preset("quick", checkpoint=tiny_checkpoint, levels=[2], pool_requests=4, out=tmp_path / "run",
+def test_a_run_that_starts_its_own_stack_measures_cold_start_at_the_shipped_candidates(tmp_path, smollm2_dir):
+    from tooling.builders import make_tiny_checkpoint, minilm_rerank
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "ck", smollm2_dir, rerank=minilm_rerank(2))  # ships best-of-2
+    plan = Plan.preset("quick", checkpoint=checkpoint, levels=[2], pool_requests=4, out=tmp_path / "run",
                        skip={"baseline", "offline", "engines", "candidates"}, pa_requests_per_level=2)
     results = run(plan)
     assert positive(results["cold_start_s"])
-    assert results["stack_exit_code"] == 0
+    assert results["stack_exit_code"] == 0 and results["failed_phases"] == {}
+    assert results["served_candidates"] == results["checkpoint"]["candidates"] == 2  # read back from Triton
+    assert "reranker" in results["gateway"][0]["extra"]["triton"]  # the best-of-N stage ran under the load
     paired = results["overhead_paired"]  # the overhead verdict's own figure, measured in the run
     assert len(paired["gateway_outside_ms"]) == len(paired["direct_outside_ms"]) == 10
+    assert len(paired["new_connection_outside_ms"]) == 10  # and as the evaluator connects
     assert results["gateway"][0]["errors"] == 0 and positive(results["gateway"][0]["captions_per_s"])
-    assert "cold start" in (tmp_path / "run" / "report.md").read_text()
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "cold start" in text and "2 candidates per row as shipped" in text and "served best-of-2" in text
+    assert "one keep-alive connection" in text and "a new connection per request (as the evaluator)" in text
+    assert "## Failed phases" not in text
+
+
+def test_overhead_survives_a_gateway_that_closes_idle_connections(tiny_checkpoint, tmp_path):
+    """Before: one kept connection, which the gateway closes once idle for EMBCAP_KEEP_ALIVE_S while the
+    direct call runs; the next gateway request died with BrokenPipeError. Here the gateway closes every
+    connection as soon as it has answered (keep-alive 0 s), so every request outlasts the timeout."""
+    process, base = start_server(tiny_checkpoint, tmp_path, ready_timeout_s=180, env={"EMBCAP_KEEP_ALIVE_S": "0"})
+    try:
+        samples = overhead.measure(base, grpc_url_of(process), requests=4, warmup=1)
+    finally:
+        assert stop_process(process) == 0
+    paths = ("gateway_outside_ms", "new_connection_outside_ms", "direct_outside_ms")
+    assert [len(samples[path]) for path in paths] == [4, 4, 4]
+    assert all(-50 < v < 5000 for path in paths for v in samples[path])
+    assert samples["connection"] == "keep-alive" and samples["reconnects"] >= 1  # the closed one was reopened
+    text = overhead.summary(samples)
+    assert "reopened" in text and "a new connection per request (as the evaluator)" in text
+
+
+def test_overhead_waits_for_requests_a_previous_load_left_in_triton(tiny_stack):
+    """Before: requests still in Triton from the level before (their clients gone or not) were counted in the
+    first paired sample and the phase failed with "another client is active"."""
+    base, grpc_url = tiny_stack
+    body = {"embedding": embedding_pool(1, 4, seed=3).reshape(-1).tolist()}
+    with ThreadPoolExecutor(8) as pool:
+        pending = [pool.submit(httpx.post, base + "/api/v1/inference", json=body, timeout=60) for _ in range(8)]
+        samples = overhead.measure(base, grpc_url, requests=2, warmup=0)
+    assert [future.result().status_code for future in pending] == [200] * 8
+    assert samples["idle_wait_s"] >= 2.0 and len(samples["gateway_outside_ms"]) == 2
+
+
+def test_a_failing_phase_keeps_the_other_phases_results_and_a_report(tiny_stack, tiny_checkpoint, tmp_path):
+    """Before: a phase that raised ended the run with a traceback: no results.json, no report. Here the
+    naive baseline cannot become healthy within the run's --ready-timeout-s (a real timeout)."""
+    base, grpc_url = tiny_stack
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "bench", "run", "--mode", "quick", "--checkpoint", str(tiny_checkpoint),
+               "--gateway-url", base, "--grpc-url", grpc_url, "--levels", "1", "--pool-requests", "4",
+               "--overhead-requests", "2", "--ready-timeout-s", "0.2", "--out", str(out),
+               *(f"--skip={name}" for name in ("perf_analyzer", "offline", "engines", "candidates"))]
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 1, finished.stdout[-2000:] + finished.stderr[-2000:]
+    assert "phase baseline: TimeoutError" in finished.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["failed_phases"]) == ["baseline"]
+    assert "did not answer 200 within" in results["failed_phases"]["baseline"]["error"]
+    assert "TimeoutError" in (out / "logs" / "baseline.traceback").read_text()
+    assert results["baseline"] == [] and results["gateway"][0]["ok"] >= 1  # the phase before it kept its level
+    assert len(results["overhead_paired"]["gateway_outside_ms"]) == 2
+    text = (out / "report.md").read_text()
+    assert "## Failed phases" in text and "**baseline** failed" in text and "## Targets" in text
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    leftover = [p for p in psutil.process_iter(["cmdline"]) if "bench.baseline" in (p.info["cmdline"] or [])
+                and str(tiny_checkpoint) in (p.info["cmdline"] or [])]
+    assert leftover == []  # the baseline that never became healthy was stopped
 
 
 def test_a_misspelt_engine_is_refused_before_any_phase_runs(tmp_path):
@@ -167,8 +236,14 @@ def test_report_verdicts_say_met_missed_or_na_from_the_answering_figure():
     assert met["met"] is False and 4 < met["value"] < 5.6
     samples["gateway_outside_ms"] = [v - 4.0 for v in samples["gateway_outside_ms"]]  # 0.8 ms: met
     assert report.targets(dict(results, overhead_paired=samples))[2]["met"] is True
+    assert "one keep-alive connection" in met["detail"]  # results from before the field: a kept connection
     noisy = {"gateway_outside_ms": [1.0, 9.0, 2.0, 8.0], "direct_outside_ms": [1.0, 1.5, 1.2, 0.9]}  # CI over 2 ms
     assert report.targets(dict(results, overhead_paired=noisy))[2]["met"] is None
+
+    # Served best-of-16 against the greedy baseline: labelled so; the greedy offline loop is no ceiling for it.
+    keys = {t["key"]: t for t in report.targets(dict(results, served_candidates=16))}
+    assert "ours best-of-16, the baseline greedy" in keys["throughput_c16"]["detail"]
+    assert keys["offline_c32"]["met"] is None and "best-of-16" in keys["offline_c32"]["detail"]
 
     # Noise that straddles a target is n/a, on whichever side the point estimate falls.
     results["baseline"][0] = _level(1, 3.2, 1000.0, 2000.0, n=4)
@@ -187,6 +262,18 @@ def test_verdict_is_decided_by_the_whole_interval():
     assert stats.verdict(E(1.0), 2.0, higher_is_better=False) is None  # spread unknown
     assert stats.verdict(None, 2.0, higher_is_better=False) is None
     assert stats.verdict(E(5.0, 4.5, 5.5), 4.0, higher_is_better=True) is True
+
+
+def test_the_median_of_request_pairs_is_not_moved_by_one_stall():
+    gateway, direct = [2.0] * 20 + [80.0], [0.5] * 21  # one request stalled 78 ms by another process
+    assert stats.welch_difference(gateway, direct).value > 5
+    robust = stats.median_difference(gateway, direct)
+    assert robust.value == 1.5 and robust.low == robust.high == 1.5
+    assert stats.median_difference([1.0] * 4, [0.5] * 4) is None  # too few pairs for an interval
+    samples = {"rows_per_request": 4, "gateway_outside_ms": gateway, "direct_outside_ms": direct,
+               "new_connection_outside_ms": [3.0] * 21}
+    assert "median per request pair 1.50 ms" in overhead.summary(samples)
+    assert "(new connection 2.50 ms" in overhead.summary(samples)
 
 
 def test_request_bodies_are_evaluator_shaped():

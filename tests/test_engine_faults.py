@@ -240,10 +240,8 @@ def test_engine_metrics_report_counters_gauges_and_step_times(slowish):
 def test_rows_that_cannot_be_answered_before_the_deadline_are_refused_at_once(slowish):
     engine = create_engine("continuous", slowish, slots=1, timeout_s=2.0)
     try:
-        generate_blocking(engine, random_prefix(slowish, 1), timeout_s=60)  # the rate is measured on real work
-        while engine.rate.rows_per_s() is None:
-            generate_blocking(engine, random_prefix(slowish, 1), timeout_s=60)
-        rate = engine.rate.rows_per_s()
+        generate_blocking(engine, random_prefix(slowish, 1), timeout_s=60)  # steps per request, measured
+        rate = engine.profile.rows_per_s(1)  # the batch holds one row
         answers = Answers()
         ahead = int(rate * 2.0) + 2  # more rows than the engine answers in the 2 s deadline
         for key in range(ahead):

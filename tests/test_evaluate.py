@@ -1,4 +1,5 @@
-"""The local evaluator: health rules, loss accounting against deliberately broken peers, datasets, e2e score."""
+"""The local evaluator: health rules, loss accounting against deliberately broken peers, datasets (its score of
+the default model end to end: tests/test_e2e.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import pytest
 
 from conftest import ROOT, free_port
 from embcap.inputs import realistic_embeddings
-from evaluate.cli import main as evaluate_main
 from tooling.evaluator import NotReady, run_requests, wait_ready
 from evaluate.datasets import DEFAULT_HELDOUT, from_parquet, load_dataset
 from evaluate.judges import minilm_judge
@@ -164,20 +164,3 @@ def test_builtin_heldout_split_ships():
     lines = DEFAULT_HELDOUT.read_text().splitlines()
     assert 200 <= len(lines) <= 2000
     assert {line.split("\t")[0] for line in lines} == {"scene", "sentence"}
-
-
-# The shipped model (best of 16) scores 0.86 on 200 held-out rows with MiniLM (models/default/MODEL_CARD.md);
-# per-row similarities spread with a standard deviation near 0.2, so a 16-row sample's mean has a standard
-# error near 0.05 and the issue's bar of 0.55 sits more than 5 errors below the full score. The sample is
-# fixed (seed 0) and the candidates' random streams are counter-based, so the test is deterministic up to
-# float noise.
-E2E_ROWS = 16
-E2E_MIN_SCORE = 0.55
-
-
-@pytest.mark.e2e
-def test_default_stack_reaches_the_quality_bar(default_stack_url, tmp_path):
-    report = evaluate_main(["--url", default_stack_url, "--limit", str(E2E_ROWS), "--out", str(tmp_path),
-                            "--name", "e2e", "--quiet"])
-    assert report["batches_lost"] == 0, report["loss_details"]
-    assert report["mean_similarity"] >= E2E_MIN_SCORE, report["examples"]

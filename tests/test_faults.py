@@ -9,6 +9,7 @@ import time
 import httpx
 import numpy as np
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from embcap.inputs import realistic_embeddings
 
@@ -94,15 +95,16 @@ def assert_recovers(base: str, process, kill) -> dict:
     return {"detected_s": detected, "recovered_s": recovered}
 
 
-def test_killed_decoder_stub_is_detected_and_recovered(tiny_server):
-    process, base, log_path = tiny_server
+def test_killed_decoder_stub_is_detected_and_recovered(shared_server):
+    process, base, log_path = shared_server
+    logged_before = log_path.stat().st_size  # the module's tests share the server and its log
     timings = assert_recovers(base, process, lambda: decoder_stub(process.pid).kill())
-    assert "stub of model 'decoder' died" in log_path.read_text()
+    assert "stub of model 'decoder' died" in log_path.read_bytes()[logged_before:].decode(errors="replace")
     print(f"stub kill: {timings}")
 
 
-def test_killed_tritonserver_under_load_is_restarted(tiny_server):
-    process, base, _ = tiny_server
+def test_killed_tritonserver_under_load_is_restarted(shared_server):
+    process, base, _ = shared_server
     timings = assert_recovers(base, process, lambda: triton_children(process.pid, "tritonserver")[0].kill())
     print(f"tritonserver kill: {timings}")
 
@@ -117,16 +119,27 @@ def test_triton_request_timeout_is_enforced(tiny_triton, tmp_path):
         stop_process(gateway)
 
 
-def test_metrics_and_request_ids(tiny_server):
-    process, base, log_path = tiny_server
+def counters(base: str) -> dict[tuple[str, tuple], float]:
+    """The gateway's /metrics samples: (name, sorted labels) -> value."""
+    text = httpx.get(base + "/metrics", timeout=10).text
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metrics_and_request_ids(shared_server):
+    process, base, log_path = shared_server
+    before = counters(base)  # the module's tests share the server: what they sent is counted already
     ok = httpx.post(base + URL, json=payload(2), headers={"X-Request-ID": "req-ok-1"}, timeout=30)
     bad = httpx.post(base + "/api/v1/v2t", json={"embedding": [1.0]}, headers={"X-Request-ID": "req-bad-1"})
     assert ok.headers["x-request-id"] == "req-ok-1" and bad.status_code == 422
 
     text = httpx.get(base + "/metrics", timeout=10).text
-    assert 'embcap_requests_total{route="/api/v1/inference",status="200"} 1.0' in text
-    assert 'embcap_requests_total{route="/api/v1/v2t",status="422"} 1.0' in text
-    assert 'embcap_rows_per_request_sum 2.0' in text
+    after = counters(base)
+    inference_ok = ("embcap_requests_total", (("route", "/api/v1/inference"), ("status", "200")))
+    v2t_refused = ("embcap_requests_total", (("route", "/api/v1/v2t"), ("status", "422")))
+    rows_sum = ("embcap_rows_per_request_sum", ())
+    assert {key: after[key] - before.get(key, 0.0) for key in (inference_ok, v2t_refused, rows_sum)} == \
+        {inference_ok: 1.0, v2t_refused: 1.0, rows_sum: 2.0}
     assert "embcap_request_seconds_bucket" in text
     assert 'nv_inference_request_success{model="captioner"' in text  # Triton's own metrics, appended
 

@@ -95,3 +95,43 @@ def test_large_bodies_are_refused_by_a_scan_before_any_parse():
     with pytest.raises(RequestError, match=r"\[200000\] is str"):  # what the scan cannot name, the parse does
         decode_values(b'{"embedding": [' + numbers + b'"x"]}')
     assert len(decode_values(b'{"embedding": [' + numbers + b"1]}")) == 200_001
+
+
+def test_paired_writes_send_a_head_with_its_body_and_lose_nothing():
+    """The transport under the gateway's HTTP protocol (gateway.connections.PairedWrites), on a real socket pair:
+    two writes in one turn of the loop go out in one send; a lone write goes out on the next turn; closing sends
+    what is held before the end of the stream."""
+    import asyncio
+    import socket
+
+    from gateway.connections import PairedWrites
+
+    async def scenario() -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+        sends: list[bytes] = []
+        real_write = transport.write
+        transport.write = lambda data: (sends.append(bytes(data)), real_write(data))  # count the real sends
+        paired = PairedWrites(transport, loop)
+        paired.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        paired.write(b"ok")  # the same turn: one send
+        assert sends == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]
+        paired.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # alone: held until the next turn
+        assert len(sends) == 1 and not paired.is_closing()  # anything else is the transport's own
+        await asyncio.sleep(0)
+        assert sends[-1] == b"HTTP/1.1 100 Continue\r\n\r\n"
+        paired.write(b"last words")
+        paired.close()  # sent before the close, not dropped
+        received = b""
+        while True:
+            chunk = await loop.sock_recv(theirs, 1024)
+            if not chunk:
+                break
+            received += chunk
+        theirs.close()
+        return [received, *sends]
+
+    received, *sends = asyncio.run(scenario())
+    assert received == b"".join(sends) and received.endswith(b"last words") and len(sends) == 3

@@ -258,7 +258,7 @@ def test_doctor_driver_on_the_pinned_builds(driver, failing):
     assert set(rows) >= {"driver", "gpu-tensorrt", "gpu-decoder", "gpu-projector"}
     if failing:
         assert "needs driver >= 525.60.13, not 470.82.01" in rows["gpu-decoder"][1]
-        assert "no image build in the README table runs on driver 470.82.01" in rows["driver-advice"][1]
+        assert "no image build in the table of docs/gpu-builds.md runs on driver 470.82.01" in rows["driver-advice"][1]
         assert code == 1
     else:
         assert "the decoder on the GPU" in rows["gpu-decoder"][1]

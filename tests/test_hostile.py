@@ -165,6 +165,7 @@ def nan_body(megabytes: float) -> bytes:
     return b'{"embedding": [' + b"0.1234567, " * count + b"NaN]}"
 
 
+@pytest.mark.serial  # health's latency while bodies are parsed: a busy neighbour's processes would eat the margin
 def test_bad_bodies_are_parsed_once_and_off_the_event_loop(tiny_gateway):
     """Before: a body orjson refused was parsed again by the standard library, in the event loop:
     a few large ones held health for seconds."""
@@ -270,6 +271,7 @@ def test_tritons_unused_api_groups_need_the_servers_key(tiny_triton):
         client.close()
 
 
+@pytest.mark.serial  # refusals within the 3 s deadline: beside another worker they took 2.9 s
 def test_over_capacity_requests_are_refused_at_once(tiny_triton, tmp_path):
     """Before: every request was queued, and those that could not be answered in time got a 504 at the deadline.
 

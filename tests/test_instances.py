@@ -13,15 +13,18 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
-from conftest import (ROOT, free_port, launch_server, leftovers, start_gateway, start_server, stop_process,
-                      triton_shm_prefix, wait_http)
+from conftest import (ROOT, free_port, launch_server, leftovers, processes_naming, start_gateway, start_server,
+                      start_triton, stop_process, suite_processes, triton_shm_prefix, wait_http, wait_until)
 from embcap.contract import PROJECTOR
 from export import EXPORT_FAILED
 from export.options import ExportOptions
 from export.repository import export_repository
 from runtime.instance import Record, RepositoryInUse, RepositoryLock, lock_path, sweep
+from runtime.lifetime import STUB_PROCESS, TRITON_PROCESS
+from runtime.models import python_stubs
 from runtime.supervisor import export_problem
 from runtime.triton import TritonOptions, TritonProcess
 from runtime.triton_log import TritonLog
@@ -130,7 +133,9 @@ def test_a_killed_servers_leftovers_are_swept_by_the_next_start_and_only_those(t
     record = json.loads(lock_path(tmp_path / "repo").read_text())
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    time.sleep(1.0)  # Triton and its stubs die with their parent (PR_SET_PDEATHSIG)
+    # Before: the decoder's stub outlived it (and this test), re-parented to init, for ever.
+    repository = str(tmp_path / "repo")
+    assert wait_until(lambda: not processes_naming(repository), 10), processes_naming(repository)
     left = leftovers(prefix)
     assert any(p.startswith("/dev/shm/") for p in left) and any(p.startswith("/tmp/") for p in left), left
     assert (tmp_path / "repo").is_dir() and record["pid"] == killed.pid
@@ -140,6 +145,7 @@ def test_a_killed_servers_leftovers_are_swept_by_the_next_start_and_only_those(t
     process, base = start_server(tiny_checkpoint, tmp_path, ready_timeout_s=180)
     try:
         assert not leftovers(prefix), leftovers(prefix)
+        assert not processes_naming(repository), "a process of the killed server is still running"
         assert all(not Path(p).exists() for p in record["python_env_dirs"])
         log = (tmp_path / "server.log").read_text()
         assert f"swept what a killed predecessor (pid {killed.pid}) left" in log
@@ -150,12 +156,107 @@ def test_a_killed_servers_leftovers_are_swept_by_the_next_start_and_only_those(t
     assert lock_path(tmp_path / "repo").read_text() == "", "a clean exit leaves nothing to sweep"
 
 
+def test_a_killed_tritonservers_stubs_end_with_it(tiny_repository, tmp_path):
+    """Without a supervisor to clean up after it: its reaper ends the stubs, the decoder's included."""
+    triton = start_triton(tiny_repository, tmp_path / "triton.log")
+    try:
+        stubs = [psutil.Process(pid) for pid in python_stubs(triton.process.pid)]
+        assert len(stubs) == 2, stubs
+        assert {p.pid for p in suite_processes()} >= {triton.process.pid, *(p.pid for p in stubs)}
+        triton.process.kill()
+        assert wait_until(lambda: not any(map(running, stubs)), 10), [p for p in stubs if running(p)]
+        assert triton.reaper.wait(10) == 0
+    finally:
+        triton.stop()
+
+
+def test_the_suites_processes_are_found_where_environments_cannot_be_read(tiny_triton, monkeypatch):
+    """Some hosts forbid reading /proc/PID/environ: the session's processes are then known by the temp
+    root their command lines name (the end-of-session check depends on it)."""
+    expected = {tiny_triton.process.pid, *python_stubs(tiny_triton.process.pid)}
+    assert {p.pid for p in suite_processes()} >= expected
+
+    def denied(process):
+        raise psutil.AccessDenied(process.pid)
+
+    monkeypatch.setattr(psutil.Process, "environ", denied)
+    assert {p.pid for p in suite_processes()} >= expected
+
+
+def test_the_next_start_ends_a_killed_owners_processes_and_says_so(tiny_repository, tmp_path, caplog):
+    """A server killed together with its reaper leaves a tritonserver and stubs running: the next start on
+    its repository ends exactly those (they name the record's shared-memory prefix) and logs them."""
+    from runtime.serve import claim, parse_args
+
+    orphan = start_triton(tiny_repository, tmp_path / "orphan.log")  # the killed owner's, as far as it knows
+    bystander = start_triton(tiny_repository, tmp_path / "bystander.log")  # another live server's
+    try:
+        orphan.reaper.kill()
+        processes = [orphan.process.pid, *python_stubs(orphan.process.pid)]
+        repository = tmp_path / "repo"
+        owner = subprocess.Popen([sys.executable, "-c", KILLED_OWNER, str(repository), str(tmp_path),
+                                  orphan.options.shm_prefix], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True)
+        assert owner.stdout.readline().strip() == "locked"
+        owner.kill()  # the kernel drops the lock; the record stays
+        owner.wait()
+        args = parse_args(["--port", str(free_port()), "--grpc-port", str(free_port()), "--model-repository",
+                           str(repository), "--skip-export"])
+        with caplog.at_level("WARNING", logger="embcap.server"):
+            claim(args).release()
+        assert not [pid for pid in processes if alive(pid)]
+        message = next(r.getMessage() for r in caplog.records if "swept what a killed predecessor" in r.getMessage())
+        for pid in processes:
+            assert f"ended pid {pid} (" in message, message
+        assert f"({TRITON_PROCESS})" in message and f"({STUB_PROCESS})" in message
+        assert bystander.alive() and len(python_stubs(bystander.process.pid)) == 2
+    finally:
+        orphan.stop()
+        bystander.stop()
+
+
+def alive(pid: int) -> bool:
+    try:
+        return running(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return False
+
+
+def running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_tritons_started_together_each_keep_their_own_python_backend_folder(tiny_repository, tmp_path):
+    """Before: each took every /tmp/python_env_* folder that appeared between its start and its readiness for its
+    own; the first to stop deleted the other's, and that tritonserver aborted at its exit (fts_read error, -6)."""
+    tritons = [TritonProcess(TritonOptions(tiny_repository, grpc_port=free_port()),
+                             log_file=open(tmp_path / f"triton-{i}.log", "wb")) for i in range(2)]
+    try:
+        for triton in tritons:
+            triton.start()
+        for triton in tritons:
+            triton.wait_ready(timeout_s=120)
+        first, second = (set(triton.python_env_dirs) for triton in tritons)
+        assert len(first) == len(second) == 1 and not first & second, (first, second)
+        assert tritons[0].stop() == 0
+        assert all(Path(path).is_dir() for path in second), "the other server's folder was removed"
+        assert tritons[1].stop() == 0, (tmp_path / "triton-1.log").read_text()[-2000:]
+    finally:
+        for triton in tritons:
+            triton.stop()
+    assert not any(Path(path).exists() for path in first | second)
+
+
 KILLED_OWNER = """
 import os, sys
 from runtime.instance import Record, RepositoryLock
 lock = RepositoryLock.acquire(sys.argv[1])
-lock.write(Record(pid=os.getpid(), instance_id="0123456789ab", shm_prefix="embcap_01234567_",
-                  temp_root=sys.argv[2], exports=True))
+prefix = sys.argv[3] if len(sys.argv) > 3 else "embcap_01234567_"
+lock.write(Record(pid=os.getpid(), instance_id="0123456789ab", shm_prefix=prefix, temp_root=sys.argv[2],
+                  exports=True))
 print("locked", flush=True)
 sys.stdin.read()
 """

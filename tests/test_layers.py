@@ -1,4 +1,4 @@
-"""The code's structure: imports point down the layers (README, "Layout"), with no cycle.
+"""The code's structure: imports point down the layers (docs/layout.md), with no cycle.
 
 Every import in every project module counts, including the ones inside functions.
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 from conftest import ROOT
@@ -27,3 +28,14 @@ def test_serve_passes_grpc_port_and_repository_per_instance():
     assert "--grpc-port" not in default  # server.py's own default: --port + 1
     other = make("-n", "serve", "PORT=8010", "GRPC_PORT=9001", "REPOSITORY=/tmp/mine")
     assert "--port 8010" in other and "--grpc-port 9001" in other and "--model-repository /tmp/mine" in other
+
+
+def test_the_makefile_and_the_code_name_one_cache_folder():
+    """make and a direct run (python -m evaluate, the MPNet judge, the decoders) use the same .cache."""
+    from embcap.decoder_source import DEFAULT_CACHE_DIR
+
+    environment = {k: v for k, v in os.environ.items() if k != "EMBCAP_CACHE_DIR"}
+    run = subprocess.run(["make", "-s", "-C", str(ROOT), "--eval", "cache-dir: ; @echo $(EMBCAP_CACHE_DIR)",
+                          "cache-dir"], capture_output=True, text=True, timeout=60, env=environment)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(DEFAULT_CACHE_DIR)

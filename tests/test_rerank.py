@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from embcap.candidate_encoders import (OnnxTextTower, check_text_encoder, load_text_encoder,
-                                       split_by_token_limit)
+from embcap.candidate_encoders import OnnxTextTower, check_text_encoder, load_text_encoder
 from embcap.checkpoint import CheckpointError, OnnxTextEncoder, RerankSettings, load_checkpoint
 from embcap.generation import BLANK_FALLBACK
+from embcap.text_pieces import split_by_token_limit
 from embcap.rerank import Reranker, candidate_scores
 from embcap.text_encoder import encode_captions
 from export.options import ExportOptions

@@ -9,7 +9,6 @@ import time
 import httpx
 import numpy as np
 import psutil
-import pytest
 
 from conftest import launch_server, stop_process, wait_http
 
@@ -24,8 +23,8 @@ def tritonserver_of(pid: int) -> psutil.Process:
     return children[0]
 
 
-def test_banner_is_held_until_the_model_is_ready(tiny_server):
-    _, _, log_path = tiny_server
+def test_banner_is_held_until_the_model_is_ready(shared_server):
+    _, _, log_path = shared_server
     log = log_path.read_text()
     assert "Uvicorn running on" in log and "Press CTRL+C to quit" in log
     assert log.index("tritonserver ready") < log.index("Uvicorn running on")
@@ -50,8 +49,8 @@ def test_sigterm_finishes_in_flight_requests_and_exits_cleanly(tiny_server):
     assert not triton.is_running() or triton.status() == psutil.STATUS_ZOMBIE
 
 
-def test_a_killed_tritonserver_is_detected_and_restarted(tiny_server):
-    process, base, _ = tiny_server
+def test_a_killed_tritonserver_is_detected_and_restarted(shared_server):
+    process, base, _ = shared_server
     tritonserver_of(process.pid).kill()
     started = time.monotonic()
     wait_http(base + "/api/v1/health", 5, process, status=503)
@@ -83,13 +82,3 @@ def test_an_invalid_checkpoint_is_reported_by_health(tmp_path):
         assert "export failed: export failed" not in error and error.count("export failed") == 1, error
     finally:
         assert stop_process(process) == 0
-
-
-@pytest.mark.e2e
-def test_default_model_end_to_end(default_stack_url):
-    health = httpx.get(default_stack_url + "/api/v1/health", timeout=5).json()
-    assert health["status"] == "healthy"
-    response = httpx.post(default_stack_url + "/api/v1/inference", json={"embedding": rows(4, seed=1)}, timeout=60)
-    assert response.status_code == 200
-    texts = response.json()["texts"]
-    assert len(texts) == 4 and all(t.strip() for t in texts)

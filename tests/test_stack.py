@@ -39,6 +39,13 @@ def decoder_stats(triton_url: str) -> tuple[int, int]:
         client.close()
 
 
+def decoded_rows(metrics_port: int) -> dict[str, float]:
+    """embcap_decoded_rows_total per decoder instance, from Triton's metrics."""
+    metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    return {line.split('instance="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines() if line.startswith("embcap_decoded_rows_total{")}
+
+
 def test_health_goes_from_initializing_to_healthy(tiny_repository, tmp_path):
     grpc_port = free_port()
     gateway, base = start_gateway(f"127.0.0.1:{grpc_port}", tmp_path / "gateway.log", expect_ready=False,
@@ -157,9 +164,9 @@ def test_several_decoder_instances_are_several_engines_and_triton_spreads_the_ro
                     "embedding": embeddings(4, seed).reshape(-1).tolist()}) for seed in range(REQUESTS)))
 
         assert [r.status_code for r in asyncio.run(burst())] == [200] * REQUESTS
-        metrics = httpx.get(f"http://127.0.0.1:{options.metrics_port}/metrics", timeout=10).text
-        rows = {line.split('instance="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
-                for line in metrics.splitlines() if line.startswith("embcap_decoded_rows_total{")}
+        deadline = time.monotonic() + 10  # an instance counts its rows just after it answered: they may lag
+        while sum((rows := decoded_rows(options.metrics_port)).values()) < REQUESTS * 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert len(rows) == 2 and sum(rows.values()) == REQUESTS * 4, rows
         assert min(rows.values()) > 0, f"one instance got every row: {rows}"
     finally:

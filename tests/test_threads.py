@@ -135,7 +135,10 @@ async def concurrent_load(base: str) -> list[int]:
     rng = np.random.default_rng(0)
     bodies = [{"embedding": rng.standard_normal(4 * 1024).astype(np.float32).tolist()} for _ in range(CONCURRENCY)]
     statuses = []
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=CONCURRENCY)) as client:
+    # A new connection per request, as the evaluator sends them. A kept one could idle past the gateway's keep-alive
+    # (5 s) while a slow round ends and be closed just as it is reused (httpx.ReadError on a busy machine).
+    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         for _ in range(ROUNDS):
             responses = await asyncio.gather(*(client.post(base + "/api/v1/inference", json=b) for b in bodies))
             statuses += [r.status_code for r in responses]

@@ -42,7 +42,7 @@ from training.reference_weights import check_state, decoder_state, load_meta_sta
 
 DECODER_DIR = "decoder"
 CARD_FILE = "MODEL_CARD.md"
-# What serving does differently from the reference's generate_batch, for the card and the README.
+# What serving does differently from the reference's generate_batch, for the card and docs/reference-miner.md.
 DIFFERENCES = (
     "Sampling draws from each row's own seeded stream (embcap.sampling), not torch's global generator: the "
     "same distribution (temperature, top-k), other draws; greedy decoding gives the same tokens.",

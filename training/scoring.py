@@ -17,7 +17,7 @@ from evaluate.fluency import fluency, token_counter
 from evaluate.judges import Judge, load_judge, mpnet_folder
 from evaluate.report import retrieval_baseline, score_rows
 
-AUTO_JUDGE = "auto"  # --also-judge: mpnet when its folder is there (python -m evaluate.mpnet), else none
+AUTO_JUDGE = "auto"  # --also-judge: mpnet when its folder is there (make judges), else none
 NO_JUDGE = "none"
 
 
@@ -55,7 +55,7 @@ def load_judges(main: str, also: str) -> dict[str, Judge]:
         return judges
     if also == AUTO_JUDGE:
         if mpnet_folder() is None:
-            print("second judge: all-mpnet-base-v2 not found (python -m evaluate.mpnet assembles it); MiniLM only",
+            print("second judge: all-mpnet-base-v2 not found (make judges assembles it); MiniLM only",
                   file=sys.stderr)
             return judges
         also = "mpnet"

@@ -36,12 +36,13 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from embcap.checkpoint import (INPUT_NORMS, MAX_CANDIDATES, CaptionModelSpec, DecoderSource, GenerationSettings,
-                               OnnxTextEncoder, PromptTemplate, RerankSettings, SentenceTransformerEncoder,
-                               load_checkpoint, save_spec)
+                               ImageBindTowerEncoder, OnnxTextEncoder, PromptTemplate, RerankSettings,
+                               SentenceTransformerEncoder, load_checkpoint, save_spec)
 from embcap.engines import DEFAULT_ENGINE, ENGINES
 from tooling.builders import minilm_rerank
 from embcap.generation import CaptionGenerator
 from embcap.projector import save_projector, seeded_projector
+from embcap.tower_folder import CONFIG_FILE as TOWER_CONFIG, is_tower_folder
 from evaluate.datasets import NORMS, cached_encoding, shape_inputs
 from training import compare, reward, start
 from training import decoder as decoders
@@ -52,7 +53,7 @@ from training.scoring import AUTO_JUDGE, Retrieval, Score, load_judges, score_mo
 from training.sequences import batch_loss, caption_ids
 
 DEFAULT_TEMPLATE = "Video:\n{prefix}\nCaption:"
-# Best-of-N of the default recipe: the largest N measured that keeps the CPU latency target (README, "Best-of-N").
+# Best-of-N of the default recipe: the largest N measured that keeps the CPU latency target (docs/best-of-n.md).
 DEFAULT_CANDIDATES = 16
 RERANK_ENCODER_DIR = "text_encoder"  # where --rerank-encoder is copied inside the checkpoint
 STATE_FILE = "state.pt"
@@ -74,16 +75,19 @@ def rerank_settings(args: argparse.Namespace) -> RerankSettings:
     return minilm_rerank(args.candidates)
 
 
-def copied_encoder_spec(folder: Path) -> SentenceTransformerEncoder | OnnxTextEncoder:
-    """The spec of an encoder folder once copied to the checkpoint's RERANK_ENCODER_DIR: an ONNX text tower
-    (model.onnx + tokenizer.json) or a sentence-transformers folder (modules.json)."""
+def copied_encoder_spec(folder: Path) -> SentenceTransformerEncoder | OnnxTextEncoder | ImageBindTowerEncoder:
+    """The spec of an encoder folder once copied to the checkpoint's RERANK_ENCODER_DIR: an imported ImageBind
+    text tower (text_tower.json), an ONNX text tower (model.onnx + tokenizer.json) or a sentence-transformers
+    folder (modules.json)."""
+    if is_tower_folder(folder):
+        return ImageBindTowerEncoder(path=RERANK_ENCODER_DIR)
     if (folder / "model.onnx").is_file() and (folder / "tokenizer.json").is_file():
         return OnnxTextEncoder(path=f"{RERANK_ENCODER_DIR}/model.onnx",
                                tokenizer=f"{RERANK_ENCODER_DIR}/tokenizer.json")
     if (folder / "modules.json").is_file():
         return SentenceTransformerEncoder(path=RERANK_ENCODER_DIR)
-    raise ValueError(f"--rerank-encoder {folder}: neither model.onnx + tokenizer.json nor a sentence-transformers "
-                     "folder (modules.json)")
+    raise ValueError(f"--rerank-encoder {folder}: neither an imported ImageBind text tower ({TOWER_CONFIG}), "
+                     "model.onnx + tokenizer.json nor a sentence-transformers folder (modules.json)")
 
 
 def make_spec(args: argparse.Namespace, decoder: DecoderSource, stop_tokens: tuple[str, ...] = ()) -> CaptionModelSpec:
@@ -184,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                             f"to the input served (auto: {DEFAULT_CANDIDATES} when conditioned by the project's text "
                             "encoder, which then reranks; 1 otherwise, or N with --rerank-encoder)")
     model.add_argument("--rerank-encoder", type=Path, default=None,
-                       help="a text encoder into the input embeddings' space (an ONNX text tower with model.onnx "
-                            "and tokenizer.json, or a sentence-transformers folder), copied into the checkpoint "
+                       help="a text encoder into the input embeddings' space (the evaluator's ImageBind tower from "
+                            "python -m training.import_text_tower, an ONNX text tower with model.onnx and "
+                            "tokenizer.json, or a sentence-transformers folder), copied into the checkpoint "
                             "to rerank candidates (default: none; the project's encoder for its own conditioning)")
     model.add_argument("--name", default=None, help="the checkpoint's name (default: from decoder and data)")
     model.add_argument("--device", default="auto", help="auto (CUDA in bfloat16 when present, else CPU float32), "
@@ -234,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--judge", default="minilm", help="any judge python -m evaluate accepts (minilm, mpnet, "
                                                        "a sentence-transformers folder, module:function)")
     run.add_argument("--also-judge", default=AUTO_JUDGE,
-                     help="a second judge scored beside --judge: 'auto' (all-mpnet-base-v2 when python -m "
-                          "evaluate.mpnet has assembled it), 'none', or any --judge value")
+                     help="a second judge scored beside --judge: 'auto' (all-mpnet-base-v2 when make judges has "
+                          "assembled it), 'none', or any --judge value")
     run.add_argument("--eval-engine", default="auto", choices=("auto", *ENGINES),
                      help="decoding engine for scores during training (auto: the serving default, hf with LoRA, "
                           "whose adapter the continuous engine's fused weights do not carry)")

@@ -20,7 +20,7 @@ def create_engine(name: str, generator: "CaptionGenerator", slots: int, use_grap
     """The engine called `name` over a loaded generator; `slots` bounds the rows decoding at once, and
     each row gets `candidates` captions (best-of-N candidates for a reranker; embcap.candidates).
     `continuous` are the continuous engine's own settings (timeout_s, max_queued_rows, on_failure,
-    attention_backend); the hf engine has none."""
+    attention_backend, on_profile); the hf engine has none."""
     if name == "hf":
         from embcap.engines.hf import HFEngine
 

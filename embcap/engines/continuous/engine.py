@@ -21,8 +21,11 @@ and `on_failure` is told (the Triton model then has its process restarted).
 
 Admission control: a request is refused at once with Overloaded, instead of waiting past its
 deadline for a 504, when the rows ahead of it (decoding and queued) cannot be answered within
-the request deadline at the rate the engine has measured (rows answered per second of busy
-loop), or when the backlog already holds `max_queued_rows`.
+the request deadline, or when the backlog already holds `max_queued_rows`. The estimate depends
+on how full the batch will be (embcap.load_profile): the engine times steps of a few batch sizes at
+start-up, keeps measuring its step time at every batch size and the steps a
+request takes, and hands that profile to `on_profile` every PUBLISH_INTERVAL_S (the Triton model
+publishes it for the gateway's own admission).
 
 Longer than 250 lines on purpose: admission, the step, cancellation and the failure paths all
 act on the loop thread's own state, and together they must answer every job exactly once.
@@ -45,31 +48,15 @@ from embcap.contract import DEADLINE_MARK, OVERLOAD_MARK
 from embcap.deadlines import request_timeout_s
 from embcap.engines.base import Cancelled, EngineFailed, EngineStats, Job, Overloaded, answer
 from embcap.generation import BLANK_FALLBACK, CaptionGenerator
+from embcap.engines.continuous.load_meter import LoadMeter
 from embcap.engines.continuous.running_batch import RunningBatch
+from embcap.load_profile import LoadProfile
 
 log = logging.getLogger(__name__)
 FAILURE_LIMIT = 3  # consecutive failed steps that make the engine failed for good
-RATE_WINDOW = 64  # answered requests the rows-per-second estimate averages over
-MIN_RATE_BUSY_S = 0.5  # busy time measured before the estimate is trusted
-
-
-class RowRate:
-    """Rows answered per second of busy loop, over the last RATE_WINDOW answered requests."""
-
-    def __init__(self) -> None:
-        self.samples: collections.deque[tuple[int, float]] = collections.deque(maxlen=RATE_WINDOW)
-        self.busy_s = 0.0  # busy time since the last answer
-
-    def busy(self, seconds: float) -> None:
-        self.busy_s += seconds
-
-    def answered(self, rows: int) -> None:
-        self.samples.append((rows, self.busy_s))
-        self.busy_s = 0.0
-
-    def rows_per_s(self) -> float | None:
-        busy = sum(seconds for _, seconds in self.samples)
-        return sum(rows for rows, _ in self.samples) / busy if busy >= MIN_RATE_BUSY_S else None
+PUBLISH_INTERVAL_S = 1.0  # how often the load profile goes to `on_profile`
+PROFILE_REFRESH_S = 0.1  # how often the profile that admission reads is recomputed from the measurements
+CALIBRATION_SLOTS = 64  # the start-up's larger timed step (without CUDA graphs; with them, every captured size)
 
 
 @dataclass
@@ -78,6 +65,7 @@ class _Pending:
     texts: list[str | None]
     left: int
     deadline: float
+    admitted_step: int  # the engine's step count when it joined the batch
 
 
 class ContinuousEngine:
@@ -89,7 +77,8 @@ class ContinuousEngine:
     def __init__(self, generator: CaptionGenerator, slots: int, use_graphs: bool | None = None,
                  timeout_s: float | None = None, cancel_poll_s: float = 1.0, candidates: int = 1,
                  max_queued_rows: int | None = None, failure_limit: int = FAILURE_LIMIT,
-                 on_failure: Callable[[str], None] | None = None, attention_backend: str = "auto") -> None:
+                 on_failure: Callable[[str], None] | None = None, attention_backend: str = "auto",
+                 on_profile: Callable[[LoadProfile], None] | None = None) -> None:
         plan = candidate_plan(generator.spec, candidates)
         self.candidates = plan.count
         self.batch = RunningBatch(generator, slots * plan.count, use_graphs, plan, attention_backend)
@@ -109,9 +98,24 @@ class ContinuousEngine:
         self._pending: dict[int, _Pending] = {}
         self._numbers = iter(range(1 << 62))
         self._failed_in_a_row = 0
-        self.rate = RowRate()
+        self.meter = LoadMeter(self.capacity, self.candidates, self.batch.buckets, self._calibrate(),
+                               generator.spec.generation.max_new_tokens)
+        self.profile: LoadProfile | None = self.meter.profile()  # replaced, never changed: any thread reads it
+        self.on_profile = on_profile
+        self._published = self._profiled = 0.0
+        self._unpublished = False  # the profile changed since it was last handed to `on_profile`
         self._thread = threading.Thread(target=self._loop, name="continuous-engine", daemon=True)
         self._thread.start()
+
+    def _calibrate(self) -> dict[int, float]:
+        """Seconds per step at a few batch sizes, before any row joins: every captured size where a step is a
+        CUDA graph (a replay costs milliseconds); else one row's slots and CALIBRATION_SLOTS (at least four
+        rows'), the costlier sizes following the line through them until they are measured."""
+        buckets = self.batch.buckets
+        sizes = set(buckets) if self.batch.decoder.use_graphs else {
+            next(b for b in buckets if b >= slots) for slots in
+            (self.candidates, min(self.batch.capacity, max(CALIBRATION_SLOTS, 4 * self.candidates)))}
+        return {size: self.batch.decoder.time_step(size) for size in sorted(sizes)}
 
     @property
     def capture_seconds(self) -> float:
@@ -150,10 +154,11 @@ class ContinuousEngine:
                     self.stats.refused_rows += job.rows
                     answer(job, None, Overloaded(refusal))
 
-    def estimated_wait_s(self, rows: int = 0) -> float | None:
-        """Seconds until `rows` more rows would be answered, at the measured rate (None: not measured yet)."""
-        rate = self.rate.rows_per_s()
-        return None if rate is None else (self.active_rows + self._queued + rows) / rate
+    def estimated_wait_s(self, rows: int = 1) -> float | None:
+        """Seconds until `rows` more rows would be answered behind those decoding and queued (None: nothing
+        measured yet)."""
+        profile = self.profile
+        return None if profile is None else profile.seconds_to_answer(self.active_rows + self._queued, rows)
 
     def _reserve(self, rows: int) -> str | None:
         """Count `rows` as queued, or say why they are refused."""
@@ -163,9 +168,10 @@ class ContinuousEngine:
                         "try again shortly")
             wait = self.estimated_wait_s(rows)
             if wait is not None and wait > self.timeout_s and self._queued > 0:
-                return (f"{OVERLOAD_MARK} {self.active_rows + self._queued} rows are ahead at "
-                        f"{self.rate.rows_per_s():.2f} rows/s: about {wait:.0f} s, past the {self.timeout_s:g} s "
-                        "deadline; try again shortly")
+                ahead = self.active_rows + self._queued
+                return (f"{OVERLOAD_MARK} {ahead} rows are ahead; with the batch that full the decoder answers "
+                        f"{self.profile.rows_per_s(ahead + rows):.2f} rows/s: about {wait:.0f} s, past the "
+                        f"{self.timeout_s:g} s deadline; try again shortly")
             self._queued += rows
             return None
 
@@ -188,9 +194,12 @@ class ContinuousEngine:
 
                 torch.cuda.set_device(self.device)
             last_poll = time.monotonic()
+            self._publish(force=True)
             while not self._stopping.is_set():
                 self._collect()
+                started = time.perf_counter()
                 self._admit()
+                slots = self.batch.active
                 self._step()
                 # Deadlines cost nothing to check; asking whether a client went away is a round trip
                 # to the Triton server per request, so that is asked only every `cancel_poll_s`.
@@ -198,8 +207,34 @@ class ContinuousEngine:
                 self._drop_cancelled(ask_clients=poll)
                 if poll:
                     last_poll = time.monotonic()
+                if slots:
+                    self._measured(slots, time.perf_counter() - started)
+                elif self._unpublished:  # idle: the last answers' figures go out now, not at the next request
+                    self._publish(force=True)
         except BaseException as exc:  # noqa: BLE001 - whatever ends the loop ends the engine, with its reason
             self._fail_for_good(f"the decode loop died: {type(exc).__name__}: {exc}")
+
+    def _measured(self, slots: int, seconds: float) -> None:
+        """Count one iteration; refresh the profile every PROFILE_REFRESH_S and publish it."""
+        self.meter.step(slots, seconds)
+        now = time.monotonic()
+        if now - self._profiled >= PROFILE_REFRESH_S:
+            self._profiled = now
+            self.profile = self.meter.profile()
+            self._unpublished = True
+            self._publish()
+
+    def _publish(self, force: bool = False) -> None:
+        """Hand the profile to `on_profile`, at most every PUBLISH_INTERVAL_S; a failure is logged, never raised."""
+        now = time.monotonic()
+        if self.on_profile is None or self.profile is None or (not force and now - self._published
+                                                                < PUBLISH_INTERVAL_S):
+            return
+        self._published, self._unpublished = now, False
+        try:
+            self.on_profile(self.profile)
+        except Exception:
+            log.exception("publishing the load profile failed")
 
     def _collect(self) -> None:
         """Move newly submitted jobs to the backlog; block briefly only when there is nothing to do."""
@@ -225,7 +260,8 @@ class ContinuousEngine:
             self._release(job.rows)
             number = next(self._numbers)
             texts = job.rows * self.candidates
-            self._pending[number] = _Pending(job, [None] * texts, texts, job.created + self.timeout_s)
+            self._pending[number] = _Pending(job, [None] * texts, texts, job.created + self.timeout_s,
+                                             self.stats.steps)
             keys += [(number, index) for index in range(texts)]
             prefixes.append(job.prefix)
             joining.append(number)
@@ -234,10 +270,9 @@ class ContinuousEngine:
             self.stats.queue_wait_s += now - job.created
         if not prefixes:
             return
-        active, started = self.batch.active, time.perf_counter()
+        active = self.batch.active
         try:
             self.batch.add(np.concatenate(prefixes), keys)
-            self.rate.busy(time.perf_counter() - started)
         except Exception as exc:
             log.exception("admitting %d request(s) failed", len(joining))
             self.stats.failed_steps += 1
@@ -265,7 +300,6 @@ class ContinuousEngine:
             return
         self._failed_in_a_row = 0
         self.stats.record_step(rows, time.perf_counter() - started)
-        self.rate.busy(time.perf_counter() - started)
         self._answer(finished)
 
     def _answer(self, finished) -> None:
@@ -279,7 +313,8 @@ class ContinuousEngine:
                 log.warning("a row stayed blank up to max_new_tokens: answered %r", BLANK_FALLBACK)
             if entry.left == 0:
                 del self._pending[number]
-                self.rate.answered(entry.job.rows)
+                self.meter.answered(self.stats.steps - entry.admitted_step)
+                self._profiled = 0.0  # refreshed after this step: admission sees the new figures at once
                 answer(entry.job, entry.texts, None)
 
     def _drop_cancelled(self, ask_clients: bool) -> None:

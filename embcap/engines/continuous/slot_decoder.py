@@ -317,6 +317,20 @@ class SlotKVDecoder:
             self._decode(batch)
         return self.next_tokens[:batch]
 
+    def time_step(self, batch: int) -> float:
+        """Seconds one decode step of slots [0, batch) takes, after one untimed step (first-call costs). Only
+        while no row decodes: the slots' tokens and positions are reset afterwards, as after a capture."""
+        timings = []
+        for _ in range(2):
+            started = time.perf_counter()
+            self.decode(batch)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            timings.append(time.perf_counter() - started)
+        self.tokens.zero_()
+        self.positions.zero_()
+        return timings[-1]
+
     def capture(self, buckets: list[int]) -> None:
         """Capture one CUDA graph per batch size in `buckets` (largest first, one shared memory pool)."""
         if not self.use_graphs:

@@ -11,6 +11,8 @@ With N > 1 candidates per row (the `candidates` parameter) it answers N captions
 (`CANDIDATES`) for the reranker step; with one, the caption itself (`CAPTION`). With `fp8`
 static or dynamic the continuous engine's projections are put in FP8 after loading (static: the
 export's calibrated `fp8_input_scales`); a device that cannot run them fails the load, naming why.
+The continuous engine's load profile (what answering rows costs at each batch fill, embcap.load_profile)
+is published every second where server.py's gateway reads it (embcap.contract.engine_profile_file).
 
 When the engine fails for good (its loop died, or its steps keep failing as after a
 sticky CUDA error), every waiting request is answered with the error, the reason is
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from embcap.contract import CANDIDATES, CAPTION, PREFIX, Param, engine_failure_file
+from embcap.contract import CANDIDATES, CAPTION, PREFIX, Param, engine_failure_file, engine_profile_file
 
 # Rows answered, per model instance: how Triton spreads the work over instances and GPUs (export --gpus).
 ROWS_COUNTER = ("embcap_decoded_rows_total", "Caption rows answered, by model instance and device")
@@ -73,6 +75,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
         self.model_name = args.get("model_name", "decoder")
+        self.instance_name = args.get("model_instance_name", self.model_name)
         torch.set_num_threads(int(params[Param.THREADS]))
         torch.set_num_interop_threads(1)  # threads count against the evaluator's pids limit
         checkpoint = load_checkpoint(params[Param.CHECKPOINT_DIR])
@@ -112,12 +115,13 @@ class TritonPythonModel:
         settings = {"timeout_s": float(params[Param.REQUEST_TIMEOUT_S]),
                     "max_queued_rows": int(params[Param.MAX_QUEUED_ROWS]),
                     "attention_backend": params[Param.ATTENTION_BACKEND],
-                    "on_failure": self._engine_failed} if engine == "continuous" else {}
+                    "on_failure": self._engine_failed,
+                    "on_profile": self._publish_profile} if engine == "continuous" else {}
         self.engine = create_engine(engine, generator, slots=int(config["max_batch_size"]),
                                     candidates=self.candidates, **settings)
         if os.environ.get(FAULT_AFTER_STEPS_ENV) and engine == "continuous":
             self._inject_sticky_fault(int(os.environ[FAULT_AFTER_STEPS_ENV]))
-        instance = {"engine": self.engine.name, "instance": args.get("model_instance_name", "decoder"),
+        instance = {"engine": self.engine.name, "instance": self.instance_name,
                     "device": device}
         self.factory = _Metrics()
         try:
@@ -180,6 +184,13 @@ class TritonPythonModel:
 
         self.engine.batch.step = failing_step
         pb_utils.Logger.log_warn(f"decoder: {FAULT_AFTER_STEPS_ENV}={healthy_steps}: every step after that fails")
+
+    def _publish_profile(self, profile):
+        """The engine's load profile, where server.py's gateway reads it (replaced whole: never half-written)."""
+        path = engine_profile_file(self.model_name, self.instance_name)
+        staged = path.with_name(path.name + ".new")
+        staged.write_text(profile.to_json())
+        os.replace(staged, path)
 
     def _engine_failed(self, reason):
         """The engine cannot decode any more: leave the reason for the supervisor, then end this stub."""
