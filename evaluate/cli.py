@@ -68,6 +68,21 @@ def training_captions(args: argparse.Namespace) -> list[str] | None:
     return None
 
 
+def fluency_of(checkpoint: Path | None):
+    """captions -> evaluate.fluency's shares; with a checkpoint its tokenizer and limit judge "at the token limit"."""
+    from evaluate.fluency import fluency, token_counter
+
+    if checkpoint is None:
+        return fluency
+    from transformers import AutoTokenizer
+
+    from embcap.loading import resolve_checkpoint
+
+    resolved = resolve_checkpoint(checkpoint)
+    counter = token_counter(AutoTokenizer.from_pretrained(resolved.decoder_dir))
+    return lambda captions: fluency(captions, counter, resolved.spec.generation.max_new_tokens)
+
+
 def quiet_progress() -> None:
     """No progress bar from any library. tqdm and transformers read these switches when first imported
     (which `python -m evaluate` has not done yet); a transformers already loaded is told directly."""
@@ -120,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "baseline_train_captions": len(train) if train else None}
     stem = args.name or time.strftime("evaluate-%Y%m%d-%H%M%S")
     reports, curve = {}, []
+    shares = fluency_of(args.checkpoint)
     for count, run in runs.items():
         captions = run.captions(len(dataset))
         scores = score_rows(judge, captions, dataset.references)
@@ -127,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
         report = build_report(dataset_name=dataset.name, references=dataset.references, sources=dataset.sources,
                               run=run, scores=scores, judge_name=judge_name, target=target,
                               settings={**settings, "candidates": count}, extra_judges=extra, baseline=baseline,
-                              extra_baselines=extra_baseline)
+                              extra_baselines=extra_baseline,
+                              fluency=shares([c for c in captions if c is not None]).record())
         reports[count] = report
         suffix = f"-n{count}" if len(runs) > 1 else ""
         json_path, md_path = write_report(report, args.out, stem + suffix)

@@ -57,8 +57,9 @@ def build_report(
     baseline: tuple[np.ndarray, list[str]] | None = None,
     extra_baselines: dict[str, np.ndarray] | None = None,
     n_examples: int = 5,
+    fluency: dict | None = None,
 ) -> dict:
-    """Everything the evaluator would measure, plus diagnostics."""
+    """Everything the evaluator would measure, plus diagnostics (`fluency`: evaluate.fluency's shares)."""
     captions = run.captions(len(references))
     answered = [i for i, c in enumerate(captions) if c is not None]
     latencies = [b.latency_s for b in run.batches]
@@ -94,6 +95,8 @@ def build_report(
         "examples": examples,
     }
     report["row_scores"] = [round(float(x), 4) for x in scores]
+    if fluency:
+        report["fluency"] = fluency
     if extra_judges:
         report["other_judges"] = {name: float(np.mean(s)) for name, s in extra_judges.items()}
     if baseline is not None:
@@ -127,6 +130,13 @@ def markdown(report: dict) -> str:
             lines.append(f"| lost: {reason} | {count} |")
     lat = report["latency_s"]
     lines.append(f"| latency p50 / p95 / max (s) | {fmt(lat['p50'])} / {fmt(lat['p95'])} / {fmt(lat['max'])} |")
+    if "fluency" in report:
+        shares = report["fluency"]
+        limit = shares.get("over_token_limit")
+        lines.append(f"| degenerate captions (empty, repeated words, at the token limit) | "
+                     f"{100 * shares['degenerate']:.1f}% ({100 * shares['empty']:.1f}%, "
+                     f"{100 * shares['repeated_words']:.1f}%, {'-' if limit is None else f'{100 * limit:.1f}%'}) |")
+        lines.append(f"| mean caption length (words) | {shares['mean_words']:.2f} |")
     for source, entry in report["by_source"].items():
         base = f", baseline {fmt(entry['retrieval_baseline'])}" if "retrieval_baseline" in entry else ""
         lines.append(f"| source `{source}` ({entry['rows']} rows) | {fmt(entry['mean_similarity'])}{base} |")

@@ -364,6 +364,10 @@ def test_heldout_evaluation_judges_retrieval_by_every_judge(tiny_checkpoint, tmp
     assert second == pytest.approx(report["retrieval_baseline"], abs=2e-4)
     assert report["other_judges"][SECOND_JUDGE] == pytest.approx(report["mean_similarity"], abs=2e-4)
     assert f"nearest-training-caption baseline, judge {SECOND_JUDGE}" in (tmp_path / "held.md").read_text()
+    shares = report["fluency"]  # the tiny model writes exactly max_new_tokens tokens: every caption hits the limit
+    assert shares["captions"] == 6 and shares["over_token_limit"] == 1.0 and shares["degenerate"] == 1.0
+    table = (tmp_path / "held.md").read_text()
+    assert "| degenerate captions (empty, repeated words, at the token limit) | 100.0%" in table
 
 
 def test_best_of_n_needs_an_encoder_for_conditioning_the_project_does_not_know(parquet_dir, tiny_decoder, tmp_path,

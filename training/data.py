@@ -58,6 +58,7 @@ class Examples:
     embeddings: np.ndarray | None
     video_ids: list[str] | None = None
     sources: list[str] = field(default_factory=list)
+    targets: np.ndarray | None = None  # a reward objective's target column (e.g. description_embed), if read
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -77,6 +78,7 @@ class Examples:
             embeddings=None if self.embeddings is None else self.embeddings[rows],
             video_ids=None if self.video_ids is None else [self.video_ids[i] for i in rows],
             sources=[self.sources[i] for i in rows] if self.sources else [],
+            targets=None if self.targets is None else self.targets[rows],
         )
 
 
@@ -135,12 +137,14 @@ def _vectors(file: Path, column, name: str, width: int) -> np.ndarray:
 
 
 def read_parquet(files: list[Path], conditioning: str = DEFAULT_CONDITIONING, width: int = EMBEDDING_DIM,
-                 max_norm: float | None = None) -> Examples:
-    """Read and check every file; raise DataError naming the file, column and row of the first problem."""
+                 max_norm: float | None = None, target: str | None = None) -> Examples:
+    """Read and check every file; raise DataError naming the file, column and row of the first problem.
+    `target` names a second vector column to read (a reward objective's targets)."""
     import pyarrow.parquet as pq
 
     texts: list[str] = []
     vectors: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
     ids: list[str] = []
     with_ids = True
     for file in files:
@@ -148,12 +152,13 @@ def read_parquet(files: list[Path], conditioning: str = DEFAULT_CONDITIONING, wi
             names = pq.read_schema(file).names
         except Exception as exc:  # pyarrow raises several types for a file that is not parquet
             raise DataError(f"{file}: not a readable parquet file ({exc})") from exc
-        for column in (conditioning, DESCRIPTION):
+        for column in (conditioning, DESCRIPTION, *([target] if target else [])):
             if column not in names:
                 raise DataError(f"{file}: column {column!r} missing (found: {', '.join(names)})")
         has_id = VIDEO_ID in names
         with_ids = with_ids and has_id
-        table = pq.read_table(file, columns=[conditioning, DESCRIPTION] + ([VIDEO_ID] if has_id else []))
+        extra = [target] if target and target != conditioning else []
+        table = pq.read_table(file, columns=[conditioning, DESCRIPTION, *extra] + ([VIDEO_ID] if has_id else []))
         if table.num_rows == 0:
             raise DataError(f"{file}: no rows")
         file_vectors = _vectors(file, table.column(conditioning), conditioning, width)
@@ -169,10 +174,12 @@ def read_parquet(files: list[Path], conditioning: str = DEFAULT_CONDITIONING, wi
                 raise DataError(f"{file}: column {DESCRIPTION!r} row {row}: empty description")
         texts += [text.strip() for text in descriptions]
         vectors.append(file_vectors)
+        if target:
+            targets.append(_vectors(file, table.column(target), target, width) if extra else file_vectors)
         if has_id:
             ids += [str(v) for v in table.column(VIDEO_ID).to_pylist()]
     return Examples(texts=texts, embeddings=np.concatenate(vectors), video_ids=ids if with_ids else None,
-                    sources=["parquet"] * len(texts))
+                    sources=["parquet"] * len(texts), targets=np.concatenate(targets) if target else None)
 
 
 def _stable_order(keys: list[str], seed: int) -> list[str]:
@@ -229,16 +236,19 @@ def read_captions_file(path: str | Path) -> tuple[list[str], list[str]]:
 
 
 def load_data(spec: str, *, conditioning: str, heldout: str | None, heldout_size: int, seed: int,
-              run_dir: Path, max_train: int = 80000) -> DataSet:
-    """Read `spec` (parquet glob/folder, a captions file or "wordnet") and split it, checking everything first."""
+              run_dir: Path, max_train: int = 80000, target: str | None = None) -> DataSet:
+    """Read `spec` (parquet glob/folder, a captions file or "wordnet") and split it, checking everything first.
+    `target`: a vector column of parquet data read beside the conditioning (a reward objective's targets).
+    With "wordnet" and a `heldout` captions file, that file is the held-out split and its captions are taken
+    out of the corpus's training rows (a run continuing a checkpoint keeps the checkpoint's split)."""
     if is_parquet(spec):
         files = expand(spec)
         max_norm = 1.0 if conditioning == DEFAULT_CONDITIONING else None
-        data = read_parquet(files, conditioning, max_norm=max_norm)
+        data = read_parquet(files, conditioning, max_norm=max_norm, target=target)
         names = [str(f) for f in files]
         if heldout:
             held_files = expand(heldout)
-            held = read_parquet(held_files, conditioning, max_norm=max_norm)
+            held = read_parquet(held_files, conditioning, max_norm=max_norm, target=target)
             names += [str(f) for f in held_files]
             return DataSet(data, held, names, conditioning, f"separate files ({heldout})")
         train, held, how = split(data, heldout_size, seed)
@@ -255,10 +265,18 @@ def load_data(spec: str, *, conditioning: str, heldout: str | None, heldout_size
             write_captions(corpus.train, train_path)
             write_captions(corpus.heldout, held_path)
         train = read_captions(train_path)
+        corpus = [f"WordNet corpus (tooling/corpus.py, seed {seed})"]
+        if heldout:
+            held_captions, held_sources = read_captions_file(heldout)
+            kept = set(held_captions)
+            train = [c for c in train if c.text not in kept]
+            return DataSet(captions_examples([c.text for c in train], [c.source for c in train]),
+                           captions_examples(held_captions, held_sources, heldout), corpus + [heldout], ENCODER,
+                           f"{CORPUS_SPLIT}, held out: {heldout}")
         held = read_captions(held_path)
         return DataSet(captions_examples([c.text for c in train], [c.source for c in train]),
-                       captions_examples([c.text for c in held], [c.source for c in held]),
-                       [f"WordNet corpus (tooling/corpus.py, seed {seed})"], ENCODER, CORPUS_SPLIT)
+                       captions_examples([c.text for c in held], [c.source for c in held]), corpus, ENCODER,
+                       CORPUS_SPLIT)
     captions, sources = read_captions_file(spec)
     data = captions_examples(captions, sources, spec)
     if heldout:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from training.card_compare import before_after_table, curve_table, fluency_table, objective_lines
 from training.data import CORPUS_SPLIT
 
 RECORD_FILE = "training.json"
@@ -77,12 +78,17 @@ def history_table(record: dict) -> list[str]:
     if not history:
         return []
     judges = list(history[0]["judges"])
+    fluent = all(entry.get("fluency") for entry in history)
     lines = [f"During training ({history[0]['rows']} held-out rows, {record['scores']['eval_inputs']} inputs, "
              f"engine `{history[0]['engine']}`):", "",
-             "| step | loss (EMA) | " + " | ".join(judges) + " |", "|---|---:|" + "---:|" * len(judges)]
+             "| step | loss (EMA) | " + " | ".join(judges) + (" | degenerate | mean words |" if fluent else " |"),
+             "|---|---:|" + "---:|" * (len(judges) + 2 * fluent)]
     for entry in history:
         loss = "-" if entry.get("loss") is None else f"{entry['loss']:.3f}"
-        lines.append(f"| {entry['step']} | {loss} | " + " | ".join(f"{entry['judges'][j]:.4f}" for j in judges) + " |")
+        extra = (f" | {100 * entry['fluency']['degenerate']:.1f}% | {entry['fluency']['mean_words']:.2f}"
+                 if fluent else "")
+        lines.append(f"| {entry['step']} | {loss} | " + " | ".join(f"{entry['judges'][j]:.4f}" for j in judges)
+                     + extra + " |")
     retrieval = history[0].get("retrieval") or {}
     if retrieval:
         lines.append("| nearest training caption, same rows | | "
@@ -112,19 +118,28 @@ def model_card(record: dict) -> str:
              f"- {record['steps']} steps of {record['examples_per_step']} rows ({record['examples_seen']} seen), "
              f"stopped by {'the time budget' if record.get('stopped_by') == 'time' else 'the step count'}; seed "
              f"{record['seed']}, {record['device']} {record['dtype']}, {minutes}",
-             f"- Final training loss (EMA) {record['final_loss']}",
+             f"- Final training loss (EMA) {record['final_loss']}", *objective_lines(record),
              "", f"## Held-out scores (judges: {', '.join(record['judges'])})", "", *final_table(record), "",
-             *history_table(record), "", f"![loss and held-out scores over steps]({PLOT_FILE})"]
+             *_section(fluency_table(record)), *history_table(record), "",
+             f"![loss and held-out scores over steps]({PLOT_FILE})", *_section(before_after_table(record), first=True),
+             *_section(curve_table(record), first=True)]
     final = record["scores"]["final"]
     if final:
         shape, score = next(iter(final.items()))
         lines += ["", f"Examples ({shape} inputs, reference -> generated):"]
         lines += [f"- {ref!r} -> {gen!r}" for ref, gen in score["examples"]]
     lines += ["", "## Reproduce", f"- `{record['command']}` (resumable: re-run it with the same `--run-dir`)"]
-    if data["split"] == CORPUS_SPLIT:
+    if data["split"].startswith(CORPUS_SPLIT):
         lines.append("- Score this folder again on all of `heldout.txt`, both input shapes, both judges and retrieval: "
                      "`make evaluate-heldout CHECKPOINT=<this folder>` (`python -m evaluate`)")
     return "\n".join(lines) + "\n"
+
+
+def _section(lines: list[str], first: bool = False) -> list[str]:
+    """`lines` with a blank line after them (`first`: before them), nothing when empty."""
+    if not lines:
+        return []
+    return ["", *lines] if first else [*lines, ""]
 
 
 def _describe(noise: dict) -> str:
@@ -167,6 +182,11 @@ def write_plot(log_path: Path, record: dict, out: Path) -> Path:
         top.plot(xs, smoothed, color="tab:blue", label="loss (EMA 0.98)")
     top.set_ylabel("training loss")
     top.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
+    rewards = [(e["step"], e["reward"]) for e in steps if "reward" in e]
+    if rewards:  # a reward objective: the mean reward of the sampled captions, on its own axis
+        twin = top.twinx()
+        twin.plot(*zip(*rewards), color="tab:green", alpha=0.4, linewidth=0.8, label="mean sample reward")
+        twin.set_ylabel("mean sample reward", color="tab:green")
     top.set_title(f"{record['name']}: {record['steps']} steps")
     colours = ["tab:orange", "tab:green", "tab:red", "tab:purple"]
     history = record["scores"]["history"]

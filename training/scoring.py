@@ -13,6 +13,7 @@ import torch
 
 from embcap.engines import DEFAULT_ENGINE, create_engine, generate_blocking
 from embcap.generation import CaptionGenerator
+from evaluate.fluency import fluency, token_counter
 from evaluate.judges import Judge, load_judge, mpnet_folder
 from evaluate.report import retrieval_baseline, score_rows
 
@@ -30,6 +31,8 @@ class Score:
     engine: str
     examples: list[tuple[str, str]]
     retrieval: dict[str, float] = field(default_factory=dict)
+    fluency: dict = field(default_factory=dict)  # evaluate.fluency's shares of the captions, when computed
+    per_row: dict[str, list[float]] = field(default_factory=dict, repr=False)  # judge -> each row's cosine
 
     @property
     def mean(self) -> float:
@@ -40,7 +43,7 @@ class Score:
         """JSON-ready form for training.json."""
         return {"score": round(self.mean, 4), "judges": {k: round(v, 4) for k, v in self.means.items()},
                 "retrieval": {k: round(v, 4) for k, v in self.retrieval.items()}, "rows": self.rows,
-                "engine": self.engine, "examples": self.examples}
+                "engine": self.engine, "examples": self.examples, **({"fluency": self.fluency} if self.fluency else {})}
 
 
 def load_judges(main: str, also: str) -> dict[str, Judge]:
@@ -75,9 +78,10 @@ def caption_rows(generator: CaptionGenerator, prefix: np.ndarray, engine_name: s
 
 def judge_score(judges: dict[str, Judge], captions: list[str], references: list[str], engine: str) -> Score:
     """Mean cosine of captions against references, per judge."""
-    means = {name: float(np.mean(score_rows(judge, captions, references))) if references else 0.0
-             for name, judge in judges.items()}
-    return Score(means, len(references), engine, list(zip(references, captions))[:5])
+    per_row = {name: score_rows(judge, captions, references) for name, judge in judges.items()}
+    means = {name: float(np.mean(rows)) if references else 0.0 for name, rows in per_row.items()}
+    return Score(means, len(references), engine, list(zip(references, captions))[:5],
+                 per_row={name: [round(float(v), 5) for v in rows] for name, rows in per_row.items()})
 
 
 @dataclass
@@ -105,7 +109,10 @@ def score_model(generator: CaptionGenerator, projector: torch.nn.Module, embeddi
         captions = caption_rows(generator, prefix.float().cpu().numpy(), engine_name, slots)
     finally:
         projector.train(was_training)
-    return judge_score(judges, captions, references, engine_name)
+    score = judge_score(judges, captions, references, engine_name)
+    score.fluency = fluency(captions, token_counter(generator.tokenizer),
+                            generator.spec.generation.max_new_tokens).record()
+    return score
 
 
 def score_checkpoint(checkpoint: Path, inputs: dict[str, np.ndarray], references: list[str],

@@ -32,22 +32,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from embcap.checkpoint import (INPUT_NORMS, MAX_CANDIDATES, CaptionModelSpec, DecoderSource, GenerationSettings,
                                ImageBindTowerEncoder, OnnxTextEncoder, PromptTemplate, RerankSettings,
-                               SentenceTransformerEncoder, save_spec)
+                               SentenceTransformerEncoder, load_checkpoint, save_spec)
 from embcap.engines import DEFAULT_ENGINE, ENGINES
 from tooling.builders import minilm_rerank
 from embcap.generation import CaptionGenerator
-from embcap.projector import Projector, save_projector, seeded_projector
+from embcap.projector import save_projector, seeded_projector
 from embcap.tower_folder import CONFIG_FILE as TOWER_CONFIG, is_tower_folder
 from evaluate.datasets import NORMS, cached_encoding, shape_inputs
+from training import compare, reward, start
 from training import decoder as decoders
 from training.augment import AUGMENTS, VIDEO_CONDITIONING, NoiseModel, resolve
 from training.data import CAPTIONS_FORMAT, ENCODER, WORDNET, DataSet, is_parquet, load_data, write_parquet
 from training.record import CARD_FILE, LOG_FILE, PLOT_FILE, RECORD_FILE, model_card, print_summary, write_plot
-from training.scoring import AUTO_JUDGE, Retrieval, Score, load_judges, score_checkpoint, score_model
+from training.scoring import AUTO_JUDGE, Retrieval, Score, load_judges, score_model
+from training.sequences import batch_loss, caption_ids
 
 DEFAULT_TEMPLATE = "Video:\n{prefix}\nCaption:"
 # Best-of-N of the default recipe: the largest N measured that keeps the CPU latency target (docs/best-of-n.md).
@@ -58,7 +61,8 @@ AS_IS, REALISTIC = NORMS
 # Settings a resumed run must share with the run it continues.
 IDENTITY = ("data", "heldout", "condition", "decoder", "lora", "lora_rank", "lora_alpha", "lora_modules",
             "prefix_length", "template", "batch_size", "grad_accum", "seed", "max_caption_tokens", "steps",
-            "augment", "augment_fraction", "noise_std", "input_norm")
+            "augment", "augment_fraction", "noise_std", "input_norm", "objective", "init_from", "samples",
+            "reward_baseline", "ce_weight", "reward_target")
 
 
 def rerank_settings(args: argparse.Namespace) -> RerankSettings:
@@ -94,32 +98,6 @@ def make_spec(args: argparse.Namespace, decoder: DecoderSource, stop_tokens: tup
         generation=GenerationSettings(max_new_tokens=args.max_new_tokens, min_new_tokens=1, stop_tokens=stop_tokens),
         rerank=rerank_settings(args),
     )
-
-
-def caption_ids(tokenizer, captions: list[str], end_id: int, max_tokens: int) -> list[list[int]]:
-    """Token ids of " caption" (leading space, as it follows "Caption:"), cut to `max_tokens` with the end token."""
-    encoded = tokenizer([" " + c for c in captions], add_special_tokens=False)["input_ids"]
-    return [ids[: max_tokens - 1] + [end_id] for ids in encoded]
-
-
-def batch_loss(generator: CaptionGenerator, projector: Projector, embeddings: torch.Tensor,
-               targets: list[list[int]]) -> torch.Tensor:
-    """Teacher-forced cross-entropy over caption tokens given the conditioning embeddings."""
-    device = generator.device
-    prompt = generator.prompt_embeddings(projector(embeddings.to(device)))
-    batch, prompt_len = prompt.shape[:2]
-    width = max(len(t) for t in targets)
-    ids = torch.full((batch, width), generator.pad_id, dtype=torch.long)
-    labels = torch.full((batch, prompt_len + width), -100, dtype=torch.long)
-    mask = torch.zeros((batch, prompt_len + width), dtype=torch.long)
-    for row, target in enumerate(targets):
-        ids[row, : len(target)] = torch.tensor(target)
-        labels[row, prompt_len: prompt_len + len(target)] = torch.tensor(target)
-        mask[row, : prompt_len + len(target)] = 1
-    token_embeds = generator.model.get_input_embeddings()(ids.to(device))
-    out = generator.model(inputs_embeds=torch.cat([prompt, token_embeds], dim=1), attention_mask=mask.to(device),
-                          labels=labels.to(device))
-    return out.loss
 
 
 def learning_rate(step: int, total: int, peak: float, warmup: int, time_fraction: float = 0.0) -> float:
@@ -255,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                           f"row), 'as-is'; 'auto': as-is for {VIDEO_CONDITIONING}, realistic otherwise. The final "
                           "evaluation scores as-is inputs too")
     run.add_argument("--final-eval-samples", type=int, default=128, help="held-out rows scored at the end (0: none)")
+    run.add_argument("--curve-samples", type=int, default=0,
+                     help="held-out rows of the final best-of-N curve (candidates 1, 2, 4, 8, 16, evaluator-shaped; "
+                          "with --init-from before and after; the rows of python -m evaluate --limit N; 0: none)")
     run.add_argument("--judge", default="minilm", help="any judge python -m evaluate accepts (minilm, mpnet, "
                                                        "a sentence-transformers folder, module:function)")
     run.add_argument("--also-judge", default=AUTO_JUDGE,
@@ -263,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-engine", default="auto", choices=("auto", *ENGINES),
                      help="decoding engine for scores during training (auto: the serving default, hf with LoRA, "
                           "whose adapter the continuous engine's fused weights do not carry)")
+    reward.add_arguments(parser)
     return parser
 
 
@@ -270,6 +252,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the options; fill in the ones that depend on others."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    reward.check_arguments(args, parser)
+    start.apply_init(args, parser)
     if args.condition is None:
         args.condition = "video_embed" if is_parquet(args.data) else ENCODER
     if args.grad_accum < 1 or args.batch_size < 1:
@@ -310,13 +294,6 @@ def default_name(args: argparse.Namespace, folder: Path) -> str:
     return f"{base}-{'lora' if args.lora else 'frozen'}-{args.condition}"
 
 
-def sample_rows(count: int, limit: int, seed: int) -> list[int]:
-    """A seeded sample of `limit` of `count` rows, in order (all rows when fewer)."""
-    if limit >= count:
-        return list(range(count))
-    return sorted(random.Random(seed).sample(range(count), limit))
-
-
 def training_seconds(args: argparse.Namespace) -> float:
     """Seconds of --max-minutes that training may use: the rest is reserved for the checkpoint and final scores."""
     return (args.max_minutes - args.reserve_minutes) * 60
@@ -328,9 +305,10 @@ class Run:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.device, self.dtype = decoders.pick_device(args.device)
+        self.init = load_checkpoint(args.init_from) if args.init_from else None
         self.data: DataSet = load_data(args.data, conditioning=args.condition, heldout=args.heldout,
                                        heldout_size=args.heldout_size, seed=args.seed, run_dir=args.run_dir,
-                                       max_train=args.max_train)
+                                       max_train=args.max_train, target=start.target_column(args))
         self.source = decoders.parse_source(args.decoder)
         folder = decoders.decoder_folder(self.source)
         lora = None
@@ -341,12 +319,16 @@ class Run:
         model, self.tokenizer = decoders.load_decoder(folder, self.device, self.dtype, lora,
                                                       args.gradient_checkpointing, args.seed)
         args.name = args.name or default_name(args, folder)
-        self.spec = make_spec(args, self.source)
+        self.spec = start.run_spec(self.init, args.name) if self.init else make_spec(args, self.source)
         self.generator = CaptionGenerator(self.spec, model, self.tokenizer)
         self.model = model.train()
         self.end_id = self.generator.stop_ids[0] if self.tokenizer.eos_token_id is None else self.tokenizer.eos_token_id
         self.projector = seeded_projector(self.spec.embedding_dim, self.generator.hidden_size,
                                           self.spec.prefix_length, args.seed, args.input_norm).to(self.device)
+        if self.init:
+            self.projector.load_state_dict(load_file(str(self.init.projector_path), device=str(self.device)))
+        self.objective, self.encoder = self.reward_objective()
+        self.objective_settings = self.objective.settings if self.objective else None
         self.noise = NoiseModel(args.augment, args.augment_fraction if args.augment != "none" else 0.0,
                                 args.noise_std)
         groups = [{"params": list(self.projector.parameters()), "lr": args.lr, "peak": args.lr}]
@@ -355,11 +337,11 @@ class Run:
             groups.append({"params": adapter, "lr": args.lora_lr, "peak": args.lora_lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
         self.step, self.elapsed_before, self.history = 0, 0.0, []
-        self.started = time.monotonic()
+        self.before_minutes = None
         self.order = list(range(len(self.data.train)))
         random.Random(args.seed).shuffle(self.order)
         held = self.data.heldout
-        self.eval_rows = sample_rows(len(held), args.eval_samples, args.seed) if args.eval_every else []
+        self.eval_rows = compare.sample_rows(len(held), args.eval_samples, args.seed) if args.eval_every else []
         self.eval_embeddings = (shape_inputs(held.embed(self.eval_rows), args.eval_norms, args.seed)
                                 if self.eval_rows else None)
         scoring = len(held) and (self.eval_rows or args.final_eval_samples)
@@ -367,6 +349,20 @@ class Run:
         self.retrieval = self.retrieval_keys() if scoring else None
         self.eval_retrieval = (self.retrieval.scores(self.judges, self.eval_embeddings, self.eval_references())
                                if self.eval_rows else {})
+        self.started = time.monotonic()  # training time: loading, encoding the retrieval keys and judging are not
+
+    def reward_objective(self) -> tuple[reward.RewardObjective | None, object]:
+        """The reward or raft objective with its encoder (the checkpoint continued reranks with it); None for ce."""
+        args = self.args
+        if args.objective == reward.CE:
+            return None, None
+        encoder = start.reward_encoder(self.init)
+        target, _ = start.resolve_target(args.reward_target, self.data, encoder)
+        rerank = self.spec.rerank
+        settings = reward.ObjectiveSettings(args.objective, args.samples, args.reward_baseline, args.ce_weight, target,
+                                            rerank.temperature, rerank.top_k, rerank.top_p)
+        return reward.RewardObjective(settings, self.generator, self.projector, encoder, self.end_id,
+                                      self.spec.generation.max_new_tokens, args.max_caption_tokens, args.seed), encoder
 
     def retrieval_keys(self) -> Retrieval:
         """The training captions and their conditioning vectors, for the nearest-caption baseline."""
@@ -426,8 +422,9 @@ class Run:
         score.retrieval = self.eval_retrieval
         return score
 
-    def train_step(self) -> float:
-        """One optimiser step over `grad_accum` micro-batches; returns the mean loss."""
+    def train_step(self) -> tuple[float, dict]:
+        """One optimiser step over `grad_accum` micro-batches; returns the mean loss and, under a reward
+        objective, the mean of what its micro-batches saw (rewards, sample fluency)."""
         args = self.args
         rows = step_rows(self.step, self.order, args.batch_size * args.grad_accum)
         inputs = torch.from_numpy(self.noise.apply(self.data.train.embed(rows), args.seed, self.step))
@@ -436,20 +433,27 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, args.steps, group["peak"], args.warmup, time_fraction)
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for start in range(0, len(rows), args.batch_size):
-            chunk = rows[start:start + args.batch_size]
-            embeddings = inputs[start:start + args.batch_size]
-            targets = caption_ids(self.tokenizer, [self.data.train.texts[i] for i in chunk], self.end_id,
-                                  args.max_caption_tokens)
-            loss = batch_loss(self.generator, self.projector, embeddings, targets) / args.grad_accum
+        total, seen = 0.0, []
+        for first in range(0, len(rows), args.batch_size):
+            chunk = rows[first:first + args.batch_size]
+            embeddings = inputs[first:first + args.batch_size]
+            texts = [self.data.train.texts[i] for i in chunk]
+            if self.objective is None:
+                loss = batch_loss(self.generator, self.projector, embeddings,
+                                  caption_ids(self.tokenizer, texts, self.end_id, args.max_caption_tokens))
+            else:
+                targets = start.unit_targets(self.data.train.targets, self.objective.settings.target, chunk, texts,
+                                             self.encoder)
+                loss, stats = self.objective.loss(chunk, embeddings, texts, targets, self.step)
+                seen.append(stats)
+            loss = loss / args.grad_accum
             loss.backward()
             total += loss.item()
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         self.optimizer.step()
         self.step += 1
-        return total
+        return total, {key: float(np.mean([s[key] for s in seen])) for key in (seen[0] if seen else {})}
 
 
 def write_checkpoint(run: Run, out: Path) -> Path:
@@ -468,6 +472,8 @@ def write_checkpoint(run: Run, out: Path) -> Path:
                                run.args.max_shard_size)
         spec = spec.model_copy(update={"decoder": DecoderSource(path="decoder")})
     save_projector(run.projector.cpu(), staging / spec.projector)
+    if run.init is not None:
+        start.copy_encoder(run.init, staging)
     if run.args.rerank_encoder is not None:
         shutil.copytree(run.args.rerank_encoder, staging / RERANK_ENCODER_DIR)
     save_spec(staging, spec)
@@ -500,6 +506,9 @@ def main(argv: list[str] | None = None) -> dict:
     if run.eval_retrieval:
         print("nearest training caption on the held-out score rows: "
               + ", ".join(f"{name} {value:.3f}" for name, value in run.eval_retrieval.items()))
+    if run.objective is not None:
+        print(f"objective: {run.objective.settings.describe()}")
+    before = before_scores(run) if run.init is not None else None
     log_path = args.run_dir / LOG_FILE
     smoothed, stopped_by = None, "steps"
     stop = min(args.steps, args.stop_at or args.steps)
@@ -514,12 +523,12 @@ def main(argv: list[str] | None = None) -> dict:
                 break
             if run.step % 10 == 0:
                 set_threads(args.threads)
-            loss = run.train_step()
+            loss, seen = run.train_step()
             smoothed = loss if smoothed is None else 0.98 * smoothed + 0.02 * loss
             bar.update(1)
-            bar.set_postfix(loss=f"{smoothed:.3f}")
+            bar.set_postfix(loss=f"{smoothed:.3f}", **({"reward": f"{seen['reward']:.3f}"} if seen else {}))
             record = {"step": run.step, "loss": round(loss, 4), "lr": run.optimizer.param_groups[0]["lr"],
-                      "elapsed_s": round(run.elapsed(), 1)}
+                      "elapsed_s": round(run.elapsed(), 1), **{key: round(value, 4) for key, value in seen.items()}}
             if args.eval_every and run.step % args.eval_every == 0 and run.eval_rows:
                 score = run.score()
                 record["heldout_score"] = round(score.mean, 4)
@@ -538,11 +547,13 @@ def main(argv: list[str] | None = None) -> dict:
     train_minutes = round(run.elapsed() / 60, 1)
     out = write_checkpoint(run, args.out)
     if data.conditioning == ENCODER and args.data == WORDNET:
-        shutil.copyfile(args.run_dir / "heldout.txt", out / "heldout.txt")  # evaluate's built-in split
+        held = Path(args.heldout) if args.heldout else args.run_dir / start.HELDOUT_FILE
+        if not (out / start.HELDOUT_FILE).exists() or not (out / start.HELDOUT_FILE).samefile(held):
+            shutil.copyfile(held, out / start.HELDOUT_FILE)  # evaluate's built-in split
     elif len(data.heldout) and data.heldout.embeddings is not None:
         write_parquet(args.run_dir / "heldout.parquet", data.heldout, data.conditioning)
-    final = final_scores(run, out) if args.final_eval_samples and len(data.heldout) else {}
-    record = training_record(run, smoothed, train_minutes, final, stopped_by, argv)
+    after = final_scores(run, out)
+    record = training_record(run, smoothed, train_minutes, after, before, stopped_by, argv)
     (out / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     write_plot(args.run_dir / LOG_FILE, record, out / PLOT_FILE)
     (out / CARD_FILE).write_text(model_card(record))
@@ -556,23 +567,73 @@ def final_shapes(args: argparse.Namespace) -> list[str]:
     return [args.eval_norms] + ([AS_IS] if args.eval_norms != AS_IS else [])
 
 
-def final_scores(run: Run, out: Path) -> dict[str, Score]:
-    """The written checkpoint, loaded as the server loads it, on `--final-eval-samples` held-out rows in each input
-    shape, with the retrieval baseline on the same inputs."""
+def comparison(run: Run, checkpoint: Path) -> dict:
+    """`checkpoint` scored as training.compare scores it: greedy on `--final-eval-samples` held-out rows in each
+    input shape, the best-of-N curve on `--curve-samples` rows, by every judge, beside retrieval on the same rows."""
     args, held = run.args, run.data.heldout
-    del run.generator, run.model
-    if run.device.type == "cuda":
-        torch.cuda.empty_cache()
-    rows = sample_rows(len(held), args.final_eval_samples, args.seed + 1)
-    clean, references = held.embed(rows), [held.texts[i] for i in rows]
-    inputs = {shape: shape_inputs(clean, shape, args.seed) for shape in final_shapes(args)}
-    scores = score_checkpoint(out, inputs, references, run.judges, str(run.device), run.dtype)
-    for shape, score in scores.items():
-        score.retrieval = run.retrieval.scores(run.judges, inputs[shape], references)
+    references, inputs = compare.comparison_inputs(held, args.final_eval_samples, args.curve_samples,
+                                                   final_shapes(args), args.seed, args.seed + 1)
+    scores = compare.evaluate_checkpoint(checkpoint, references, inputs, run.judges, str(run.device), run.dtype)
+    return compare.with_retrieval(scores, run.retrieval, run.judges, references, inputs)
+
+
+def evaluation_settings(run: Run) -> dict:
+    args = run.args
+    return {"init_from": str(Path(args.init_from).resolve()), "final_eval_samples": args.final_eval_samples,
+            "curve_samples": args.curve_samples, "shapes": final_shapes(args), "seed": args.seed,
+            "judges": list(run.judges), "heldout": run.data.split}
+
+
+def before_scores(run: Run) -> dict | None:
+    """The checkpoint continued, scored once when the run starts (a resumed run reuses the scores)."""
+    if not (run.args.final_eval_samples and len(run.data.heldout)):
+        return None
+    settings = evaluation_settings(run)
+    saved = compare.load_before(run.args.run_dir, settings)
+    if saved is not None:
+        scores, run.before_minutes = saved
+        return scores
+    print(f"scoring the checkpoint continued, {run.args.init_from}, before training")
+    began = time.monotonic()
+    scores = comparison(run, run.init.root)
+    run.before_minutes = round((time.monotonic() - began) / 60, 1)
+    run.started += time.monotonic() - began  # not training time: the budget and the schedule ignore it
+    compare.save_before(run.args.run_dir, settings, scores, run.before_minutes)
     return scores
 
 
-def training_record(run: Run, final_loss: float | None, train_minutes: float, final: dict[str, Score],
+def final_scores(run: Run, out: Path) -> dict:
+    """The written checkpoint, loaded as the server loads it, scored as `before_scores` scores the one continued."""
+    if not (run.args.final_eval_samples and len(run.data.heldout)):
+        return {}
+    del run.generator, run.model
+    run.objective = None  # it holds the decoder too
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return comparison(run, out)
+
+
+def scores_record(run: Run, after: dict, before: dict | None) -> dict:
+    """training.json's `scores`: held-out scores during training, the written checkpoint's final scores (greedy per
+    input shape, the best-of-N curve) and, with --init-from, the same of the checkpoint continued."""
+    history = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()} for h in run.history]
+    if before:  # the paired change of every score over the same rows, with its 95% interval
+        for part in ("greedy", "curve"):
+            for key, entry in after.get(part, {}).items():
+                if key in before.get(part, {}):
+                    entry["change"] = compare.changes(entry, before[part][key])
+    after, before = compare.without_rows(after), before and compare.without_rows(before)
+    scores = {"eval_inputs": run.args.eval_norms, "history": history, "final": after.get("greedy", {})}
+    if "curve" in after:
+        scores.update(curve=after["curve"], curve_rows=run.args.curve_samples, curve_inputs=compare.CURVE_INPUTS,
+                      curve_retrieval=after["curve_retrieval"])
+    if before:
+        scores["before"] = {"checkpoint": run.args.init_from, "final": before["greedy"],
+                            **({"curve": before["curve"]} if "curve" in before else {})}
+    return scores
+
+
+def training_record(run: Run, final_loss: float | None, train_minutes: float, after: dict, before: dict | None,
                     stopped_by: str, argv: list[str]) -> dict:
     """How the checkpoint was made: data files, columns, inputs, steps, scores (training.json and the model card)."""
     args, data = run.args, run.data
@@ -592,8 +653,7 @@ def training_record(run: Run, final_loss: float | None, train_minutes: float, fi
         "gradient_checkpointing": args.gradient_checkpointing, "train_minutes": train_minutes,
         "total_minutes": round(run.elapsed() / 60, 1),
         "final_loss": None if final_loss is None else round(final_loss, 4), "judges": list(run.judges),
-        "scores": {"eval_inputs": args.eval_norms,
-                   "history": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()}
-                               for h in run.history],
-                   "final": {shape: score.record() for shape, score in final.items()}},
+        "init_from": args.init_from, "before_minutes": run.before_minutes,
+        "objective": (run.objective_settings.record() if run.objective_settings else {"name": reward.CE}),
+        "scores": scores_record(run, after, before),
     }
