@@ -192,6 +192,14 @@ def record_session_temp(tmp_path_factory):
     SESSION_TEMP.append(tmp_path_factory.getbasetemp())
 
 
+def pytest_user() -> str:
+    """The user name in pytest's temp root (pytest's own fallback where none can be found)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
 def started_by_this_session(process: psutil.Process) -> bool:
     """Whether `process` carries SESSION_MARK; where its environment cannot be read (some hosts forbid
     reading /proc/PID/environ), whether its command line names a path under the session's temp root
@@ -200,7 +208,7 @@ def started_by_this_session(process: psutil.Process) -> bool:
     try:
         return process.environ().get(SESSION_MARK[0]) == SESSION_MARK[1]
     except psutil.AccessDenied:
-        user_root = Path(tempfile.gettempdir()) / f"pytest-of-{getpass.getuser()}"
+        user_root = Path(tempfile.gettempdir()) / f"pytest-of-{pytest_user()}"
         roots = [str(root) for root in SESSION_TEMP] or [str(user_root)]
         return any(root in arg for arg in process.cmdline() for root in roots)
 
