@@ -192,7 +192,7 @@ def record_session_temp(tmp_path_factory):
     SESSION_TEMP.append(tmp_path_factory.getbasetemp())
 
 
-def pytest_user() -> str:
+def temp_root_user() -> str:
     """The user name in pytest's temp root (pytest's own fallback where none can be found)."""
     try:
         return getpass.getuser()
@@ -208,7 +208,7 @@ def started_by_this_session(process: psutil.Process) -> bool:
     try:
         return process.environ().get(SESSION_MARK[0]) == SESSION_MARK[1]
     except psutil.AccessDenied:
-        user_root = Path(tempfile.gettempdir()) / f"pytest-of-{pytest_user()}"
+        user_root = Path(tempfile.gettempdir()) / f"pytest-of-{temp_root_user()}"
         roots = [str(root) for root in SESSION_TEMP] or [str(user_root)]
         return any(root in arg for arg in process.cmdline() for root in roots)
 
