@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import glob
+import math
 import os
 import subprocess
 import sys
@@ -237,6 +238,11 @@ def processes_naming(text: str) -> list[str]:
         except psutil.Error:
             continue
     return found
+
+
+def positive(value) -> bool:
+    """A finite number above zero (a measured figure that was measured)."""
+    return isinstance(value, (int, float)) and not math.isnan(value) and value > 0
 
 
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.1) -> bool:

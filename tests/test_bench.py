@@ -6,7 +6,6 @@ No test here asserts a timing: the numbers depend on the machine and its load.
 from __future__ import annotations
 
 import json
-import math
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from bench import engine_report, loadgen, overhead, report
 from bench.common import embedding_pool
 from bench.plan import Plan, PlanError
 from bench.run import run
-from conftest import ROOT, start_server, stop_process
+from conftest import ROOT, positive, start_server, stop_process
 from runtime.local import parse_port_range
 from tooling import stats
 
@@ -34,10 +33,6 @@ SECTIONS = ("## Load: our stack", "## Triton direct (perf_analyzer", "## Offline
 def grpc_url_of(process) -> str:
     args = list(process.args)
     return f"127.0.0.1:{args[args.index('--grpc-port') + 1]}"
-
-
-def positive(value) -> bool:
-    return isinstance(value, (int, float)) and not math.isnan(value) and value > 0
 
 
 @pytest.fixture(scope="module")
@@ -96,27 +91,6 @@ def test_quick_run_against_a_live_stack_writes_a_well_formed_report(tiny_stack, 
     keys = {t["key"]: t for t in report.targets(dict(results, overhead_paired=samples))}
     assert keys["gateway_overhead"]["detail"].startswith("paired per request over 4 + 4 requests")
     assert "overhead" in overhead.summary(samples)
-
-
-def test_a_run_that_starts_its_own_stack_measures_cold_start_at_the_shipped_candidates(tmp_path, smollm2_dir):
-    from tooling.builders import make_tiny_checkpoint, minilm_rerank
-
-    checkpoint = make_tiny_checkpoint(tmp_path / "ck", smollm2_dir, rerank=minilm_rerank(2))  # ships best-of-2
-    plan = Plan.preset("quick", checkpoint=checkpoint, levels=[2], pool_requests=4, out=tmp_path / "run",
-                       skip={"baseline", "offline", "engines", "candidates"}, pa_requests_per_level=2)
-    results = run(plan)
-    assert positive(results["cold_start_s"])
-    assert results["stack_exit_code"] == 0 and results["failed_phases"] == {}
-    assert results["served_candidates"] == results["checkpoint"]["candidates"] == 2  # read back from Triton
-    assert "reranker" in results["gateway"][0]["extra"]["triton"]  # the best-of-N stage ran under the load
-    paired = results["overhead_paired"]  # the overhead verdict's own figure, measured in the run
-    assert len(paired["gateway_outside_ms"]) == len(paired["direct_outside_ms"]) == 10
-    assert len(paired["new_connection_outside_ms"]) == 10  # and as the evaluator connects
-    assert results["gateway"][0]["errors"] == 0 and positive(results["gateway"][0]["captions_per_s"])
-    text = (tmp_path / "run" / "report.md").read_text()
-    assert "cold start" in text and "2 candidates per row as shipped" in text and "served best-of-2" in text
-    assert "one keep-alive connection" in text and "a new connection per request (as the evaluator)" in text
-    assert "## Failed phases" not in text
 
 
 def test_overhead_survives_a_gateway_that_closes_idle_connections(tiny_checkpoint, tmp_path):
@@ -285,29 +259,6 @@ def test_request_bodies_are_evaluator_shaped():
     assert np.allclose(values, pool[2].reshape(-1))
 
 
-def test_engines_phase_runs_both_engines_on_both_inputs_and_reports_ratios(tiny_checkpoint, tmp_path):
-    plan = Plan.preset("quick", checkpoint=tiny_checkpoint, pool_requests=4, out=tmp_path / "run",
-                       skip={"gateway", "perf_analyzer", "baseline", "offline", "candidates"}, engine_levels=[1, 4],
-                       open_loop_requests=6)
-    phase = run(plan)["engines"]
-    assert list(phase["engines"]) == ["hf", "continuous"]  # the reference first: it sets the open loop's rate
-    assert positive(phase["open_loop_rate_rps"]) and phase["open_loop_capacity_engine"] == "hf"
-    for name, entry in phase["engines"].items():
-        assert entry["exit_code"] == 0 and positive(entry["cold_start_s"])
-        for kind in ("normal", "realistic"):
-            assert [level["concurrency"] for level in entry[kind]] == [1, 4]
-            assert all(level["errors"] == 0 and positive(level["captions_per_s"]) for level in entry[kind]), name
-        loop = entry["open_loop"]
-        assert loop["ok"] == 6 and loop["errors"] == 0 and len(loop["extra"]["latencies_ms"]) == 6
-    keys = {t["key"]: t for t in engine_report.targets(phase)}
-    assert positive(keys["open_loop_p95"]["value"]) and "95% CI" in keys["open_loop_p95"]["detail"]
-    assert keys["realistic_c16"]["met"] is None  # c=16 not run in this plan: n/a, not a failure
-    assert keys["nothing_late"]["met"] is True
-    text = (tmp_path / "run" / "engines.md").read_text()
-    assert "| hf | realistic | 4 |" in text and "| continuous | normal | 1 |" in text and "open loop" in text
-    assert (tmp_path / "run" / "engines.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 def test_engine_verdicts_come_from_the_same_run_ratios_and_their_intervals():
     def levels(rate: float, p50: float, spread: float, n: int = 30) -> list[dict]:
         return [_level(c, rate * (1 + c / 8), p50, spread, n=n) for c in (1, 16, 32)]
@@ -327,24 +278,3 @@ def test_engine_verdicts_come_from_the_same_run_ratios_and_their_intervals():
     assert "[MISSED]" in engine_report.ratios_text({"engines": {"hf": slow, "continuous": fast}})
 
 
-def test_candidates_phase_measures_each_n_and_the_shipped_one(tmp_path, smollm2_dir):
-    from bench import candidates
-    from tooling.builders import make_tiny_checkpoint, minilm_rerank
-
-    checkpoint = make_tiny_checkpoint(tmp_path / "ck", smollm2_dir, rerank=minilm_rerank(2))
-    plan = Plan.preset("quick", checkpoint=checkpoint, pool_requests=4, out=tmp_path / "run", candidate_requests=3,
-                       skip={"gateway", "perf_analyzer", "baseline", "offline", "engines"}, min_requests=2,
-                       candidate_concurrency=2)
-    phase = run(plan)["candidates"]
-    assert phase["shipped"] == 2 and sorted(phase["counts"]) == ["1", "2"]  # N=1 and the checkpoint's own
-    for count, entry in phase["counts"].items():
-        assert entry["exit_code"] == 0 and positive(entry["cold_start_s"])
-        assert entry["sequential"]["ok"] == 3 and entry["sequential"]["concurrency"] == 1
-        assert entry["loaded"]["errors"] == 0 and positive(entry["loaded"]["captions_per_s"]), count
-        assert entry["loaded"]["captions"] == 4 * entry["loaded"]["ok"], "one caption per row, whatever N"
-    reranker = phase["counts"]["2"]["sequential"]["extra"]["triton"]["reranker"]
-    assert reranker["requests"] == 3 and reranker["compute_ms_per_request"] > 0
-    assert "reranker" not in phase["counts"]["1"]["sequential"]["extra"]["triton"]  # N=1: no reranker stage
-    text = (tmp_path / "run" / "candidates.md").read_text()
-    assert "| 2 (shipped) |" in text and f"target <= {candidates.P50_TARGET_S:g} s" in text
-    assert (tmp_path / "run" / "candidates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
