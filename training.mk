@@ -5,10 +5,13 @@
 TRAIN_RUN ?= $(EMBCAP_CACHE_DIR)/train_run
 TRAIN_ARGS ?= --steps 2000 --max-minutes 90 --reserve-minutes 14 --eval-every 250 --eval-samples 48 \
 	--final-eval-samples 1000 --name smollm2-135m-capdec-minilm-realistic
-# `make train-reward` continues $(CHECKPOINT) with the reward objective and writes it back (README, "Reward
+# `make train-reward` continues $(CHECKPOINT) with the reward objective into $(REWARD_OUT) (docs/training.md, "Reward
 # fine-tuning"): the recipe chosen by the pilots; about 90 min of training on 2 idle CPU cores, plus about 15 min
-# to score the checkpoint before and 15 after (all 1000 held-out rows greedy, and the best-of-N curve on 200)
+# to score the checkpoint before and 15 after (all 1000 held-out rows greedy, and the best-of-N curve on 200). A new
+# folder, not the checkpoint: on the default model it raised greedy scores and lowered the served best-of-16's
+# (models/default/MODEL_CARD.md), so compare its card before serving it.
 REWARD_RUN ?= $(EMBCAP_CACHE_DIR)/train_run_reward
+REWARD_OUT ?= $(CHECKPOINT)-reward
 REWARD_ARGS ?= --objective reward --samples 4 --batch-size 8 --lr 1e-4 --ce-weight 1.0 --warmup 10 --steps 600 \
 	--max-minutes 110 --reserve-minutes 20 --eval-every 100 --eval-samples 100 --final-eval-samples 1000 \
 	--curve-samples 200 --name smollm2-135m-capdec-minilm-realistic-reward
@@ -26,8 +29,8 @@ train: setup  ## train (resumable; TRAIN_ARGS=... see python -m training --help)
 	  { echo "WordNet missing: apt-get install wordnet-base"; exit 1; } ;; esac
 	nice -n 10 $(PY) -m training --run-dir $(TRAIN_RUN) --out $(CHECKPOINT) $(TRAIN_ARGS)
 
-train-reward: setup  ## continue $(CHECKPOINT) with the reward objective into itself (resumable; REWARD_ARGS=...)
-	nice -n 10 $(PY) -m training --init-from $(CHECKPOINT) --out $(CHECKPOINT) --run-dir $(REWARD_RUN) $(REWARD_ARGS)
+train-reward: setup  ## continue $(CHECKPOINT) with the reward objective into $(REWARD_OUT) (resumable; REWARD_ARGS=...)
+	nice -n 10 $(PY) -m training --init-from $(CHECKPOINT) --out $(REWARD_OUT) --run-dir $(REWARD_RUN) $(REWARD_ARGS)
 
 train-bench: setup  ## training steps/s, LoRA vs frozen, random Llama-3-8B weights (a CUDA host; see training/gpu_bench.py)
 	$(PY) -m training.gpu_bench --shape llama3-8b --batch 16 --steps 20 --tokenizer $(TOKENIZER) --out $(TRAIN_BENCH_OUT)
