@@ -20,7 +20,7 @@ export TRANSFORMERS_OFFLINE := 1
 .DEFAULT_GOAL := help
 
 # Variables `make help` shows with their values (a target's text names them as $(NAME)).
-HELP_VARIABLES := PORT CHECKPOINT REPOSITORY EVAL_URL BENCH_CHECKPOINT TRAIN_BENCH_OUT
+HELP_VARIABLES := PORT CHECKPOINT REPOSITORY EVAL_URL BENCH_CHECKPOINT TRAIN_BENCH_OUT REWARD_OUT
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E -e 's/:.*## /\t/' \
 	  $(foreach v,$(HELP_VARIABLES),-e 's|\$$\($(v)\)|$($(v))|g') \
