@@ -15,7 +15,6 @@ and must change together.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import time
@@ -39,6 +38,7 @@ from training.reference_format import (BEGIN_OF_TEXT, CONFIG_FILE, DTYPES, END_O
                                        overwritten_slots, passed_through)
 from training.reference_tokenizer import A2ATokenizer, ReferenceFormatError, read_ranks, serving_tokenizer
 from training.reference_weights import check_state, decoder_state, load_meta_state, projector_state
+from training.digest import file_sha256
 
 DECODER_DIR = "decoder"
 CARD_FILE = "MODEL_CARD.md"
@@ -160,14 +160,6 @@ def decoder_config(arch: Architecture, reference: A2ATokenizer, dtype: torch.dty
         eos_token_id=reference.special[END_OF_TEXT], dtype=dtype, architectures=["LlamaForCausalLM"])
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def import_reference(src: str | Path, out: str | Path, *, arch: Architecture = LLAMA3_8B, weights: str | None = None,
                      tokenizer: str | Path | None = None, name: str | None = None, overwrite: bool = False,
                      log: Callable[[str], None] = print) -> Path:
@@ -190,7 +182,7 @@ def import_reference(src: str | Path, out: str | Path, *, arch: Architecture = L
     layout = prompt_layout(reference, config.prompt_template, config.perception_tokens, files.config)
     hf_tokenizer = serving_tokenizer(reference)
     spec = caption_spec(name or f"reference-{src.name}", config, layout, hf_tokenizer, reference, files.config)
-    tokenizer_hash = sha256(files.tokenizer)
+    tokenizer_hash = file_sha256(files.tokenizer)
     log(f"[2/5] tokenizer {files.tokenizer.name}: {len(reference.ranks)} + {len(reference.special)} tokens; prompt "
         f"{len(layout.before)} + {len(layout.slots)} prefix positions (vectors {list(layout.slots)}) + "
         f"{len(layout.after)}" + ("" if tokenizer_hash == EVALUATOR_TOKENIZER_SHA256 else
@@ -199,7 +191,7 @@ def import_reference(src: str | Path, out: str | Path, *, arch: Architecture = L
     dtype = getattr(torch, DTYPES[config.dtype])
     state = load_meta_state(files.weights)
     check_state(state, arch, config.perception_tokens, files.weights)
-    weights_hash = sha256(files.weights)
+    weights_hash = file_sha256(files.weights)
     log(f"[3/5] {files.weights.name}: {len(state)} tensors, every key and shape as the evaluator loaded them")
 
     with staged_folder(out) as staging:
@@ -259,7 +251,7 @@ def model_card(spec: CaptionModelSpec, config: ReferenceConfig, files: SourceFil
         f"- Folder: `{files.weights.parent}`",
         f"- Weights: `{files.weights.name}` ({files.weights.stat().st_size / 2**30:.2f} GiB, sha256 `{weights_hash}`), "
         f"Meta layout, held in {config.dtype} as the reference did; written as {str(dtype).removeprefix('torch.')}",
-        f"- Config: `{files.config.name}` (sha256 `{sha256(files.config)}`)",
+        f"- Config: `{files.config.name}` (sha256 `{file_sha256(files.config)}`)",
         f"- Tokenizer: `{files.tokenizer}` (sha256 `{tokenizer_hash}`: {tokenizer_note})",
         f"- Not used: {', '.join(f'`{name}`' for name in files.others) or 'nothing else'}",
         "",

@@ -13,7 +13,6 @@ stops the import naming the file and key; nothing half-written is left in OUT.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import shutil
 import sys
@@ -27,6 +26,7 @@ from embcap.imagebind_tower import TextTower, save_tower
 from embcap.staged_folder import staged_folder
 from embcap.tower_folder import BPE_FILE, CARD_FILE, SCORER_RULE, TowerConfig, TowerError, TowerSource
 from training.restricted_pickle import PickledObject, module_tree, restricted_pickle_module
+from training.digest import file_sha256
 
 TEXT_ANCHOR = "modality_preprocessors.text.token_embedding.weight"  # finds the tower under any wrapper prefix
 HEAD_WIDTH = 64  # ImageBind's text heads: 1024 / 16 (huge), 768 / 12 (base)
@@ -43,14 +43,6 @@ BLOCK_NAMES = {  # ImageBind's names inside modality_trunks.text.blocks.N -> emb
 IGNORED = {"modality_preprocessors.text.mask"}  # the causal mask, rebuilt by attention itself
 LOGIT_SCALE = "modality_postprocessors.text.1.log_logit_scale"
 MAX_LOGIT_SCALE = 100.0  # ImageBind's LearnableLogitScaling clip
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_source(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, PickledObject], str]:
@@ -168,7 +160,7 @@ def import_text_tower(src: str | Path, out: str | Path, bpe: Path | None = None,
         f"{parameters / 1e6:.1f}M parameters, {target}")
     log(f"hashing {src.name} ...")
     config = TowerConfig(**facts, parameters=parameters, dtype=target,
-                         source=TowerSource(file=src.name, sha256=sha256(src), form=form))
+                         source=TowerSource(file=src.name, sha256=file_sha256(src), form=form))
     with torch.device("meta"):
         tower = TextTower(config)
     tower.load_state_dict({name: t.to(DTYPES[target]) for name, t in state.items()}, strict=True, assign=True)
