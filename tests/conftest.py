@@ -240,6 +240,19 @@ def processes_naming(text: str) -> list[str]:
     return found
 
 
+def in_process_choice(checkpoint: Path, embeddings):
+    """What the in-process pipeline answers for `embeddings` (candidates decoded, then reranked), to compare a
+    live stack's answers with."""
+    from embcap.loading import resolve_checkpoint
+    from embcap.pipeline import CaptionPipeline
+
+    pipeline = CaptionPipeline(resolve_checkpoint(checkpoint), slots=8)
+    try:
+        return pipeline.choose(embeddings, pipeline.candidate_rows(embeddings))
+    finally:
+        pipeline.close()
+
+
 def positive(value) -> bool:
     """A finite number above zero (a measured figure that was measured)."""
     return isinstance(value, (int, float)) and not math.isnan(value) and value > 0

@@ -7,11 +7,9 @@ import pytest
 import torch
 
 import meta_imagebind as meta
-from conftest import start_gateway, start_triton, stop_process
+from conftest import in_process_choice, start_gateway, start_triton, stop_process
 from embcap.checkpoint import ImageBindTowerEncoder, RerankSettings
 from embcap.inputs import realistic_embeddings
-from embcap.loading import resolve_checkpoint
-from embcap.pipeline import CaptionPipeline
 from export.options import ExportOptions
 from export.repository import export_repository
 from tooling.builders import make_tiny_checkpoint
@@ -38,12 +36,7 @@ def tower_stack(tmp_path_factory, smollm2_dir):
 def test_the_stack_reranks_with_the_imported_tower(tower_stack):
     checkpoint, base = tower_stack
     embeddings = realistic_embeddings(5, seed=8)
-    pipeline = CaptionPipeline(resolve_checkpoint(checkpoint), slots=8)
-    try:
-        candidates = pipeline.candidate_rows(embeddings)
-        expected = pipeline.choose(embeddings, candidates)
-    finally:
-        pipeline.close()
+    expected = in_process_choice(checkpoint, embeddings)
     response = httpx.post(base + "/api/v1/inference", json={"embedding": embeddings.reshape(-1).tolist()}, timeout=60)
     assert response.status_code == 200, response.text
     assert response.json()["texts"] == expected.texts

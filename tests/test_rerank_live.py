@@ -7,11 +7,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import send_staggered, start_gateway, start_triton, stop_process
+from conftest import in_process_choice, send_staggered, start_gateway, start_triton, stop_process
 from embcap.contract import RERANKER
 from embcap.inputs import realistic_embeddings
-from embcap.loading import resolve_checkpoint
-from embcap.pipeline import CaptionPipeline
 from export.options import ExportOptions
 from export.repository import export_repository
 from tooling.builders import make_tiny_checkpoint, minilm_rerank
@@ -55,12 +53,7 @@ def test_staggered_requests_with_candidates_get_exactly_their_own_captions(reran
 def test_the_stack_answers_what_the_in_process_pipeline_chooses(reranked):
     checkpoint, triton, base = reranked
     embeddings = realistic_embeddings(6, seed=21)
-    pipeline = CaptionPipeline(resolve_checkpoint(checkpoint), slots=8)
-    try:
-        candidates = pipeline.candidate_rows(embeddings)
-        expected = pipeline.choose(embeddings, candidates)
-    finally:
-        pipeline.close()
+    expected = in_process_choice(checkpoint, embeddings)
     assert caption(base, embeddings) == expected.texts
     assert any(index != 0 for index in expected.indices), "some row should prefer a sampled candidate"
     client = grpcclient.InferenceServerClient(triton.url)

@@ -97,7 +97,7 @@ def test_an_unknown_engine_or_an_unsupported_decoder_fails_at_export(tiny_checkp
 
 
 def test_the_command_line_is_generated_from_the_options_and_round_trips():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     add_arguments(parser)
     options = ExportOptions(max_batch_size=8, engine="hf", queue_delay_us=0, dynamic_batching=False,
                             gpus=(1, 3), dtype="float16", engine_cache_dir="/x y")
