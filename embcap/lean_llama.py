@@ -220,11 +220,21 @@ class LeanLlama(nn.Module):
     @torch.no_grad()
     def rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [length, head_dim] for positions 0..length-1, as the model's own rotary embedding has them."""
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+        positions = torch.arange(length, device=self.device)
+        parameters = getattr(self.config, "rope_parameters", None) or {}
+        if parameters.get("rope_type") == "default":
+            # The original RoPE, step for step as LlamaRotaryEmbedding computes it (tests/test_lean_llama.py
+            # compares them bit for bit): importing that module would cost every decoder start about a second.
+            dim = self.shape.head_dim
+            inverse = 1.0 / (parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+            angles = positions[:, None].float() * inverse.to(device=self.device)
+            table = torch.cat((angles, angles), dim=-1)
+            return table.cos().to(self.dtype), table.sin().to(self.dtype)
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding  # scaled variants: its own code
 
         rotary = LlamaRotaryEmbedding(self.config).to(self.device)
         probe = torch.zeros(1, dtype=self.dtype, device=self.device)
-        cos, sin = rotary(probe, torch.arange(length, device=self.device)[None])
+        cos, sin = rotary(probe, positions[None])
         return cos[0], sin[0]
 
     @classmethod

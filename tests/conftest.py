@@ -268,6 +268,24 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.1) -> bool:
     return True
 
 
+# The modules that take longest, longest first (measured: `make test` prints the slowest tests). Parallel runs hand
+# out whole modules in collection order (make test: --dist loadfile --no-loadscope-reorder), so these go out first
+# and the short ones fill in around them; otherwise the run ends waiting on one long module started last. Only the
+# order changes; a module not named here runs after these, in file order.
+LONGEST_MODULES = (
+    "test_bench_candidates", "test_instances", "test_threads", "test_gpu_decoder_bench", "test_bench", "test_e2e",
+    "test_server", "test_faults", "test_doctor", "test_training", "test_stack", "test_admission", "test_bench_engines",
+    "test_engines_live", "test_watchdog", "test_gpu_probe", "test_session_check", "test_sandbox",
+    "test_reward_training", "test_evaluate", "test_engine_restart", "test_rerank_live",
+)
+
+
+def pytest_collection_modifyitems(items):
+    """Longest modules first (LONGEST_MODULES); a stable sort, so tests keep their order within a module."""
+    rank = {name: index for index, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
     """Fail the session when a tritonserver or a stub it started outlives it (they are ended here)."""

@@ -83,3 +83,24 @@ def test_a_decoder_config_the_engine_does_not_implement_is_refused_at_export(tmp
     from transformers import AutoConfig
 
     assert unsupported(AutoConfig.from_pretrained(checkpoint / "decoder"), 4) == []
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_theta": 10000.0}, {"rope_theta": 100000.0, "head_dim": 24},  # SmolLM2's theta; a head_dim of its own
+    {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+], ids=["default", "default-theta-head-dim", "llama3-scaled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rotary_tables_are_the_models_own_bit_for_bit(rope, dtype):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=1, vocab_size=32, max_position_embeddings=512, **rope)
+    assert (config.rope_parameters["rope_type"] == "default") == ("rope_scaling" not in rope)
+    model = LeanLlama(config, torch.zeros(32, 64, dtype=dtype), [], torch.ones(64, dtype=dtype),
+                      torch.zeros(32, 64, dtype=dtype))
+    cos, sin = model.rotary(300)
+    theirs = LlamaRotaryEmbedding(config)(torch.zeros(1, dtype=dtype), torch.arange(300)[None])
+    assert cos.dtype == sin.dtype == dtype and cos.shape == (300, model.shape.head_dim)
+    assert torch.equal(cos, theirs[0][0]) and torch.equal(sin, theirs[1][0])

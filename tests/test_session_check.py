@@ -58,3 +58,17 @@ def test_a_process_that_outlives_the_run_fails_it_and_is_ended(tmp_path, workers
     assert run.returncode == 1, output[-3000:]
     assert "process(es) started by the test session outlived it (now ended): pid" in output, output[-3000:]
     assert wait_until(lambda: not fakes_named(str(tmp_path)), 10), "the leaked process was not ended"
+
+
+def test_the_longest_modules_are_handed_out_first():
+    from conftest import LONGEST_MODULES
+
+    tests = ROOT / "tests"
+    assert [name for name in LONGEST_MODULES if not (tests / f"{name}.py").exists()] == []  # a renamed module
+    assert len(set(LONGEST_MODULES)) == len(LONGEST_MODULES)
+    short, long_ = "test_docs", LONGEST_MODULES[0]  # given in file order: the long one is collected second
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "-p", "no:xdist", f"tests/{short}.py", f"tests/{long_}.py"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    modules = [line.split("::")[0] for line in run.stdout.splitlines() if "::" in line]
+    assert modules and modules[0] == f"tests/{long_}.py" and modules[-1] == f"tests/{short}.py", run.stdout[-2000:]
