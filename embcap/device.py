@@ -22,6 +22,8 @@ decision form one unit; each part is small and tested through it.
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
 import re
 import shutil
@@ -219,8 +221,37 @@ def detect_gpu(surroundings: Surroundings = Surroundings()) -> GpuSignals:
     return GpuSignals(device_files, surroundings.environ.get("CUDA_VISIBLE_DEVICES"), driver, source, names, error)
 
 
+def torch_build() -> tuple[str, str | None] | None:
+    """torch's version and CUDA build as its generated torch/version.py states them, read without importing torch;
+    None when torch is not installed or the file is not as torch writes it."""
+    spec = importlib.util.find_spec("torch")  # a top-level package: found, not imported
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    try:
+        tree = ast.parse((Path(next(iter(spec.submodule_search_locations))) / "version.py").read_text())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    values = {}
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
+            node.target if isinstance(node, ast.AnnAssign) and node.value is not None else None
+        if isinstance(target, ast.Name):
+            try:
+                values[target.id] = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+    version, cuda = values.get("__version__"), values.get("cuda", ())
+    if not isinstance(version, str) or not (cuda is None or isinstance(cuda, str)):
+        return None
+    return version, cuda
+
+
 def probe_torch(signals: GpuSignals) -> RuntimeStatus:
     """torch's build and whether it can use the GPU (asks CUDA only when a GPU is visible)."""
+    if not signals.visible:  # nothing to ask CUDA: the build decides, and importing torch would cost ~1.5 s
+        build = torch_build()
+        if build is not None:
+            return judge("torch", *build, signals)
     try:
         import torch
     except ImportError:

@@ -157,6 +157,41 @@ def test_no_gpu_means_no_problem(tmp_path):
     assert decide(report, "refuse").serve and decide(report, "refuse").device == "cpu"
 
 
+TORCH_CUDA_VERSION_FILE = """from typing import Optional
+
+__all__ = ['__version__', 'debug', 'cuda', 'git_version', 'hip', 'rocm', 'xpu']
+__version__ = '2.9.1+cu128'
+debug = False
+cuda: Optional[str] = '12.8'
+git_version = '0000000000000000000000000000000000000000'
+hip: Optional[str] = None
+"""
+
+
+def test_without_a_visible_gpu_torchs_build_is_read_without_importing_torch(tmp_path):
+    import torch
+
+    from embcap.device import probe_torch, torch_build
+
+    assert torch_build() == (torch.__version__, torch.version.cuda)
+    hidden = detect_gpu(Surroundings(root=tmp_path, path=str(tmp_path), environ={}))
+    assert probe_torch(hidden) == judge("torch", torch.__version__, torch.version.cuda, hidden)
+    fake = tmp_path / "site" / "torch"  # a CUDA build's file, as torch generates it; and one that is not
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('imported')\n")
+    script = ("import sys; from pathlib import Path; "
+              "from embcap.device import Surroundings, detect_gpu, probe_torch, torch_build; "
+              f"print(torch_build(), probe_torch(detect_gpu(Surroundings(root=Path({str(tmp_path)!r}), path='', "
+              "environ={}))).reason, 'torch' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{ROOT}"}
+    for text, expected in ((TORCH_CUDA_VERSION_FILE, "('2.9.1+cu128', '12.8') no GPU visible (needs NVIDIA driver"),
+                           ("__version__ = compute()\n", "None not installed False")):
+        (fake / "version.py").write_text(text)
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+        assert done.stdout.startswith(expected), done.stdout + done.stderr[-2000:]
+        assert done.stdout.strip().endswith("False"), "torch was imported"
+
+
 # --- policy ------------------------------------------------------------------------------------
 
 def _unusable_report() -> ProbeReport:
