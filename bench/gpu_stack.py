@@ -177,7 +177,8 @@ def run(args: argparse.Namespace) -> dict:
     port, metrics_port = free_port(), free_port()
     command = [sys.executable, "server.py", "--checkpoint", str(checkpoint), "--model-repository",
                str(out / "repo"), "--bind", "127.0.0.1", "--port", str(port), "--grpc-port", str(free_port()),
-               "--metrics-port", str(metrics_port), "--device", args.device, f"--candidates={args.candidates}"]
+               "--metrics-port", str(metrics_port), "--device", args.device, f"--candidates={args.candidates}",
+               "--fresh-export"]  # a cold start exports
     base = f"http://127.0.0.1:{port}"
     server = spawn("server.py", command, out / "server.log", base)
     report: dict = {"shape": args.shape, "device": args.device, "candidates": args.candidates}

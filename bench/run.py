@@ -52,7 +52,7 @@ def start_stack(plan: Plan, out: Path, export_args: list[str] | tuple[str, ...] 
     served = [] if plan.candidates is None else [f"--candidates={plan.candidates}"]
     command = [sys.executable, "server.py", "--checkpoint", str(plan.checkpoint), "--model-repository",
                str(out / "model_repository"), "--bind", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port),
-               *served, *plan.export_args, *export_args]
+               "--fresh-export", *served, *plan.export_args, *export_args]  # a cold start exports
     child = spawn("server.py", command, out / "logs" / "server.log", f"http://127.0.0.1:{port}", thread_env())
     return child, f"127.0.0.1:{grpc_port}", _healthy(child, plan.ready_timeout_s)
 
@@ -92,7 +92,9 @@ def checkpoint_info(checkpoint: Path) -> dict:
 
 def export_options(plan: Plan, out: Path) -> dict:
     """The options the stack was exported with (from export.json), else the defaults."""
-    exported = out / "model_repository" / "export.json"
+    from export.cache import EXPORT_RECORD
+
+    exported = out / "model_repository" / EXPORT_RECORD
     if exported.is_file():
         return json.loads(exported.read_text()).get("options", {})
     from export.options import ExportOptions

@@ -36,7 +36,7 @@ def measure(shape: str, work: Path, timeout_s: float) -> dict:
     port = free_port()
     command = [sys.executable, "server.py", "--checkpoint", str(checkpoint), "--model-repository",
                str(work / shape / "repo"), "--bind", "127.0.0.1", "--port", str(port), "--grpc-port", str(free_port()),
-               "--candidates=1"]
+               "--candidates=1", "--fresh-export"]
     child = spawn("server.py", command, work / shape / "server.log", f"http://127.0.0.1:{port}")
     try:
         healthy_s = child.wait_healthy(timeout_s)

@@ -8,18 +8,23 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from embcap.candidate_encoders import check_text_encoder
+from embcap.candidate_encoders import check_text_encoder, encoder_files
 from embcap.contract import CANDIDATES, CAPTION, DECODER, ENSEMBLE, PROJECTOR, RERANKER, served_models
 from embcap.device import resolve_decoder_device
 from embcap.loading import ResolvedCheckpoint, resolve_checkpoint
 from embcap.lean_llama import fp8_unsupported, unsupported
 from embcap.staged_folder import staged_folder
+from embcap.decoder_source import gguf_path
+from export.cache import EXPORT_RECORD, inputs_record
 from export.onnx_projector import PARITY_TOLERANCE, export_projector_onnx, onnx_parity_error
 from export.options import ExportOptions
 from export.templates import TemplateError, render_config, render_snippet
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "model_repository"
-ONNX_FILE = Path(PROJECTOR) / "1" / "projector.onnx"  # inside the repository
+# The projector's ONNX file, relative to its model folder: the repository names no path of its own, so a copy
+# serves from anywhere (export.cache).
+ONNX_IN_MODEL = Path("1") / "projector.onnx"
+ONNX_FILE = Path(PROJECTOR) / ONNX_IN_MODEL  # inside the repository
 RERANK_STEP = TEMPLATES / ENSEMBLE / "rerank_step.pbtxt.tmpl"  # the ensemble's step after the decoder
 CANDIDATES_VALUE = "candidates"  # the ensemble's name for the decoder's candidates
 
@@ -82,8 +87,17 @@ def calibrated_scales(resolved: ResolvedCheckpoint, options: ExportOptions,
     return format_scales(calibration.scales), calibration.record
 
 
+def input_paths(resolved: ResolvedCheckpoint) -> list[Path]:
+    """What an export reads: the checkpoint folder, the decoder folder, the GGUF it was de-quantised from and
+    the reranking encoder's files."""
+    source = resolved.spec.decoder
+    gguf = [gguf_path(source.gguf_package, source.gguf_file)] if resolved.checkpoint.local_decoder_path() is None \
+        else []
+    return [resolved.checkpoint.root, resolved.decoder_dir, *gguf, *encoder_files(resolved.checkpoint)]
+
+
 def render_configs(resolved: ResolvedCheckpoint, options: ExportOptions, device: str,
-                   repository: Path, fp8_input_scales: str = "") -> dict[str, str]:
+                   fp8_input_scales: str = "") -> dict[str, str]:
     """Model name -> its config.pbtxt text, each checked with Triton's schema, for `device` ("cpu"/"cuda");
     `fp8_input_scales` is `calibrated_scales`' text with --fp8 static."""
     options.validate()
@@ -103,7 +117,7 @@ def render_configs(resolved: ResolvedCheckpoint, options: ExportOptions, device:
         PROJECTOR: {
             **common, **shape, **batching, **placement,
             "instance_count": options.projector_instances,
-            "onnx_path": repository / ONNX_FILE, "accelerator": options.accelerator if device == "cuda" else "cpu",
+            "onnx_path": ONNX_IN_MODEL, "accelerator": options.accelerator if device == "cuda" else "cpu",
             "engine_cache_dir": options.engine_cache_dir, "threads": options.projector_threads,
         },
         DECODER: {
@@ -144,6 +158,7 @@ def export_repository(
     started = time.perf_counter()
     options.validate()
     resolved = resolve_checkpoint(checkpoint_dir, log=log)
+    inputs = inputs_record(input_paths(resolved))  # before reading them: a change meanwhile shows next time
     log(f"[1/4] checkpoint {resolved.checkpoint.root} ({resolved.spec.name})")
     if options.engine == "continuous":
         from transformers import AutoConfig, AutoTokenizer
@@ -169,7 +184,7 @@ def export_repository(
         log(f"      decoder projections in FP8 ({options.fp8} input scales)")
     out_dir = Path(out_dir).resolve()
     # A bad config fails before anything is written.
-    configs = render_configs(resolved, options, device, out_dir, fp8_scales)
+    configs = render_configs(resolved, options, device, fp8_scales)
     candidates = candidates_per_row(resolved, options)
     if candidates > 1:  # a missing or broken encoder fails here, naming its file, not at request time
         log(f"      reranker: {candidates} candidates per row, {check_text_encoder(resolved.checkpoint)}")
@@ -187,9 +202,10 @@ def export_repository(
             model_py = TEMPLATES / name / "1" / "model.py"
             if model_py.exists():
                 shutil.copy2(model_py, staging / name / "1" / "model.py")
-        (staging / "export.json").write_text(json.dumps({
+        (staging / EXPORT_RECORD).write_text(json.dumps({
             "checkpoint": str(resolved.checkpoint.root), "decoder": str(resolved.decoder_dir), "device": device,
-            "candidates": candidates, "options": options.to_dict(), "fp8_calibration": fp8_record},
+            "candidates": candidates, "options": options.to_dict(), "fp8_calibration": fp8_record,
+            "inputs": inputs},
             indent=2) + "\n")
     log(f"[4/4] wrote {', '.join(configs)} to {out_dir} in {time.perf_counter() - started:.1f} s "
         f"(device {device}, engine {options.engine}, max batch {options.max_batch_size}, "

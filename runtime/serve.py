@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default /tmp/embcap/PORT/model_repository); one server at a time (a lock beside it)")
     parser.add_argument("--skip-export", action="store_true", help="serve --model-repository as it is")
     parser.add_argument("--keep-repository", action="store_true", help="keep the exported repository on exit")
+    parser.add_argument("--fresh-export", action="store_true",
+                        help="export even when the export cache ($EMBCAP_CACHE_DIR/exports) holds an export of the "
+                             "same checkpoint files, options and code (a cold start, as the evaluator's)")
     parser.add_argument("--bind", default=env("EMBCAP_BIND", "0.0.0.0"), help="gateway address")
     # String defaults: argparse converts them only when the flag is absent, so a foreign
     # EMBCAP_PORT (Kubernetes' service link "tcp://10.0.0.1:8000" for a Service named embcap)

@@ -23,6 +23,7 @@ from embcap.checkpoint import SPEC_FILE
 from embcap.contract import ENSEMBLE, engine_failure_file
 from embcap.device import ProbeReport
 from export import EXPORT_FAILED
+from export.cache import CachedExport, ExportCache, default_cache_root, export_key
 from export.options import ExportOptions, to_argv
 from runtime.instance import Record, RepositoryLock, new_instance_id, shm_prefix
 from runtime.lifetime import dies_with_this_process
@@ -44,6 +45,29 @@ def export_problem(stderr: bytes) -> str:
     return EXPORT_FAILED + " | ".join(line.removeprefix(EXPORT_FAILED) for line in lines)
 
 
+def probe_disagrees(entry: CachedExport, decision: dict | None) -> str | None:
+    """Why a cached `--device auto` export does not fit the device this start's GPU probe decided; None: it fits."""
+    if decision is None:
+        return f"the cached export is for {entry.device}, and the GPU probe gave no answer"
+    if not decision["serve"]:
+        return f"the cached export is for {entry.device}, and the GPU probe refuses to serve"
+    if decision["device"] != entry.device:
+        return f"the cached export is for {entry.device}, the GPU probe decided {decision['device']}"
+    return None
+
+
+def keep_export(cache: ExportCache, key: str, repository: Path) -> bool:
+    """Keep a copy of a fresh export for the next start; a cache that cannot be written only costs that (logged)."""
+    try:
+        refused = cache.store(key, repository)
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("export cache: the export is not kept (%s)", exc)
+        return False
+    if refused:
+        log.info("export cache: the export is not kept: %s", refused)
+    return refused is None
+
+
 class Supervisor:
     """Probes the GPU and exports the checkpoint, then keeps one tritonserver running and ready.
 
@@ -53,9 +77,10 @@ class Supervisor:
 
     def __init__(self, args: argparse.Namespace, export_options: ExportOptions, on_ready,
                  on_devices=lambda devices: None, instance_id: str | None = None,
-                 lock: RepositoryLock | None = None) -> None:
+                 lock: RepositoryLock | None = None, export_cache: ExportCache | None = None) -> None:
         self.args = args
         self.export_options = export_options
+        self.export_cache = export_cache or ExportCache(default_cache_root())
         self.on_ready = on_ready
         self.on_devices = on_devices
         self.instance_id = instance_id or new_instance_id()
@@ -113,8 +138,13 @@ class Supervisor:
             log.info("GPU probe: %s", answer["summary"])
         return report, decision
 
-    async def _export(self) -> bool:
+    async def _export(self, probe: asyncio.Task) -> bool:
+        """Export the checkpoint into the model repository, or reuse the cached export of the same one."""
         if self.args.skip_export:
+            return True
+        key = await asyncio.to_thread(export_key, self.args.checkpoint, self.export_options.to_dict(), os.environ)
+        if await self._reuse_export(key, probe):
+            self.exported = True
             return True
         command = [sys.executable, "-m", "export", str(self.args.checkpoint), "--out", str(self.args.model_repository),
                    *to_argv(self.export_options)]
@@ -127,6 +157,31 @@ class Supervisor:
             log.error(self.problem)
             return False
         self.exported = True
+        await asyncio.to_thread(keep_export, self.export_cache, key, Path(self.args.model_repository))
+        return True
+
+    async def _reuse_export(self, key: str, probe: asyncio.Task) -> bool:
+        """Copy the cached export for `key` into the model repository when its inputs are unchanged and, with
+        --device auto, the GPU probe resolves the device it was exported for; False: export afresh."""
+        if self.args.fresh_export:
+            return False
+        entry, why = await asyncio.to_thread(self.export_cache.lookup, key)
+        if entry is None:
+            log.info("export cache: %s", why)
+            return False
+        if self.export_options.device == "auto":
+            _, decision = await probe
+            disagreement = probe_disagrees(entry, decision)
+            if disagreement:
+                log.info("export cache: %s; exporting", disagreement)
+                return False
+        try:
+            await asyncio.to_thread(self.export_cache.restore, entry, Path(self.args.model_repository))
+        except OSError as exc:  # evicted meanwhile by another server, or a full disk
+            log.warning("export cache: cannot copy %s (%s); exporting", entry.path, exc)
+            return False
+        log.info("export cache: reused the export of %.0f s ago (%s): the checkpoint's files, the options and the "
+                 "code are unchanged (--fresh-export exports again)", entry.age_s, entry.path)
         return True
 
     def _record(self) -> None:
@@ -155,7 +210,7 @@ class Supervisor:
         says why), and only a bug ends it (serve() then exits non-zero)."""
         self._record()
         probe = asyncio.create_task(self._probe())  # alongside the export: both import torch
-        exported = await self._export()
+        exported = await self._export(probe)
         report, decision = await probe
         if decision is not None and not decision["serve"]:
             self.problem = decision["line"]

@@ -202,7 +202,7 @@ def test_fp8_is_refused_at_export_with_every_reason(tiny_checkpoint, tmp_path):
 def test_the_decoder_config_carries_the_mode_and_the_scales(tiny_checkpoint, tmp_path, scales):
     resolved = resolve_checkpoint(tiny_checkpoint)
     for options, text in ((ExportOptions(), ""), (ExportOptions(fp8="static"), format_scales(scales))):
-        config = render_configs(resolved, options, "cuda", tmp_path, text)["decoder"]
+        config = render_configs(resolved, options, "cuda", text)["decoder"]
         parameters = parse_model_config(config).parameters
         assert parameters["fp8"].string_value == options.fp8
         assert parameters["fp8_input_scales"].string_value == text

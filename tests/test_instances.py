@@ -19,6 +19,7 @@ import pytest
 from conftest import (ROOT, free_port, launch_server, leftovers, processes_naming, start_gateway, start_server,
                       start_triton, stop_process, suite_processes, triton_shm_prefix, wait_http, wait_until)
 from embcap.contract import PROJECTOR
+from embcap.decoder_source import CACHE_ENV
 from export import EXPORT_FAILED
 from export.options import ExportOptions
 from export.repository import export_repository
@@ -128,7 +129,10 @@ def test_a_second_server_on_a_locked_repository_refuses_with_the_owners_pid(tiny
 
 def test_a_killed_servers_leftovers_are_swept_by_the_next_start_and_only_those(tiny_checkpoint, tiny_triton,
                                                                               tmp_path):
-    killed, _ = start_server(tiny_checkpoint, tmp_path, ready_timeout_s=180)
+    """...and the next start serves the killed one's export again from the export cache (a private one here,
+    so that no other test's entry is found or evicted)."""
+    cache = {CACHE_ENV: str(tmp_path / "cache")}
+    killed, _ = start_server(tiny_checkpoint, tmp_path, ready_timeout_s=180, env=cache)
     prefix = triton_shm_prefix(killed.pid)
     record = json.loads(lock_path(tmp_path / "repo").read_text())
     killed.send_signal(signal.SIGKILL)
@@ -142,13 +146,17 @@ def test_a_killed_servers_leftovers_are_swept_by_the_next_start_and_only_those(t
     others = leftovers(tiny_triton.options.shm_prefix)  # another live server's: never swept
     assert others
 
-    process, base = start_server(tiny_checkpoint, tmp_path, ready_timeout_s=180)
+    first_log = (tmp_path / "server.log").read_text()
+    assert "export cache: no cached export" in first_log and "export cache: the export is not kept" not in first_log
+    process, base = start_server(tiny_checkpoint, tmp_path, ready_timeout_s=180, env=cache)
     try:
         assert not leftovers(prefix), leftovers(prefix)
         assert not processes_naming(prefix), "a process of the killed server is still running"
         assert all(not Path(p).exists() for p in record["python_env_dirs"])
         log = (tmp_path / "server.log").read_text()
         assert f"swept what a killed predecessor (pid {killed.pid}) left" in log
+        second_log = log[len(first_log):]
+        assert "export cache: reused the export" in second_log and "exporting:" not in second_log, second_log
         assert set(others) <= set(leftovers(tiny_triton.options.shm_prefix))
         assert httpx.get(base + "/api/v1/health", timeout=5).json()["status"] == "healthy"
     finally:

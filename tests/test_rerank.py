@@ -14,6 +14,7 @@ from embcap.generation import BLANK_FALLBACK
 from embcap.text_pieces import split_by_token_limit
 from embcap.rerank import Reranker, candidate_scores
 from embcap.text_encoder import encode_captions
+from export.cache import EXPORT_RECORD
 from export.options import ExportOptions
 from export.repository import export_repository
 from export.templates import TemplateError
@@ -155,7 +156,7 @@ def test_one_candidate_needs_no_encoder_and_exports_the_plain_ensemble(minilm_ch
                             log=lambda _: None)
     assert not (out / "reranker").exists()
     assert '"CAPTION"' in (out / "decoder" / "config.pbtxt").read_text()
-    assert json.loads((out / "export.json").read_text())["candidates"] == 1
+    assert json.loads((out / EXPORT_RECORD).read_text())["candidates"] == 1
     with pytest.raises(ValueError, match="needs rerank.encoder"):
         RerankSettings(candidates=2)
     assert OnnxTextEncoder(path="m.onnx", tokenizer="t.json").chunk_tokens == 74  # the evaluator's rule by default

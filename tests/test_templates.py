@@ -115,7 +115,7 @@ def test_gpus_place_every_instance_group_on_the_listed_gpus(tiny_checkpoint, tmp
     resolved = resolve_checkpoint(tiny_checkpoint)
     options = ExportOptions(gpus=gpus, decoder_instances=2, projector_instances=1)
     configs = {name: parse_model_config(text) for name, text in
-               render_configs(resolved, options, "cuda", tmp_path / "repo").items()}
+               render_configs(resolved, options, "cuda").items()}
     for name, count in (("decoder", 2), ("projector", 1)):
         (group,) = configs[name].instance_group
         assert group.kind == group.KIND_GPU and group.count == count and list(group.gpus) == expected
@@ -125,9 +125,9 @@ def test_gpus_place_every_instance_group_on_the_listed_gpus(tiny_checkpoint, tmp
 def test_gpus_without_a_gpu_or_with_repeats_fail_at_export(tiny_checkpoint, tmp_path):
     resolved = resolve_checkpoint(tiny_checkpoint)
     with pytest.raises(TemplateError, match="needs the models on a GPU"):
-        render_configs(resolved, ExportOptions(gpus=(0,)), "cpu", tmp_path / "repo")
+        render_configs(resolved, ExportOptions(gpus=(0,)), "cpu")
     with pytest.raises(TemplateError, match="gpus must be distinct"):
-        render_configs(resolved, ExportOptions(gpus=(0, 0)), "cuda", tmp_path / "repo")
+        render_configs(resolved, ExportOptions(gpus=(0, 0)), "cuda")
     with pytest.raises(TemplateError, match="gpus needs a GPU"):
         export_repository(tiny_checkpoint, tmp_path / "repo", ExportOptions(gpus=(0,), device="cpu"),
                           log=lambda _: None)
@@ -140,7 +140,7 @@ def test_parameter_keys_are_the_contracts_and_models_read_them_through_it(tiny_c
 
     checkpoint = make_tiny_checkpoint(tmp_path / "ck", tiny_checkpoint / "decoder", rerank=minilm_rerank(2))
     resolved = resolve_checkpoint(checkpoint)
-    configs = render_configs(resolved, ExportOptions(request_timeout_s=7.5, max_queued_rows=12), "cpu", tmp_path)
+    configs = render_configs(resolved, ExportOptions(request_timeout_s=7.5, max_queued_rows=12), "cpu")
     assert set(configs) == {"projector", "decoder", "reranker", "captioner"}
     for name, text in configs.items():
         keys = set(parse_model_config(text).parameters)

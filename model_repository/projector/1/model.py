@@ -53,13 +53,14 @@ class TritonPythonModel:
         # The GPU Triton placed this instance on (instance_group, export --gpus).
         gpu = int(args.get("model_instance_device_id", 0)) if args.get("model_instance_kind") == "GPU" else 0
         providers = _providers(params[Param.ACCELERATOR], cache_dir, gpu)
+        onnx_path = os.path.join(args["model_repository"], params[Param.ONNX_PATH])  # relative to this model's folder
         if any(isinstance(p, tuple) for p in providers):
             os.makedirs(cache_dir, exist_ok=True)
         try:
-            self.session = ort.InferenceSession(params[Param.ONNX_PATH], options, providers=providers)
+            self.session = ort.InferenceSession(onnx_path, options, providers=providers)
         except Exception as exc:  # a TensorRT/CUDA start-up failure must not stop serving
             pb_utils.Logger.log_warn(f"projector: {providers} failed ({exc}); falling back to CPU")
-            self.session = ort.InferenceSession(params[Param.ONNX_PATH], options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         pb_utils.Logger.log_info(f"projector: running on {self.session.get_providers()}")
 
