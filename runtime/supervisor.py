@@ -1,8 +1,8 @@
 """Supervision of the model server: probe the GPU, export the checkpoint, keep one tritonserver running.
 
-The probe and the export run as child processes (torch and CUDA stay out of the
-server's process). Triton is restarted when it or one of its Python-backend stubs
-dies; `status()` says what keeps the model from serving, for the health answer.
+The probe and the export (runtime.exporting; a cached one when it fits) run as child processes
+(torch and CUDA stay out of the server's process). Triton is restarted when it or one of its
+Python-backend stubs dies; `status()` says what keeps the model from serving, for the health answer.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pathlib import Path
 from embcap.checkpoint import SPEC_FILE
 from embcap.contract import ENSEMBLE, engine_failure_file
 from embcap.device import ProbeReport
-from export import EXPORT_FAILED
-from export.cache import CachedExport, ExportCache, default_cache_root, export_key
-from export.options import ExportOptions, to_argv
+from export.cache import ExportCache, default_cache_root, export_key
+from export.options import ExportOptions
+from runtime import exporting
 from runtime.instance import Record, RepositoryLock, new_instance_id, shm_prefix
 from runtime.lifetime import dies_with_this_process
 from runtime.local import ROOT
@@ -37,35 +37,6 @@ log = logging.getLogger("embcap.server")
 PUMP_DRAIN_S = 2.0  # after Triton exits, how long its last output lines may take to arrive
 WATCH_INTERVAL_S = 0.2
 WATCHDOG_STALE_S = 10.0  # the watch loop has not run for this long: liveness fails
-
-
-def export_problem(stderr: bytes) -> str:
-    """Health's reason for a failed export: its last lines, prefixed once."""
-    lines = [line.strip() for line in stderr.decode(errors="replace").strip().splitlines() if line.strip()][-5:]
-    return EXPORT_FAILED + " | ".join(line.removeprefix(EXPORT_FAILED) for line in lines)
-
-
-def probe_disagrees(entry: CachedExport, decision: dict | None) -> str | None:
-    """Why a cached `--device auto` export does not fit the device this start's GPU probe decided; None: it fits."""
-    if decision is None:
-        return f"the cached export is for {entry.device}, and the GPU probe gave no answer"
-    if not decision["serve"]:
-        return f"the cached export is for {entry.device}, and the GPU probe refuses to serve"
-    if decision["device"] != entry.device:
-        return f"the cached export is for {entry.device}, the GPU probe decided {decision['device']}"
-    return None
-
-
-def keep_export(cache: ExportCache, key: str, repository: Path) -> bool:
-    """Keep a copy of a fresh export for the next start; a cache that cannot be written only costs that (logged)."""
-    try:
-        refused = cache.store(key, repository)
-    except (OSError, ValueError, KeyError) as exc:
-        log.warning("export cache: the export is not kept (%s)", exc)
-        return False
-    if refused:
-        log.info("export cache: the export is not kept: %s", refused)
-    return refused is None
 
 
 class Supervisor:
@@ -143,45 +114,18 @@ class Supervisor:
         if self.args.skip_export:
             return True
         key = await asyncio.to_thread(export_key, self.args.checkpoint, self.export_options.to_dict(), os.environ)
-        if await self._reuse_export(key, probe):
+        repository = Path(self.args.model_repository)
+        if not self.args.fresh_export and await exporting.reuse(self.export_cache, key, repository,
+                                                                self.export_options.device, probe):
             self.exported = True
             return True
-        command = [sys.executable, "-m", "export", str(self.args.checkpoint), "--out", str(self.args.model_repository),
-                   *to_argv(self.export_options)]
-        log.info("exporting: %s", " ".join(command))
-        self.export_process = await asyncio.create_subprocess_exec(*command, cwd=ROOT, stderr=asyncio.subprocess.PIPE,
-                                                                   preexec_fn=dies_with_this_process())
-        _, stderr = await self.export_process.communicate()
-        if self.export_process.returncode != 0:
-            self.problem = export_problem(stderr)
-            log.error(self.problem)
+        self.export_process = await exporting.start(self.args.checkpoint, repository, self.export_options)
+        failure = await exporting.problem(self.export_process)
+        if failure:
+            self.problem = failure
             return False
         self.exported = True
-        await asyncio.to_thread(keep_export, self.export_cache, key, Path(self.args.model_repository))
-        return True
-
-    async def _reuse_export(self, key: str, probe: asyncio.Task) -> bool:
-        """Copy the cached export for `key` into the model repository when its inputs are unchanged and, with
-        --device auto, the GPU probe resolves the device it was exported for; False: export afresh."""
-        if self.args.fresh_export:
-            return False
-        entry, why = await asyncio.to_thread(self.export_cache.lookup, key)
-        if entry is None:
-            log.info("export cache: %s", why)
-            return False
-        if self.export_options.device == "auto":
-            _, decision = await probe
-            disagreement = probe_disagrees(entry, decision)
-            if disagreement:
-                log.info("export cache: %s; exporting", disagreement)
-                return False
-        try:
-            await asyncio.to_thread(self.export_cache.restore, entry, Path(self.args.model_repository))
-        except OSError as exc:  # evicted meanwhile by another server, or a full disk
-            log.warning("export cache: cannot copy %s (%s); exporting", entry.path, exc)
-            return False
-        log.info("export cache: reused the export of %.0f s ago (%s): the checkpoint's files, the options and the "
-                 "code are unchanged (--fresh-export exports again)", entry.age_s, entry.path)
+        await asyncio.to_thread(exporting.keep, self.export_cache, key, repository)
         return True
 
     def _record(self) -> None:

@@ -16,7 +16,7 @@ from export.cache import (EXPORT_ENVIRONMENT, EXPORT_RECORD, MANIFEST, RACY_S, C
                           code_digest, export_key)
 from export.options import ExportOptions
 from export.repository import export_repository
-from runtime.supervisor import keep_export, probe_disagrees
+from runtime.exporting import keep, probe_disagrees
 
 OPTIONS = ExportOptions(max_batch_size=4, decoder_threads=1)
 
@@ -179,7 +179,7 @@ def test_a_cache_that_cannot_be_written_is_logged_and_costs_only_the_reuse(check
     blocker.write_text("")
     repository = export(checkpoint, tmp_path / "repo")
     with caplog.at_level(logging.WARNING, logger="embcap.server"):
-        assert keep_export(ExportCache(blocker / "exports"), key_for(checkpoint), repository) is False
+        assert keep(ExportCache(blocker / "exports"), key_for(checkpoint), repository) is False
     assert "export cache: the export is not kept" in caplog.text and str(blocker) in caplog.text
     assert (repository / EXPORT_RECORD).is_file()
 

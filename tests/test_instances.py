@@ -26,7 +26,7 @@ from export.repository import export_repository
 from runtime.instance import Record, RepositoryInUse, RepositoryLock, lock_path, sweep
 from runtime.lifetime import STUB_PROCESS, TRITON_PROCESS
 from runtime.models import python_stubs
-from runtime.supervisor import export_problem
+from runtime.exporting import export_problem
 from runtime.triton import TritonOptions, TritonProcess
 from runtime.triton_log import TritonLog
 
