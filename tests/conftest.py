@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import getpass
 import glob
 import math
@@ -43,6 +44,7 @@ OUTLIVE_GRACE_S = 10.0  # how long the session's processes may take to go once t
 os.environ.update(worker_environment())
 
 from embcap.decoder_source import smollm2_decoder_dir  # noqa: E402
+from embcap.staged_folder import staged_folder  # noqa: E402
 from export.options import ExportOptions  # noqa: E402
 from export.repository import export_repository  # noqa: E402
 from runtime.lifetime import STUB_PROCESS, TRITON_PROCESS  # noqa: E402
@@ -62,7 +64,17 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, smollm2_dir) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint", smollm2_dir)
+    """The tiny checkpoint, written once per run and shared by the parallel workers (in the run's temp folder,
+    under a lock), so that the servers started on it reuse one export (export.cache). Read-only: a test that
+    changes a checkpoint changes a copy."""
+    run = tmp_path_factory.getbasetemp().parent if XDIST_WORKER else tmp_path_factory.getbasetemp()
+    target = run / "tiny-shared" / "checkpoint"
+    with open(run / "tiny-shared.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.is_dir():
+            with staged_folder(target) as staging:
+                make_tiny_checkpoint(staging, smollm2_dir)
+    return target
 
 
 @pytest.fixture(scope="session")
