@@ -5,6 +5,8 @@ from __future__ import annotations
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+IN_FLIGHT = "embcap_in_flight_requests"  # the gauge of requests being served (the autoscaler scales on it)
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -22,7 +24,7 @@ class GatewayMetrics:
                               buckets=ROW_BUCKETS, registry=self.registry)
         self.triton_errors = Counter("embcap_triton_errors", "Failed Triton calls by error code",
                                      ["code"], registry=self.registry)
-        self.in_flight = Gauge("embcap_in_flight_requests", "Inference requests being served",
+        self.in_flight = Gauge(IN_FLIGHT, "Inference requests being served",
                                registry=self.registry)
         self.model_device = Gauge("embcap_model_device", "1 for the device each model runs on (cpu or cuda)",
                                   ["model", "device"], registry=self.registry)

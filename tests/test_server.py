@@ -10,7 +10,10 @@ import httpx
 import numpy as np
 import psutil
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from conftest import launch_server, stop_process, wait_http
+from gateway.metrics import IN_FLIGHT
 
 
 def rows(count: int, seed: int = 0) -> list[float]:
@@ -21,6 +24,18 @@ def tritonserver_of(pid: int) -> psutil.Process:
     children = [p for p in psutil.Process(pid).children() if p.name() == "tritonserver"]
     assert len(children) == 1, children
     return children[0]
+
+
+def wait_in_flight(base: str, timeout_s: float = 60.0) -> None:
+    """Until the gateway counts a request in flight: its handler runs, so SIGTERM must let it finish. (A fixed
+    sleep was not enough on a busy machine: the request had not been sent when the signal came.)"""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        families = text_string_to_metric_families(httpx.get(base + "/metrics", timeout=5).text)
+        if any(sample.value >= 1 for family in families if family.name == IN_FLIGHT for sample in family.samples):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no request in flight after {timeout_s:.0f} s")
 
 
 def test_banner_is_held_until_the_model_is_ready(shared_server):
@@ -41,7 +56,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_cleanly(tiny_server):
 
     sender = threading.Thread(target=slow_request)
     sender.start()
-    time.sleep(0.3)  # the request is in flight
+    wait_in_flight(base)
     process.send_signal(signal.SIGTERM)
     sender.join(60)
     assert process.wait(60) == 0
