@@ -46,12 +46,14 @@ os.environ.update(worker_environment())
 from embcap.decoder_source import smollm2_decoder_dir  # noqa: E402
 from embcap.staged_folder import staged_folder  # noqa: E402
 from export.options import ExportOptions  # noqa: E402
-from export.repository import export_repository  # noqa: E402
 from runtime.lifetime import STUB_PROCESS, TRITON_PROCESS  # noqa: E402
 from runtime.triton import TritonOptions, TritonProcess, shm_regions  # noqa: E402
-from tooling.builders import make_tiny_checkpoint  # noqa: E402
 
 __all__ = ["ROOT", "free_port", "stop_process", "wait_http"]  # also used by the test modules
+
+# torch and transformers (export.repository, tooling.builders) are imported by the fixtures that use them: every
+# pytest process loads this file, among them the parallel run's controller and the sub-runs of
+# test_session_check, which use neither (about 2 s of CPU each).
 
 # A long queue delay makes concurrent test requests meet in one batch deterministically.
 TEST_QUEUE_DELAY_US = 50_000
@@ -72,6 +74,8 @@ def tiny_checkpoint(tmp_path_factory, smollm2_dir) -> Path:
     with open(run / "tiny-shared.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not target.is_dir():
+            from tooling.builders import make_tiny_checkpoint  # imported here, not at the top (the note above)
+
             with staged_folder(target) as staging:
                 make_tiny_checkpoint(staging, smollm2_dir)
     return target
@@ -79,6 +83,8 @@ def tiny_checkpoint(tmp_path_factory, smollm2_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory, tiny_checkpoint) -> Path:
+    from export.repository import export_repository
+
     options = ExportOptions(max_batch_size=16, queue_delay_us=TEST_QUEUE_DELAY_US, decoder_threads=1)
     return export_repository(tiny_checkpoint, tmp_path_factory.mktemp("repo") / "model_repository", options,
                              log=lambda _: None)

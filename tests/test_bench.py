@@ -5,6 +5,7 @@ No test here asserts a timing: the numbers depend on the machine and its load.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -161,11 +162,26 @@ def test_a_misspelt_engine_is_refused_before_any_phase_runs(tmp_path):
     assert not out.exists()
 
 
+def quiet_ports(count: int) -> int:
+    """The first of `count` free ports below the kernel's ephemeral range: no other process of a parallel run is
+    handed one of them meanwhile (free ports from bind(0) come from that range, and a neighbour of one did)."""
+    lowest_ephemeral = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    for first in range(lowest_ephemeral - 4000, lowest_ephemeral - count, count):
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(first, first + count):
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return first
+    raise AssertionError("no free ports below the ephemeral range")
+
+
 def test_the_servers_of_a_run_take_ports_from_its_range():
+    first = quiet_ports(4)
     taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
+    taken.bind(("127.0.0.1", first))
     taken.listen()
-    first = taken.getsockname()[1]
     try:
         ports = parse_port_range(f"{first}-{first + 3}")
         plan = Plan.preset("quick", ports=ports)
