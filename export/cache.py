@@ -172,7 +172,10 @@ class ExportCache:
         """Copy `entry` into `repository` (replaced whole, as an export does); OSError if the entry vanished."""
         with staged_folder(Path(repository).resolve()) as staging:
             shutil.copytree(entry.path, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST))
-        os.utime(entry.path)  # recently used: evicted last
+        try:
+            os.utime(entry.path)  # recently used: evicted last
+        except OSError:
+            pass  # evicted since it was copied: the copy is whole all the same
 
     def store(self, key: str, repository: Path) -> str | None:
         """Keep a copy of a fresh export's `repository` under `key`; None, or why it was not kept.
