@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import signal
-import threading
 import time
+import urllib.parse
 
 import httpx
 import numpy as np
@@ -14,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import launch_server, stop_process, wait_http
 from gateway.metrics import IN_FLIGHT
+from gateway.settings import GatewaySettings
 
 
 def rows(count: int, seed: int = 0) -> list[float]:
@@ -26,9 +29,8 @@ def tritonserver_of(pid: int) -> psutil.Process:
     return children[0]
 
 
-def wait_in_flight(base: str, timeout_s: float = 60.0) -> None:
-    """Until the gateway counts a request in flight: its handler runs, so SIGTERM must let it finish. (A fixed
-    sleep was not enough on a busy machine: the request had not been sent when the signal came.)"""
+def wait_in_flight(base: str, timeout_s: float = 0.8 * GatewaySettings.body_timeout_s) -> None:
+    """Until the gateway counts a request in flight (a held body must go on before the gateway's body timeout)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         families = text_string_to_metric_families(httpx.get(base + "/metrics", timeout=5).text)
@@ -46,21 +48,25 @@ def test_banner_is_held_until_the_model_is_ready(shared_server):
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_cleanly(tiny_server):
+    """A request in flight when SIGTERM comes is answered in full. It is held in flight by its body: the head and
+    the first bytes go out, SIGTERM is sent once the gateway counts the request, and only then the rest. (A fixed
+    sleep before the signal raced a busy machine both ways: the request not yet sent, or already answered.)"""
     process, base, _ = tiny_server
     triton = tritonserver_of(process.pid)
-    result: dict = {}
-
-    def slow_request() -> None:
-        response = httpx.post(base + "/api/v1/inference", json={"embedding": rows(48)}, timeout=60)
-        result["status"], result["texts"] = response.status_code, response.json().get("texts")
-
-    sender = threading.Thread(target=slow_request)
-    sender.start()
+    body = json.dumps({"embedding": rows(48)}).encode()
+    address = urllib.parse.urlsplit(base)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+    connection.putrequest("POST", "/api/v1/inference")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(len(body)))
+    connection.endheaders(body[:1024])
     wait_in_flight(base)
     process.send_signal(signal.SIGTERM)
-    sender.join(60)
+    connection.send(body[1024:])
+    response = connection.getresponse()
+    answer = json.loads(response.read())
+    assert response.status == 200 and len(answer["texts"]) == 48, answer
     assert process.wait(60) == 0
-    assert result["status"] == 200 and len(result["texts"]) == 48
     assert not triton.is_running() or triton.status() == psutil.STATUS_ZOMBIE
 
 
