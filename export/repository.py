@@ -10,11 +10,11 @@ from typing import Callable
 
 from embcap.candidate_encoders import check_text_encoder, encoder_files
 from embcap.contract import CANDIDATES, CAPTION, DECODER, ENSEMBLE, PROJECTOR, RERANKER, served_models
+from embcap.decoder_source import gguf_path
 from embcap.device import resolve_decoder_device
 from embcap.loading import ResolvedCheckpoint, resolve_checkpoint
 from embcap.lean_llama import fp8_unsupported, unsupported
 from embcap.staged_folder import staged_folder
-from embcap.decoder_source import gguf_path
 from export.cache import EXPORT_RECORD, inputs_record
 from export.onnx_projector import PARITY_TOLERANCE, export_projector_onnx, onnx_parity_error
 from export.options import ExportOptions
