@@ -48,10 +48,10 @@ class Supervisor:
 
     def __init__(self, args: argparse.Namespace, export_options: ExportOptions, on_ready,
                  on_devices=lambda devices: None, instance_id: str | None = None,
-                 lock: RepositoryLock | None = None, export_cache: ExportCache | None = None) -> None:
+                 lock: RepositoryLock | None = None) -> None:
         self.args = args
         self.export_options = export_options
-        self.export_cache = export_cache or ExportCache(default_cache_root())
+        self.export_cache = ExportCache(default_cache_root())
         self.on_ready = on_ready
         self.on_devices = on_devices
         self.instance_id = instance_id or new_instance_id()
